@@ -69,6 +69,12 @@ class Config:
     max_message_chars: int = 4000
     """Longest user message accepted, in characters."""
 
+    # --- store (issue 3 owns this section) --------------------------------------------------------
+
+    # --- reward model (issue 5 owns this section) -------------------------------------------------
+
+    # --- ppo (issue 6 owns this section) ----------------------------------------------------------
+
     # --- app -------------------------------------------------------------------------------------
     data_dir: str = field(default_factory=_default_data_dir)
     """Folder for the SQLite DB and adapter versions (/data on a Space with persistent storage)."""
