@@ -70,6 +70,12 @@ class Config:
     """Longest user message accepted, in characters."""
 
     # --- store (issue 3 owns this section) --------------------------------------------------------
+    max_reason_chars: int = 1000
+    """Longest reason text accepted with a vote, in characters."""
+    max_stored_message_chars: int = 200_000
+    """Longest message the store accepts at all (a backstop; the UI enforces max_message_chars first)."""
+    db_synchronous: str = "FULL"
+    """SQLite synchronous mode: FULL keeps every acknowledged vote through a power cut; NORMAL is faster."""
 
     # --- reward model (issue 5 owns this section) -------------------------------------------------
 
