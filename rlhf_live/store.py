@@ -187,6 +187,8 @@ class Store:
             conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout, check_same_thread=False)
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            # 64 MiB page cache (default 2 MiB): ids are random uuids, so big imports touch pages all over the B-trees.
+            conn.execute("PRAGMA cache_size = -65536")
             db = sqlite_utils.Database(conn)
             self._local.db = db
             with self._lock:
@@ -787,6 +789,15 @@ class Store:
         return rows
 
     # --- secrets --------------------------------------------------------------------------------------
+
+    def version_battles(self) -> list[dict]:
+        """Decided A/B votes (A, B or tie) between answers of two different sources, oldest first."""
+        with self._read() as conn:
+            return self._rows(
+                conn,
+                "SELECT a_source, b_source, choice FROM comparisons WHERE choice IN ('A', 'B', 'tie')"
+                " AND a_source != b_source ORDER BY seq",
+            )
 
     def voter_salt(self) -> str:
         """A random salt for `voter_id`, created once and kept in the DB (so ids stay stable across restarts)."""
