@@ -123,9 +123,16 @@ class _Tree:
         """Messages from the root down to and including `message_id` (without the system prompt)."""
         if message_id is None:
             return []
-        if message_id not in self._cache:
-            parent, role, content, _ = self.nodes[message_id]
-            self._cache[message_id] = [*self.path(parent), {"role": role, "content": content}]
+        # Iterative, not recursive: a long conversation must not hit Python's recursion limit.
+        chain, node = [], message_id
+        while node is not None and node not in self._cache:
+            chain.append(node)
+            node = self.nodes[node][0]
+        prefix = self._cache[node] if node is not None else []
+        for mid in reversed(chain):
+            _, role, content, _ = self.nodes[mid]
+            prefix = [*prefix, {"role": role, "content": content}]
+            self._cache[mid] = prefix
         return self._cache[message_id]
 
     def context(self, message_id: str) -> list[dict]:
@@ -149,6 +156,9 @@ class Store:
         busy_timeout: float = 30.0,
     ):
         """Open (creating the parent folder and file if needed) and migrate the DB at `path`."""
+        if str(path) in {"", ":memory:"}:
+            # Each thread opens its own connection: an in-memory DB would be a different, empty DB per thread.
+            raise InvalidInput("The store needs a file path; an in-memory database cannot be shared between threads.")
         self.path = Path(path)
         self.max_reason_chars = max_reason_chars
         self.max_content_chars = max_content_chars

@@ -558,3 +558,17 @@ def test_write_failure_rolls_back(store):
             (a, "v", "sideways", 1, "", ""),
         )
     assert snapshot(store) == before
+
+
+def test_long_conversation_context(store):
+    cid = store.new_conversation("s")
+    parent = None
+    for i in range(1500):  # deeper than Python's default recursion limit
+        parent = store.add_message(cid, "user" if i % 2 == 0 else "assistant", f"turn {i}", parent_id=parent)
+    context = store.context(parent)
+    assert len(context) == 1499 and context[-1] == {"role": "user", "content": "turn 1498"}
+
+
+def test_in_memory_database_is_refused():
+    with pytest.raises(InvalidInput, match="file path"):
+        Store(":memory:")
