@@ -1,0 +1,234 @@
+"""What each user request does: check it, generate with the policy, record it in the store, report status.
+
+Knows Policy, Store and the trainer's status; knows nothing of Gradio (ui.py and the HTTP API both call it, and so
+does the simulated rater, so people and simulations go through the same code).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from .config import Config
+from .leaderboard import Battle, leaderboard
+from .policy import BASE, AdapterError, GenerationSettings, InvalidRequest, Policy
+from .store import Store, StoreError, voter_id
+
+USER_ERRORS = (StoreError, InvalidRequest, AdapterError)
+"""Errors whose message is meant for the person who made the request."""
+
+COMPARE_MODES = {
+    "samples": "Two answers of the live model",
+    "previous": "Live model vs its previous version",
+    "base": "Live model vs the original (base) model",
+}
+
+
+class Service:
+    """The app's requests, independent of how they arrive (browser, HTTP API, simulation)."""
+
+    def __init__(self, policy: Policy, store: Store, cfg: Config, trainer=None):
+        self.policy, self.store, self.cfg, self.trainer = policy, store, cfg, trainer
+        self._salt = store.voter_salt()
+        self._rng = random.Random()
+
+    def voter(self, session_key: str, username: str | None = None) -> str:
+        """Salted id of a browser session or logged-in user; the raw key is never stored."""
+        return voter_id(session_key, username, self._salt)
+
+    # --- chat ------------------------------------------------------------------------------------------------
+    def _settings(self, settings: GenerationSettings | None, system_prompt: str | None = None) -> GenerationSettings:
+        s = settings or GenerationSettings.from_config(self.cfg)
+        if not 1 <= s.max_new_tokens <= 4096:
+            raise InvalidRequest("max_new_tokens must be between 1 and 4096.")
+        if not 0 <= s.temperature <= 2 or not 0 < s.top_p <= 1:
+            raise InvalidRequest("temperature must be in [0, 2] and top_p in (0, 1].")
+        if system_prompt is not None:
+            s.system_prompt = system_prompt
+        return s
+
+    def _start_turn(self, voter: str, message: str, conversation_id: str, parent_id: str | None, settings):
+        """Validate, then record the user's message; return (conversation_id, user message id, prompt, settings)."""
+        text = self.policy.check_message(message)
+        if conversation_id:
+            conv = self.store.conversation(conversation_id, session_id=voter)
+            if parent_id is None and conv["messages"]:
+                parent_id = conv["messages"][-1]["id"]
+            elif parent_id is not None and parent_id not in {m["id"] for m in conv["messages"]}:
+                raise InvalidRequest("That message is not part of this conversation.")
+            settings = self._settings(settings, conv["system_prompt"])
+        else:
+            settings = self._settings(settings)
+            conversation_id = self.store.new_conversation(voter, system_prompt=settings.system_prompt)
+            parent_id = None
+        user_id = self.store.add_message(conversation_id, "user", text, parent_id=parent_id)
+        prompt = [*self.store.context(user_id), {"role": "user", "content": text}]
+        return conversation_id, user_id, prompt, settings
+
+    def _record_answer(self, conversation_id, user_id, answer, settings) -> str:
+        return self.store.add_message(
+            conversation_id,
+            "assistant",
+            answer.text,
+            parent_id=user_id,
+            adapter_version=answer.adapter_version,
+            settings=settings.as_dict(),
+            finish_reason=answer.finish_reason,
+            n_tokens=len(answer.token_ids),
+        )
+
+    def chat(
+        self,
+        voter: str,
+        message: str,
+        conversation_id: str = "",
+        *,
+        parent_id: str | None = None,
+        settings: GenerationSettings | None = None,
+    ) -> Iterator[dict]:
+        """Stream one answer: dicts with the text so far; the last one has response_id (the answer is stored)."""
+        cid, user_id, prompt, settings = self._start_turn(voter, message, conversation_id, parent_id, settings)
+        yield from self._answer(cid, user_id, prompt, settings)
+
+    def retry(self, voter: str, response_id: str, settings: GenerationSettings | None = None) -> Iterator[dict]:
+        """Stream a new answer to the same user message as `response_id` (a sibling; the old one stays stored)."""
+        old = self.store.message(response_id)
+        conv = self.store.conversation(old["conversation_id"], session_id=voter)
+        if old["role"] != "assistant" or not old["parent_id"]:
+            raise InvalidRequest("Only an answer can be retried.")
+        settings = self._settings(settings, conv["system_prompt"])
+        user = self.store.message(old["parent_id"])
+        prompt = [*self.store.context(user["id"]), {"role": "user", "content": user["content"]}]
+        yield from self._answer(conv["id"], user["id"], prompt, settings)
+
+    def _answer(self, cid, user_id, prompt, settings) -> Iterator[dict]:
+        stream = self.policy.stream(prompt, settings)
+        version = stream.answers[0].adapter_version
+        try:
+            for (text,) in stream:
+                yield {"conversation_id": cid, "text": text, "response_id": None, "adapter_version": version}
+        finally:
+            stream.cancel()
+            (answer,) = stream.answers
+            # Recorded even when the browser went away mid-answer (finish_reason 'cancelled'): nothing is lost.
+            response_id = self._record_answer(cid, user_id, answer, settings)
+        yield {
+            "conversation_id": cid,
+            "text": answer.text,
+            "response_id": response_id,
+            "adapter_version": version,
+            "user_message_id": user_id,
+            "finish_reason": answer.finish_reason,
+        }
+
+    def feedback(self, voter: str, response_id: str, value: str, reason: str = "") -> dict:
+        """Thumb up/down or clear one answer (one row per answer and voter, updated in place)."""
+        row = self.store.record_feedback(response_id, voter, value, reason or "")
+        return {"ok": True, "response_id": response_id, "value": row["value"]}
+
+    def history(self, voter: str, conversation_id: str, leaf_id: str | None = None) -> list[dict]:
+        """The branch ending at `leaf_id` (default: the newest message), with this voter's thumbs on answers."""
+        conv = self.store.conversation(conversation_id, session_id=voter)
+        by_id = {m["id"]: m for m in conv["messages"]}
+        node = by_id.get(leaf_id) if leaf_id else (conv["messages"][-1] if conv["messages"] else None)
+        path = []
+        while node is not None:
+            path.append(node)
+            node = by_id.get(node["parent_id"])
+        out = []
+        for m in reversed(path):
+            fb = self.store.feedback_value(m["id"], voter) if m["role"] == "assistant" else None
+            out.append(
+                {
+                    "id": m["id"],
+                    "role": m["role"],
+                    "content": m["content"],
+                    "adapter_version": m.get("adapter_version"),
+                    "feedback": fb,
+                }
+            )
+        return out
+
+    # --- compare ---------------------------------------------------------------------------------------------
+    def _compare_versions(self, mode: str) -> list[str]:
+        live = self.policy.version
+        if mode == "samples":
+            return [live, live]
+        if mode == "base":
+            if live == BASE:
+                raise InvalidRequest("The live model is still the base model: compare two samples instead.")
+            other = BASE
+        elif mode == "previous":
+            earlier = [a for a in self.store.adapters() if a["version"] != live and Path(a["path"]).is_dir()]
+            if not earlier:
+                raise InvalidRequest("There is no earlier trained version yet: compare two samples instead.")
+            prev = max(earlier, key=lambda a: a["version"])
+            self.policy.load_for_comparison(prev["path"], prev["version"])
+            other = prev["version"]
+        else:
+            raise InvalidRequest(f"Unknown comparison mode {mode!r}; use one of {', '.join(COMPARE_MODES)}.")
+        pair = [live, other]
+        self._rng.shuffle(pair)  # hide which side is which until the vote
+        return pair
+
+    def compare(
+        self,
+        voter: str,
+        message: str,
+        conversation_id: str = "",
+        *,
+        parent_id: str | None = None,
+        mode: str = "samples",
+        settings: GenerationSettings | None = None,
+    ) -> Iterator[dict]:
+        """Stream two answers side by side; the last dict has pair_id and both response ids (sources hidden)."""
+        versions = self._compare_versions(mode)
+        cid, user_id, prompt, settings = self._start_turn(voter, message, conversation_id, parent_id, settings)
+        stream = self.policy.stream(prompt, settings, n=2, versions=versions)
+        try:
+            for text_a, text_b in stream:
+                yield {"conversation_id": cid, "pair_id": None, "a": {"text": text_a}, "b": {"text": text_b}}
+        finally:
+            stream.cancel()
+            a, b = stream.answers
+            a_id = self._record_answer(cid, user_id, a, settings)
+            b_id = self._record_answer(cid, user_id, b, settings)
+            pair_id = self.store.new_comparison(
+                cid, a_id, b_id, a_source=a.adapter_version, b_source=b.adapter_version, voter=voter
+            )
+        yield {
+            "conversation_id": cid,
+            "pair_id": pair_id,
+            "a": {"response_id": a_id, "text": a.text},
+            "b": {"response_id": b_id, "text": b.text},
+        }
+
+    def choose(self, voter: str, pair_id: str, choice: str, reason: str = "") -> dict:
+        """Record the A/B choice (once; the pair then locks) and reveal both sources."""
+        row = self.store.choose(pair_id, voter, choice, reason or "")
+        return {"ok": True, "a_version": row["a_source"], "b_version": row["b_source"], "choice": row["choice"]}
+
+    # --- status ----------------------------------------------------------------------------------------------
+    def leaderboard(self) -> list[dict]:
+        """Bradley-Terry ratings of versions from Compare votes between different versions."""
+        battles = []
+        for row in self.store.version_battles():
+            winner = {"A": "a", "B": "b", "tie": "tie"}[row["choice"]]
+            battles.append(Battle(row["a_source"], row["b_source"], winner))
+        return leaderboard(battles)
+
+    def status(self) -> dict:
+        """Live version, trainer state, counts, last runs and versions: what the dashboard and /status show."""
+        stats = self.store.stats()
+        trainer = self.trainer.status() if self.trainer is not None else {"state": "not running", "running": False}
+        return {
+            "live_version": self.policy.version,
+            "trainer": trainer,
+            "votes_since_last_round": max(0, stats["watermark"] - (trainer.get("watermark") or 0)),
+            "counts": stats["counts"],
+            "votes": stats["votes"],
+            "choices": stats["choices"],
+            "last_runs": stats["last_runs"],
+            "versions": self.store.adapters(),
+        }
