@@ -38,7 +38,7 @@ $(VENV)/.setup-dev: $(VENV)/.setup
 # Debian's Chromium for the browser tests (Playwright's own browser download does not work everywhere).
 browser:
 	@command -v chromium >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get -o DPkg::Lock::Timeout=600 install -y -qq chromium chromium-driver >/dev/null; \
 	  else echo "browser tests need Debian's chromium: sudo apt-get install chromium chromium-driver"; fi; }
 
 lint: setup-dev

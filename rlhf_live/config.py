@@ -78,6 +78,26 @@ class Config:
     """SQLite synchronous mode: FULL keeps every acknowledged vote through a power cut; NORMAL is faster."""
 
     # --- reward model (issue 5 owns this section) -------------------------------------------------
+    reward_lora_r: int = 16
+    """LoRA rank of the reward model's own adapter."""
+    reward_lora_alpha: int = 32
+    """LoRA alpha of the reward model's adapter (scale = alpha / r)."""
+    reward_lora_layers: int = 0
+    """Put the reward LoRA on the top N transformer layers only (backward stops below them: faster); 0 = all."""
+    reward_lr: float = 2e-4
+    """AdamW learning rate of the reward LoRA and head (linear warm-up, then linear decay)."""
+    reward_epochs: int = 2
+    """Most passes over the training feedback (early stopping may end sooner)."""
+    reward_batch_size: int = 8
+    """Comparisons (pairs / ties) or thumbs per optimisation step."""
+    reward_max_tokens: int = 512
+    """Longest conversation + answer scored; the conversation is cut from the left, the answer kept whole."""
+    reward_tie_weight: float = 0.5
+    """Weight of the tie loss (pushes r_a towards r_b) against Bradley-Terry on A/B choices."""
+    reward_pointwise_weight: float = 0.5
+    """Weight of the thumbs loss -logsigmoid(+-r) against Bradley-Terry on A/B choices."""
+    reward_patience: int = 2
+    """Stop after this many held-out evaluations (two per epoch) without a better held-out loss."""
 
     # --- ppo (issue 6 owns this section) ----------------------------------------------------------
     ppo_batch_size: int = 8
@@ -120,6 +140,22 @@ class Config:
     """Score that replaces the reward of an answer with no EOS (cut at ppo_max_new_tokens)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% slower); off on small models."""
+
+    # --- trainer (the live loop) ------------------------------------------------------------------
+    train_min_new_votes: int = 8
+    """Start a training round once this many new votes (thumbs writes and A/B choices) have arrived."""
+    train_check_s: float = 30.0
+    """How often the trainer thread looks for new votes, in seconds."""
+    train_max_yield_s: float = 120.0
+    """Longest the trainer waits between steps for running generations to finish (serving has priority)."""
+    ppo_updates_per_round: int = 4
+    """PPO updates in one training round."""
+    ppo_prompt_pool: int = 200
+    """Most recent user contexts drawn on for PPO prompts (topped up from assets/seed_prompts.jsonl)."""
+    reward_norm_samples: int = 64
+    """Answers used to compute the reward normalisation (mean 0 / std 1) before PPO."""
+    max_kl_per_answer: float = 20.0
+    """Gate: a round whose mean KL to the base exceeds this (nats per answer) is not made live."""
 
     # --- app -------------------------------------------------------------------------------------
     data_dir: str = field(default_factory=_default_data_dir)

@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .adapters import AdapterError, check_folder
 from .config import Config
 from .models import load_base
 
@@ -27,10 +28,6 @@ _PEFT_BASE = "__base__"
 
 class InvalidRequest(ValueError):
     """A request the policy refuses, with a sentence a person understands."""
-
-
-class AdapterError(RuntimeError):
-    """An adapter folder is missing, corrupt or does not fit the base model."""
 
 
 @dataclass
@@ -65,22 +62,12 @@ def lora_config(cfg: Config) -> LoraConfig:
     )
 
 
-def check_adapter_folder(path: str | Path) -> Path:
-    """Raise AdapterError unless `path` holds PEFT's adapter_config.json and weights."""
-    path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise AdapterError(f"{path} has no adapter_config.json: not a PEFT adapter folder.")
-    if not any((path / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise AdapterError(f"{path} has no adapter_model.safetensors: the adapter weights are missing.")
-    return path
-
-
 def attach_adapter(
     base, cfg: Config, adapter_path: str | Path | None = None, *, trainable: bool = False, name="default"
 ):
     """Wrap `base` in a PeftModel with a fresh LoRA (B=0: same outputs as base) or one loaded from a folder."""
     if adapter_path:
-        folder = check_adapter_folder(adapter_path)
+        folder = check_folder(adapter_path)
         try:
             return PeftModel.from_pretrained(base, str(folder), adapter_name=name, is_trainable=trainable)
         except Exception as exc:
@@ -108,6 +95,10 @@ class _RWLock:
         with self._cond:
             self._readers -= 1
             self._cond.notify_all()
+
+    @property
+    def readers(self) -> int:
+        return self._readers
 
     def acquire_write(self):
         with self._cond:
@@ -360,7 +351,7 @@ class Policy:
     def swap(self, adapter_path: str | Path | None, version: str) -> None:
         """Serve `version` from now on (None path = base with a fresh LoRA); waits for running generations."""
         if adapter_path is not None:
-            check_adapter_folder(adapter_path)
+            check_folder(adapter_path)
         self._lock.acquire_write()
         try:
             old = self.model.active_adapter
@@ -384,7 +375,7 @@ class Policy:
         """Keep an older version loaded beside the live one, for A/B answers between versions."""
         if version in self._extra or version == self.version or version == BASE:
             return
-        check_adapter_folder(adapter_path)
+        check_folder(adapter_path)
         self._lock.acquire_write()
         try:
             name = f"cmp_{version}"
@@ -393,6 +384,11 @@ class Policy:
             self._extra[version] = name
         finally:
             self._lock.release_write()
+
+    @property
+    def generating(self) -> int:
+        """How many generations are running now (the trainer yields to them)."""
+        return self._lock.readers
 
     @property
     def comparable_versions(self) -> list[str]:

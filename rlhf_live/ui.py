@@ -509,8 +509,8 @@ def _dashboard(service: Service):
             m = json.loads(m or "{}")
         for key, rows, name in (
             ("reward/accuracy", acc_rows, "accuracy"),
-            ("ppo/score_mean", rl_rows, "mean reward"),
-            ("ppo/kl_mean", rl_rows, "KL to base"),
+            ("ppo/score", rl_rows, "mean reward"),
+            ("ppo/kl", rl_rows, "KL to base (nats/answer)"),
         ):
             if key in m:
                 rows.append({"round": i + 1, "value": float(m[key]), "metric": name})

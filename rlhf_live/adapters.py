@@ -1,0 +1,96 @@
+"""Versioned adapter folders on disk: `<data-dir>/adapters/v0001/` with PEFT's files plus `meta.json`.
+
+Knows folder layout, validation and atomic publishing (write to a temporary folder, then rename); knows nothing
+of SQL (statuses live in the store's `adapters` table), tensors or training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+VERSION_RE = re.compile(r"^v\d{4,}$")
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class AdapterError(RuntimeError):
+    """An adapter folder is missing, corrupt or does not fit the base model."""
+
+
+def check_folder(path: str | Path) -> Path:
+    """Raise AdapterError unless `path` holds a readable adapter_config.json and adapter weights."""
+    path = Path(path)
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        raise AdapterError(f"{path} has no adapter_config.json: not a PEFT adapter folder.")
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"{config} is not valid JSON ({exc}): the adapter folder is corrupt.") from None
+    if not any((path / n).is_file() and (path / n).stat().st_size > 0 for n in WEIGHT_FILES):
+        raise AdapterError(f"{path} has no adapter_model.safetensors: the adapter weights are missing.")
+    return path
+
+
+class AdapterRegistry:
+    """The adapters folder: publish new versions atomically, find and describe existing ones."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, version: str) -> Path:
+        """Folder of `version` (validated: no path tricks in the name)."""
+        if not VERSION_RE.match(version or ""):
+            raise AdapterError(f"{version!r} is not a version name like v0001.")
+        return self.root / version
+
+    def publish(self, version: str, write: Callable[[Path], None], meta: dict | None = None) -> Path:
+        """Call write(tmp_folder), add meta.json, check the folder, then rename it to `version` in one step."""
+        final = self.path(version)
+        if final.exists():
+            raise AdapterError(f"Version {version} already exists in {self.root}.")
+        tmp = self.root / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            write(tmp)
+            info = {"version": version, "created": datetime.now(timezone.utc).isoformat(), **(meta or {})}
+            (tmp / "meta.json").write_text(json.dumps(info, indent=2, default=str))
+            check_folder(tmp)
+            for f in tmp.iterdir():  # flush file contents before the rename makes them visible
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.rename(tmp, final)  # atomic on POSIX: readers see no folder or a whole one
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def versions(self) -> list[str]:
+        """Published versions on disk, oldest first (temporary folders of interrupted publishes are ignored)."""
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and VERSION_RE.match(p.name))
+
+    def meta(self, version: str) -> dict:
+        """The meta.json of a version ({} when absent or unreadable)."""
+        try:
+            return json.loads((self.path(version) / "meta.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def clean_partial(self) -> int:
+        """Remove leftovers of publishes that crashed before their rename; return how many."""
+        leftovers = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(".tmp-")]
+        for p in leftovers:
+            shutil.rmtree(p, ignore_errors=True)
+        return len(leftovers)

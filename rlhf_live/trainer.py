@@ -1,0 +1,237 @@
+"""When and what to train: one round = fit the reward model on all feedback -> PPO updates -> publish a version.
+
+Knows the order of a round, the guardrails (enough new votes, a finite and bounded update, KL gate) and the
+background thread that runs rounds while the app serves; it owns its own copy of the model (serving and training
+never share a live module) and hands results over only as a published adapter folder plus a DB row.
+Knows nothing of Gradio.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .adapters import AdapterRegistry
+from .config import Config
+from .models import load_base, resolve
+from .policy import BASE, Policy, attach_adapter
+from .ppo import PPODivergence, PPOTrainer, load_seed_prompts
+from .reward import RewardDataError, RewardModel
+from .store import Store
+
+Progress = Callable[[str, str], None]
+
+
+class TrainingRejected(RuntimeError):
+    """A round finished but its result failed a guardrail, so it was not made live; the message says which."""
+
+
+def _prompt_pool(store: Store, cfg: Config, rng: random.Random) -> list[list[dict]]:
+    """What users really asked (their contexts), topped up from the seed prompts when there are few."""
+    real = store.prompts(limit=cfg.ppo_prompt_pool)
+    seeds = load_seed_prompts()
+    rng.shuffle(seeds)
+    need = max(0, cfg.ppo_batch_size * cfg.ppo_updates_per_round - len(real))
+    return real + seeds[:need] if need else real
+
+
+def train_round(
+    cfg: Config, store: Store, *, progress: Progress | None = None, pause: Callable[[], None] | None = None
+) -> dict:
+    """One round on the store's feedback; publishes a candidate version and returns its metrics."""
+    say = progress or (lambda stage, detail: None)
+    wait = pause or (lambda: None)
+    registry = AdapterRegistry(cfg.adapters_dir)
+    registry.clean_partial()
+    rng = random.Random(cfg.seed + store.watermark())
+    torch.manual_seed(cfg.seed + store.watermark())
+    watermark = store.watermark()
+
+    # 1. Reward model: re-fit on the full history (votes are few; a fresh fit avoids drifting on old data).
+    say("fitting reward model", "loading")
+    pairs, ties, pointwise = store.preference_pairs(), store.ties(), store.pointwise_labels()
+    source = resolve(cfg.model, cfg.cache_dir)
+    reward_model = RewardModel.create(cfg, *load_base(cfg, source))
+    reward_metrics = reward_model.fit(
+        pairs, ties=ties, pointwise=pointwise, progress=lambda *a: (wait(), say("fitting reward model", _fmt(a)))
+    )
+    answers = [(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs]
+    answers += [(p["prompt"], p["completion"]) for p in pointwise]
+    rng.shuffle(answers)
+    answers = answers[: cfg.reward_norm_samples]
+    norm = reward_model.set_normalisation([a[0] for a in answers], [a[1] for a in answers])
+
+    # 2. PPO on a training copy of the live policy; the reference is the same model with the adapter disabled.
+    say("PPO", "loading policy copy")
+    live = store.live_adapter()
+    live_path = live["path"] if live and Path(live["path"]).is_dir() else None
+    base, tokenizer = load_base(cfg, source)
+    policy_model = attach_adapter(base, cfg, live_path, trainable=True)
+
+    def reward_fn(prompts, texts):
+        return reward_model.score(prompts, texts, normalise=True)
+
+    ppo = PPOTrainer(policy_model, tokenizer, cfg, reward_fn)
+    if live_path:
+        ppo.load_value_head(live_path)
+    pool = _prompt_pool(store, cfg, rng)
+    updates = []
+    for i in range(cfg.ppo_updates_per_round):
+        wait()
+        say("PPO", f"update {i + 1}/{cfg.ppo_updates_per_round}")
+        batch = [pool[rng.randrange(len(pool))] for _ in range(cfg.ppo_batch_size)]
+        updates.append(ppo.step(batch))
+    ppo_metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[-1]}
+    ppo_metrics["score_first"], ppo_metrics["score_last"] = updates[0]["score"], updates[-1]["score"]
+
+    # 3. Publish atomically as a candidate; the caller decides whether it goes live.
+    say("evaluating", "publishing")
+    metrics = {f"reward/{k}": v for k, v in reward_metrics.items()}
+    metrics.update({f"reward/norm_{k}": v for k, v in norm.items()})
+    metrics.update({f"ppo/{k}": v for k, v in ppo_metrics.items()})
+    metrics.update({"watermark": watermark, "parent": live["version"] if live else BASE})
+    version = store.next_version()
+    path = registry.publish(version, ppo.save_adapter, meta={"parent": metrics["parent"], "metrics": metrics})
+    store.add_adapter(version, str(path), parent=live["version"] if live else None, status="candidate", metrics=metrics)
+    metrics["version"] = version
+    return metrics
+
+
+def _fmt(args: tuple) -> str:
+    return " ".join(str(a) for a in args)
+
+
+def gate(cfg: Config, metrics: dict) -> None:
+    """Refuse to make a round live when it drifted too far from the base model (TrainingRejected)."""
+    kl = metrics.get("ppo/kl")
+    if kl is not None and kl > cfg.max_kl_per_answer:
+        raise TrainingRejected(
+            f"mean KL to the base model {kl:.2f} nats per answer is over the gate of {cfg.max_kl_per_answer}: "
+            "the version stays a candidate."
+        )
+
+
+def run_round(cfg: Config, store: Store, **kwargs) -> dict:
+    """A round recorded in training_runs; on success the new version goes live (the old one is retired)."""
+    run_id = store.start_run("round")
+    try:
+        metrics = train_round(cfg, store, **kwargs)
+        gate(cfg, metrics)
+        old = store.live_adapter()
+        if old:
+            store.set_adapter_status(old["version"], "retired")
+        store.set_adapter_status(metrics["version"], "live")
+    except (RewardDataError, TrainingRejected, PPODivergence) as exc:
+        store.finish_run(run_id, "failed", error=str(exc))
+        raise
+    except BaseException as exc:
+        store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    store.finish_run(run_id, "ok", metrics)
+    return metrics
+
+
+def train_once(cfg: Config) -> dict:
+    """`rlhf-live train --once`: one round on the DB at cfg.data_dir; the new version goes live."""
+    store = Store.from_config(cfg)
+    return run_round(cfg, store, progress=lambda stage, detail: print(f"[train] {stage}: {detail}", flush=True))
+
+
+class Trainer:
+    """Background thread: trains when enough new votes arrived (or on request) and hot-swaps the served adapter."""
+
+    def __init__(self, cfg: Config, store: Store, policy: Policy):
+        self.cfg, self.store, self.policy = cfg, store, policy
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._force = False
+        self._thread: threading.Thread | None = None
+        live = store.live_adapter()
+        last = (live or {}).get("metrics") or {}
+        self._status = {
+            "state": "idle",
+            "progress": "",
+            "running": False,
+            "watermark": int(last.get("watermark", 0)) if isinstance(last, dict) else 0,
+            "last_error": "",
+            "rounds": 0,
+        }
+
+    def status(self) -> dict:
+        """State for the dashboard: idle / fitting reward model / PPO / evaluating, progress, last error."""
+        return dict(self._status)
+
+    def start(self) -> None:
+        """Run rounds in a daemon thread until stop()."""
+        self._status["running"] = True
+        self._thread = threading.Thread(target=self._loop, name="trainer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to end after its current step."""
+        self._stop.set()
+        self._wake.set()
+
+    def request_round(self) -> str:
+        """Admin: train now, whatever the vote count."""
+        self._force = True
+        self._wake.set()
+        return "A training round was requested; watch the state above."
+
+    def rollback(self, version: str) -> str:
+        """Admin: serve an earlier version (or 'base') again; the current one is marked rolled_back."""
+        current = self.store.live_adapter()
+        if version == BASE:
+            self.policy.swap(None, BASE)
+        else:
+            row = self.store.adapter(version)
+            self.policy.swap(row["path"], version)
+            self.store.set_adapter_status(version, "live")
+        if current and current["version"] != version:
+            self.store.set_adapter_status(current["version"], "rolled_back")
+        return f"Now serving {version}."
+
+    def _yield_to_serving(self) -> None:
+        """Serving has priority: on 2 cores, wait between training steps while someone is waiting for tokens."""
+        waited = 0.0
+        while self.policy.generating and waited < self.cfg.train_max_yield_s and not self._stop.is_set():
+            time.sleep(0.2)
+            waited += 0.2
+
+    def _new_votes(self) -> int:
+        return self.store.watermark() - self._status["watermark"]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.cfg.train_check_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            if not self._force and self._new_votes() < self.cfg.train_min_new_votes:
+                continue
+            self._force = False
+            try:
+                metrics = run_round(
+                    self.cfg,
+                    self.store,
+                    progress=lambda stage, detail: self._status.update(state=stage, progress=detail),
+                    pause=self._yield_to_serving,
+                )
+                self._status["state"], self._status["progress"] = "evaluating", "swapping in the new version"
+                row = self.store.adapter(metrics["version"])
+                self.policy.swap(row["path"], metrics["version"])
+                self._status.update(
+                    last_error="", watermark=int(metrics["watermark"]), rounds=self._status["rounds"] + 1
+                )
+            except Exception as exc:  # serving must survive any training failure
+                self._status["last_error"] = f"{type(exc).__name__}: {exc}"
+                self._status["watermark"] = self.store.watermark()  # do not retry the same data in a loop
+                traceback.print_exc()
+            finally:
+                self._status.update(state="idle", progress="")
