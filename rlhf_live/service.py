@@ -124,7 +124,8 @@ class Service:
 
     def feedback(self, voter: str, response_id: str, value: str, reason: str = "") -> dict:
         """Thumb up/down or clear one answer (one row per answer and voter, updated in place)."""
-        row = self.store.record_feedback(response_id, voter, value, reason or "")
+        # Only the session that owns the conversation may thumb its answers (as with retry, history and choose).
+        row = self.store.record_feedback(response_id, voter, value, reason or "", session_id=voter)
         return {"ok": True, "response_id": response_id, "value": row["value"]}
 
     def history(self, voter: str, conversation_id: str, leaf_id: str | None = None) -> list[dict]:
