@@ -1,0 +1,111 @@
+"""Helpers for the end-to-end tests: run the real app (`python app.py`) in a subprocess and read its database."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = ("conversations", "messages", "feedback", "feedback_events", "comparisons")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class App:
+    url: str
+    data_dir: Path
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "rlhf_live.db"
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+@contextlib.contextmanager
+def run_app(model: Path, data_dir: Path, *, timeout: float = 120.0, extra: tuple[str, ...] = ()) -> Iterator[App]:
+    """Start `python app.py` on a free port with `model` (full precision, no trainer); stop it on exit."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = data_dir.parent / f"app-{port}.log"
+    cmd = [
+        sys.executable,
+        str(ROOT / "app.py"),
+        "--model",
+        str(model),
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(port),
+        "--no-train",
+        "--no-load-in-4bit",
+        "--compute-dtype",
+        "float32",
+        "--max-new-tokens",
+        "16",
+        *extra,
+    ]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    app = App(f"http://127.0.0.1:{port}/", data_dir, proc, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the app exited with code {proc.returncode} before answering:\n{app.log_tail()}")
+            try:
+                with urllib.request.urlopen(app.url, timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the app did not answer on {app.url} within {timeout:.0f} s:\n{app.log_tail()}")
+            time.sleep(0.3)
+        yield app
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+def rows(db_path: Path, sql: str, params: tuple = ()) -> list[dict]:
+    """Rows of a query on the app's DB, read with plain sqlite3 (read-only) from the test process."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(sql, params)]
+    finally:
+        conn.close()
+
+
+def counts(db_path: Path) -> dict[str, int]:
+    """Row count of every table a request may write to: compare before/after to prove nothing was written."""
+    return {t: rows(db_path, f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in TABLES}
+
+
+def snapshot(db_path: Path) -> dict[str, list[dict]]:
+    """Every row of the written tables (ordered): compare before/after to prove nothing changed."""
+    return {t: rows(db_path, f"SELECT * FROM {t} ORDER BY rowid") for t in TABLES}

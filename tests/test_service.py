@@ -1,0 +1,304 @@
+"""Service: the request logic behind the UI, the HTTP API and the simulated rater (tiny model, in-process)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from apphelpers import snapshot
+
+from rlhf_live.policy import BASE, GenerationSettings, InvalidRequest, Policy
+from rlhf_live.service import Service
+from rlhf_live.store import AlreadyVoted, Forbidden, InvalidInput, Store, UnknownId
+
+ALICE, BOB = "v-alice", "v-bob"
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_lm_dir, tmp_path_factory):
+    """One tiny policy for the module (loading it is the slow part); each test gets its own store."""
+    from rlhf_live.config import Config
+
+    cfg = Config(
+        model=str(tiny_lm_dir),
+        load_in_4bit=False,
+        compute_dtype="float32",
+        data_dir=str(tmp_path_factory.mktemp("unused")),
+        max_new_tokens=16,
+        max_context_tokens=256,
+        lora_r=4,
+        lora_alpha=8,
+    )
+    return Policy.from_config(cfg)
+
+
+@pytest.fixture
+def service(policy, tiny_cfg):
+    store = Store(tiny_cfg.db_path)
+    yield Service(policy, store, tiny_cfg)
+    store.close()
+
+
+def chat(service, voter, message, cid="", **kw) -> dict:
+    *_, last = service.chat(voter, message, cid, **kw)
+    return last
+
+
+def compare(service, voter, message, cid="") -> dict:
+    *_, last = service.compare(voter, message, cid)
+    return last
+
+
+def test_chat_stores_user_and_assistant_turns_with_version_and_settings(service, tiny_cfg):
+    updates = list(service.chat(ALICE, "  Hello there  "))
+    last = updates[-1]
+    # Streamed updates carry no id; only the final one (after the answer is stored) does.
+    assert all(u["response_id"] is None for u in updates[:-1])
+    assert last["response_id"] and last["user_message_id"] and last["adapter_version"] == BASE
+    conv = service.store.conversation(last["conversation_id"], session_id=ALICE)
+    assert conv["session_id"] == ALICE and conv["system_prompt"] == tiny_cfg.system_prompt
+    user, answer = conv["messages"]
+    assert (user["id"], user["role"], user["content"], user["parent_id"]) == (
+        last["user_message_id"],
+        "user",
+        "Hello there",
+        None,
+    )
+    assert (answer["id"], answer["role"], answer["content"], answer["parent_id"]) == (
+        last["response_id"],
+        "assistant",
+        last["text"],
+        user["id"],
+    )
+    assert answer["adapter_version"] == BASE
+    assert answer["settings"] == GenerationSettings.from_config(tiny_cfg).as_dict()
+    assert answer["finish_reason"] in {"stop", "length"}
+    assert 0 <= answer["n_tokens"] <= tiny_cfg.max_new_tokens
+
+    # A second turn continues the same conversation under the answer, with per-request settings.
+    settings = replace(GenerationSettings.from_config(tiny_cfg), temperature=0.0, max_new_tokens=4)
+    second = chat(service, ALICE, "And now?", last["conversation_id"], settings=settings)
+    assert second["conversation_id"] == last["conversation_id"]
+    msgs = service.store.conversation(last["conversation_id"])["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert msgs[2]["parent_id"] == last["response_id"] and msgs[3]["id"] == second["response_id"]
+    assert msgs[3]["settings"]["temperature"] == 0.0 and msgs[3]["settings"]["max_new_tokens"] == 4
+    assert msgs[3]["n_tokens"] <= 4
+
+
+def test_conversation_of_another_voter_is_refused_and_nothing_written(service):
+    mine = chat(service, ALICE, "Hello")
+    before = snapshot(service.cfg.db_path)
+    with pytest.raises(Forbidden, match="another session"):
+        chat(service, BOB, "Let me in", mine["conversation_id"])
+    with pytest.raises(Forbidden, match="another session"):
+        compare(service, BOB, "Let me in", mine["conversation_id"])
+    with pytest.raises(Forbidden, match="another session"):
+        list(service.retry(BOB, mine["response_id"]))
+    with pytest.raises(Forbidden, match="another session"):
+        service.history(BOB, mine["conversation_id"])
+    with pytest.raises(Forbidden, match="another session"):
+        service.feedback(BOB, mine["response_id"], "up")
+    assert snapshot(service.cfg.db_path) == before
+
+
+def test_retry_creates_a_sibling_and_keeps_the_old_answer(service):
+    first = chat(service, ALICE, "Tell me a joke")
+    *_, again = service.retry(ALICE, first["response_id"])
+    assert again["response_id"] != first["response_id"]
+    assert again["user_message_id"] == first["user_message_id"]
+    msgs = service.store.conversation(first["conversation_id"])["messages"]
+    assert len(msgs) == 3  # one user message, two answers
+    answers = [m for m in msgs if m["role"] == "assistant"]
+    assert {m["id"] for m in answers} == {first["response_id"], again["response_id"]}
+    assert {m["parent_id"] for m in answers} == {first["user_message_id"]}
+    # The history of the newest branch shows the retry, not the old answer.
+    assert [t["id"] for t in service.history(ALICE, first["conversation_id"])] == [
+        first["user_message_id"],
+        again["response_id"],
+    ]
+    with pytest.raises(InvalidRequest, match="Only an answer"):
+        list(service.retry(ALICE, first["user_message_id"]))
+
+
+def test_feedback_up_down_clear_ends_as_one_cleared_row(service):
+    ans = chat(service, ALICE, "Hi")
+    rid = ans["response_id"]
+    assert service.feedback(ALICE, rid, "up") == {"ok": True, "response_id": rid, "value": "up"}
+    assert service.history(ALICE, ans["conversation_id"])[-1]["feedback"] == "up"
+    assert service.feedback(ALICE, rid, "down", "rude")["value"] == "down"
+    assert service.feedback(ALICE, rid, "clear")["value"] == "cleared"
+    rows = service.store.db().conn.execute("SELECT response_id, voter, value, reason FROM feedback").fetchall()
+    assert rows == [(rid, ALICE, "cleared", "")]
+    assert [e["value"] for e in service.store.feedback_history(rid)] == ["up", "down", "cleared"]
+    assert service.history(ALICE, ans["conversation_id"])[-1]["feedback"] is None
+
+
+def test_compare_then_choose_records_choice_and_reveals_sources(service):
+    updates = list(service.compare(ALICE, "Which fruit?"))
+    last = updates[-1]
+    assert all(u["pair_id"] is None for u in updates[:-1])
+    # Sources stay hidden until the vote.
+    assert set(last) == {"conversation_id", "pair_id", "a", "b"}
+    assert set(last["a"]) == set(last["b"]) == {"response_id", "text"}
+    msgs = service.store.conversation(last["conversation_id"])["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "assistant"]
+    assert {m["id"]: m["content"] for m in msgs[1:]} == {
+        last["a"]["response_id"]: last["a"]["text"],
+        last["b"]["response_id"]: last["b"]["text"],
+    }
+    row = service.store.comparison(last["pair_id"])
+    assert row["choice"] is None and row["voter"] == ALICE
+    out = service.choose(ALICE, last["pair_id"], "B", "more concise")
+    assert out == {"ok": True, "a_version": BASE, "b_version": BASE, "choice": "B"}
+    row = service.store.comparison(last["pair_id"])
+    assert (row["choice"], row["reason"], row["a_id"], row["b_id"]) == (
+        "B",
+        "more concise",
+        last["a"]["response_id"],
+        last["b"]["response_id"],
+    )
+
+
+def test_second_choose_is_refused_and_the_row_unchanged(service):
+    pair = compare(service, ALICE, "Pick one")
+    service.choose(ALICE, pair["pair_id"], "A")
+    before = snapshot(service.cfg.db_path)
+    with pytest.raises(AlreadyVoted, match=r"already has its answer \(A\)"):
+        service.choose(ALICE, pair["pair_id"], "B", "changed my mind")
+    with pytest.raises(Forbidden, match="another session"):
+        service.choose(BOB, pair["pair_id"], "B")
+    assert snapshot(service.cfg.db_path) == before
+
+
+def test_choose_by_another_voter_is_refused_before_any_vote(service):
+    pair = compare(service, ALICE, "Pick one")
+    with pytest.raises(Forbidden, match="another session"):
+        service.choose(BOB, pair["pair_id"], "A")
+    assert service.store.comparison(pair["pair_id"])["choice"] is None
+
+
+@pytest.mark.parametrize(
+    "message, match",
+    [("", "empty"), ("   \n\t ", "empty"), ("x" * 4001, "limit is 4,000")],
+    ids=["empty", "blank", "over-limit"],
+)
+def test_bad_messages_are_refused_and_nothing_written(service, message, match):
+    existing = chat(service, ALICE, "Hello")
+    before = snapshot(service.cfg.db_path)
+    for cid in ("", existing["conversation_id"]):
+        with pytest.raises(InvalidRequest, match=match):
+            chat(service, ALICE, message, cid)
+        with pytest.raises(InvalidRequest, match=match):
+            compare(service, ALICE, message, cid)
+    assert snapshot(service.cfg.db_path) == before
+
+
+def test_message_at_the_limit_is_accepted(service, tiny_cfg):
+    last = chat(service, ALICE, "a" * tiny_cfg.max_message_chars)
+    assert len(service.store.message(last["user_message_id"])["content"]) == tiny_cfg.max_message_chars
+
+
+def test_invalid_values_are_refused_and_nothing_written(service):
+    ans = chat(service, ALICE, "Hello")
+    pair = compare(service, ALICE, "Pick")
+    before = snapshot(service.cfg.db_path)
+    for choice in ("C", "a", "", "both bad"):
+        with pytest.raises(InvalidInput, match="The choice is one of A, B, tie, both_bad"):
+            service.choose(ALICE, pair["pair_id"], choice)
+    for value in ("like", "", "UP"):
+        with pytest.raises(InvalidInput, match="'up', 'down' or 'clear'"):
+            service.feedback(ALICE, ans["response_id"], value)
+    with pytest.raises(InvalidInput, match="Only answers"):
+        service.feedback(ALICE, ans["user_message_id"], "up")
+    with pytest.raises(InvalidRequest, match="Unknown comparison mode"):
+        list(service.compare(ALICE, "Pick", mode="nonsense"))
+    with pytest.raises(InvalidRequest, match="still the base model"):
+        list(service.compare(ALICE, "Pick", mode="base"))
+    with pytest.raises(InvalidRequest, match="no earlier trained version"):
+        list(service.compare(ALICE, "Pick", mode="previous"))
+    assert snapshot(service.cfg.db_path) == before
+
+
+def test_unknown_ids_are_refused_and_nothing_written(service):
+    chat(service, ALICE, "Hello")
+    before = snapshot(service.cfg.db_path)
+    with pytest.raises(UnknownId, match="No conversation with id 'nope'"):
+        chat(service, ALICE, "Hi", "nope")
+    with pytest.raises(UnknownId, match="No conversation with id 'nope'"):
+        compare(service, ALICE, "Hi", "nope")
+    with pytest.raises(UnknownId, match="No answer with id 'nope'"):
+        service.feedback(ALICE, "nope", "up")
+    with pytest.raises(UnknownId, match="No comparison with id 'nope'"):
+        service.choose(ALICE, "nope", "A")
+    with pytest.raises(UnknownId, match="No message with id 'nope'"):
+        list(service.retry(ALICE, "nope"))
+    with pytest.raises(InvalidInput, match="must be a non-empty string"):
+        service.choose(ALICE, "", "A")
+    assert snapshot(service.cfg.db_path) == before
+
+
+def test_votes_through_the_service_appear_in_exports_with_exact_text(service, tmp_path):
+    liked = chat(service, ALICE, "Say something nice")
+    disliked = chat(service, ALICE, "Now something else", liked["conversation_id"])
+    service.feedback(ALICE, liked["response_id"], "up")
+    service.feedback(ALICE, disliked["response_id"], "down")
+    pair = compare(service, BOB, "Which is better?")
+    service.choose(BOB, pair["pair_id"], "B")
+    tied = compare(service, BOB, "A tie")
+    service.choose(BOB, tied["pair_id"], "tie")
+    system = {"role": "system", "content": service.cfg.system_prompt}
+
+    def read(fmt):
+        out = tmp_path / f"{fmt}.jsonl"
+        n = service.store.export(fmt, out)
+        lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        assert n == len(lines)
+        return lines
+
+    def completion(text):
+        return [{"role": "assistant", "content": text}]
+
+    assert read("kto") == [
+        {
+            "prompt": [system, {"role": "user", "content": "Say something nice"}],
+            "completion": completion(liked["text"]),
+            "label": True,
+        },
+        {
+            "prompt": [
+                system,
+                {"role": "user", "content": "Say something nice"},
+                {"role": "assistant", "content": liked["text"]},
+                {"role": "user", "content": "Now something else"},
+            ],
+            "completion": completion(disliked["text"]),
+            "label": False,
+        },
+        # The A/B choice split into a desirable and an undesirable row; the tie carries no label.
+        {
+            "prompt": [system, {"role": "user", "content": "Which is better?"}],
+            "completion": completion(pair["b"]["text"]),
+            "label": True,
+        },
+        {
+            "prompt": [system, {"role": "user", "content": "Which is better?"}],
+            "completion": completion(pair["a"]["text"]),
+            "label": False,
+        },
+    ]
+    assert read("preference") == [
+        {
+            "prompt": [system, {"role": "user", "content": "Which is better?"}],
+            "chosen": completion(pair["b"]["text"]),
+            "rejected": completion(pair["a"]["text"]),
+        }
+    ]
+    # A cleared thumb leaves the KTO export.
+    service.feedback(ALICE, liked["response_id"], "clear")
+    assert [r["completion"][0]["content"] for r in read("kto")] == [
+        disliked["text"],
+        pair["b"]["text"],
+        pair["a"]["text"],
+    ]
