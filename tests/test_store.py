@@ -560,7 +560,8 @@ def test_write_failure_rolls_back(store):
     assert snapshot(store) == before
 
 
-def test_long_conversation_context(store):
+def test_long_conversation_context(tmp_path):
+    store = Store(tmp_path / "long.db", synchronous="NORMAL")  # 1500 writes: skip the fsync per write
     cid = store.new_conversation("s")
     parent = None
     for i in range(1500):  # deeper than Python's default recursion limit
