@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("conversations", "messages", "feedback", "feedback_events", "comparisons")
 
@@ -109,3 +111,22 @@ def counts(db_path: Path) -> dict[str, int]:
 def snapshot(db_path: Path) -> dict[str, list[dict]]:
     """Every row of the written tables (ordered): compare before/after to prove nothing changed."""
     return {t: rows(db_path, f"SELECT * FROM {t} ORDER BY rowid") for t in TABLES}
+
+
+_SHARED: dict[str, App] = {}
+
+
+@pytest.fixture(scope="module")
+def tiny_app(request, tiny_lm_dir, tmp_path_factory) -> App:
+    """The app on the tiny model, started once per test session and shared by the API and browser tests.
+
+    (A session fixture defined here and imported into two test modules would be built once per module; starting
+    the app costs ~30 s, so one instance is kept here and stopped when pytest finishes.)
+    """
+    app = _SHARED.get("tiny")
+    if app is None or app.proc.poll() is not None:
+        stack = contextlib.ExitStack()
+        app = stack.enter_context(run_app(tiny_lm_dir, tmp_path_factory.mktemp("tiny-app") / "data"))
+        request.config.add_cleanup(stack.close)
+        _SHARED["tiny"] = app
+    return app
