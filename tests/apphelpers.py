@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("conversations", "messages", "feedback", "feedback_events", "comparisons")
 
@@ -116,12 +114,11 @@ def snapshot(db_path: Path) -> dict[str, list[dict]]:
 _SHARED: dict[str, App] = {}
 
 
-@pytest.fixture(scope="module")
-def tiny_app(request, tiny_lm_dir, tmp_path_factory) -> App:
+def shared_tiny_app(request, tiny_lm_dir: Path, tmp_path_factory) -> App:
     """The app on the tiny model, started once per test session and shared by the API and browser tests.
 
-    (A session fixture defined here and imported into two test modules would be built once per module; starting
-    the app costs ~30 s, so one instance is kept here and stopped when pytest finishes.)
+    Call it from a module fixture. Starting the app costs ~30 s, so one instance is kept here and stopped when
+    pytest finishes (a session fixture imported into two test modules would be built once per module).
     """
     app = _SHARED.get("tiny")
     if app is None or app.proc.poll() is not None:

@@ -11,13 +11,18 @@ import subprocess
 import sys
 
 import pytest
-from apphelpers import ROOT, counts, rows, snapshot, tiny_app  # noqa: F401  (tiny_app is a fixture)
+from apphelpers import ROOT, counts, rows, shared_tiny_app, snapshot
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from rlhf_live.store import Store
 
 ENDPOINTS = {"/chat", "/feedback", "/compare", "/choose", "/status"}
+
+
+@pytest.fixture(scope="module")
+def tiny_app(request, tiny_lm_dir, tmp_path_factory):
+    return shared_tiny_app(request, tiny_lm_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
