@@ -594,6 +594,15 @@ class Store:
             for r in rows
         ]
 
+    def version_battles(self) -> list[dict]:
+        """A/B/tie choices between two different sources, not imported: {comparison_id, a_source, b_source, choice}."""
+        with self._read() as conn:
+            return self._rows(
+                conn,
+                "SELECT id AS comparison_id, a_source, b_source, choice, seq, chosen_at FROM comparisons"
+                " WHERE choice IN ('A', 'B', 'tie') AND a_source != b_source AND origin != 'import' ORDER BY seq",
+            )
+
     def pointwise_labels(self, since: int = 0) -> list[dict]:
         """Thumbs (final non-cleared value per answer and voter) and both_bad as two thumbs-down, after `since`.
 
@@ -799,15 +808,6 @@ class Store:
         return rows
 
     # --- secrets --------------------------------------------------------------------------------------
-
-    def version_battles(self) -> list[dict]:
-        """Decided A/B votes (A, B or tie) between answers of two different sources, oldest first."""
-        with self._read() as conn:
-            return self._rows(
-                conn,
-                "SELECT a_source, b_source, choice FROM comparisons WHERE choice IN ('A', 'B', 'tie')"
-                " AND a_source != b_source ORDER BY seq",
-            )
 
     def voter_salt(self) -> str:
         """A random salt for `voter_id`, created once and kept in the DB (so ids stay stable across restarts)."""

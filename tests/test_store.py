@@ -573,3 +573,18 @@ def test_long_conversation_context(tmp_path):
 def test_in_memory_database_is_refused():
     with pytest.raises(InvalidInput, match="file path"):
         Store(":memory:")
+
+
+def test_version_battles_are_live_choices_between_different_versions(store, tmp_path):
+    store.import_pairs(_write_jsonl(tmp_path / "pairs.jsonl", INLINE_ROWS))
+    cid, user, a, b = chat(store)
+    c = store.add_message(cid, "assistant", "4!", parent_id=user)
+    for x, y, src_a, src_b, choice in [
+        (a, b, "v0002", "v0001", "A"),
+        (a, c, "v0002", "v0002", "B"),
+        (b, c, "", "v1", "tie"),
+    ]:
+        store.choose(store.new_comparison(cid, x, y, a_source=src_a, b_source=src_b, voter="v"), "v", choice)
+    store.choose(store.new_comparison(cid, a, b, a_source="v3", b_source="v4", voter="v"), "v", "both_bad")
+    battles = [(r["a_source"], r["b_source"], r["choice"]) for r in store.version_battles()]
+    assert battles == [("v0002", "v0001", "A"), ("", "v1", "tie")]
