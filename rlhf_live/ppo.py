@@ -1,0 +1,503 @@
+"""PPO on a LoRA policy: rollouts, KL-shaped rewards, value head, GAE, clipped updates.
+
+Read top to bottom in the order an update runs (cleanrl's ppo.py style): load prompts -> sample answers ->
+score them -> KL to the reference -> values -> GAE -> epochs of clipped minibatch updates -> metrics.
+Follows "The N Implementation Details of RLHF with PPO" (Huang et al. 2023,
+https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo), its N+ follow-up
+(https://arxiv.org/abs/2403.17031), cleanrl (https://github.com/vwxyzjn/cleanrl/blob/master/cleanrl/ppo.py) and
+TRL's last PPO defaults (TRL removed PPO in 2026).
+
+What it knows:
+- The policy is a PeftModel with one trainable LoRA on a (4-bit) base. The reference policy is the *same* model
+  under `disable_adapter()`: no second copy of the weights, and a fresh LoRA (B=0) has exactly zero KL.
+- The value function is a zero-initialised linear head on the policy's last hidden state (shared trunk), not a
+  separate value adapter. Why: on 2 CPU cores the minibatch forward+backward dominates an update; a shared trunk
+  gives log-probs and values from one pass, whereas a value adapter costs a second full pass per minibatch (and
+  adapter switching). Zero init makes V=0 at the start, so the first advantages are plain KL-shaped returns with
+  no random baseline noise; vf_coef=0.1 keeps the value gradient from swamping the policy's LoRA (the original
+  OpenAI lm-human-preferences setup also shared the trunk). Its weights are saved beside the adapter.
+- Rewards: `reward_fn(prompts, answers) -> (B,)` is called once per answer (the caller normalises, e.g. a reward
+  model's `score(..., normalise=True)`); answers with no EOS get `missing_eos_penalty` instead (the EOS trick).
+  Per-token reward = -beta * (logp - logp_ref) (k1 estimator), plus the score on the answer's last token.
+- Rollouts sample with temperature only (top_k=0, top_p=1): PPO's ratio needs the log-prob of the distribution
+  that was actually sampled, so the serving top_p is not used here.
+- Logits = lm_head(final hidden state), computed in float32 on the response slice only (49k vocab). This holds for
+  Llama/Qwen2/Mistral/SmolLM-like models; models with logit soft-capping or scaling (Gemma 2, Cohere) are not
+  handled.
+- A loss or gradient that is NaN/inf raises PPODivergence after restoring the LoRA, value head, optimizer and KL
+  controller to their state before the update (bit-identical); a non-finite reward raises before anything moves.
+
+What it does not know: the store, the reward model, gradio, or when to train (the trainer decides).
+With ppo_max_new_tokens=64 and the EOS penalty, PPO also pushes answers to end within 64 tokens: by design
+(concise answers), but a reason to raise ppo_max_new_tokens if long answers are wanted.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import GenerationConfig
+
+from .config import Config
+
+SEED_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "seed_prompts.jsonl"
+
+RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
+
+
+class PPODivergence(RuntimeError):
+    """A PPO update hit NaN/inf; the adapter, value head and optimizer were restored to before the update."""
+
+
+# --- prompts ---------------------------------------------------------------------------------------------------
+def load_seed_prompts(path: str | Path | None = None) -> list[list[dict]]:
+    """Seed prompts (one `{"messages": [...]}` per line) as lists of chat messages, to top up the store's."""
+    prompts = []
+    with open(path or SEED_PROMPTS, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                prompts.append(json.loads(line)["messages"])
+    return prompts
+
+
+# --- maths (pure tensor functions; tested against plain loops) -----------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x where mask is true; padded values (even NaN/inf) never leak in."""
+    mask = mask.bool()
+    x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if dim is None:
+        return x.sum() / mask.sum().clamp(min=1)
+    return x.sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; padding comes out as 0."""
+    # Advantage whitening: https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo (batch-level)
+    mask = mask.bool()
+    mean = masked_mean(x, mask)
+    n = mask.sum().clamp(min=2)
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1)  # unbiased, as TRL
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (arXiv 1506.02438) over right-padded answers; (advantages, returns)."""
+    # rewards, values, mask: (B, T); the episode ends at the last masked-in token (V after it = 0).
+    mask = mask.to(rewards.dtype)
+    rewards, values = rewards * mask, values * mask
+    T = rewards.shape[1]
+    lastgaelam = torch.zeros_like(rewards[:, 0])  # (B,)
+    advantages_reversed = []
+    for t in reversed(range(T)):
+        next_mask = mask[:, t + 1] if t + 1 < T else torch.zeros_like(lastgaelam)
+        next_values = values[:, t + 1] if t + 1 < T else torch.zeros_like(lastgaelam)
+        delta = rewards[:, t] + gamma * next_values * next_mask - values[:, t]
+        lastgaelam = delta + gamma * gae_lambda * next_mask * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1) * mask  # (B, T)
+    returns = advantages + values  # (B, T)
+    return advantages, returns
+
+
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate (arXiv 1707.06347); (loss, clipfrac, approx_kl), all token-level masked means."""
+    logratio = logprobs - old_logprobs  # (B, T)
+    ratio = torch.exp(logratio)  # (B, T)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((pg_losses2 > pg_losses).float(), mask)
+        # k3 estimator of KL(old || new), http://joschu.net/blog/kl-approx.html (cleanrl's approx_kl)
+        approx_kl = masked_mean((ratio - 1) - logratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss (N details #9 of https://iclr-blog-track.github.io/2022/03/25/ppo-implementation-details/)."""
+    vpredclipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)  # (B, T)
+    vf_losses1 = (values - returns) ** 2
+    vf_losses2 = (vpredclipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    with torch.no_grad():
+        vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), mask)
+    return loss, vf_clipfrac
+
+
+def logprobs_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids] without materialising the (B, T, V) log-softmax."""
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position."""
+    p = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+
+
+class KLController:
+    """Beta: fixed, or adaptive towards a target KL (Ziegler et al. 2019, arXiv 1909.08593, section 2.2)."""
+
+    def __init__(self, init: float, adaptive: bool = False, target: float = 6.0, horizon: int = 10000):
+        self.value, self.adaptive, self.target, self.horizon = init, adaptive, target, horizon
+
+    def update(self, current_kl: float, n_answers: int) -> None:
+        """Move beta up when the KL per answer is above target, down when below (clipped to +/-20%)."""
+        if not self.adaptive:
+            return
+        proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_answers / self.horizon
+
+
+# --- the trainer ---------------------------------------------------------------------------------------------
+class PPOTrainer:
+    """PPO on the trainer's own copy of the base + policy LoRA; `step(prompts)` is one update."""
+
+    def __init__(self, model: PeftModel, tokenizer, cfg: Config, reward_fn: RewardFn):
+        if cfg.ppo_temperature <= 0:
+            raise ValueError("ppo_temperature must be > 0: PPO needs sampled answers and their log-probs.")
+        self.model, self.tokenizer, self.cfg, self.reward_fn = model, tokenizer, cfg, reward_fn
+        self.device = next(model.parameters()).device
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        _dropout_off(model)  # N details: dropout off, so log-probs are a deterministic function of the weights
+        model.eval()
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        lm = model.get_base_model()
+        self._decoder = lm.get_decoder()  # LoRA layers are injected in place, so this runs the policy
+        self._lm_head = lm.get_output_embeddings()
+        plain_head = type(self._lm_head) is nn.Linear and not self._lm_head.weight.requires_grad
+        # float32 log-probs: bf16 logits (~3 significant digits) would make the PPO ratio noisy.
+        self._head_w = self._lm_head.weight.detach().float() if plain_head else None
+        self._head_b = None
+        if plain_head and self._lm_head.bias is not None:
+            self._head_b = self._lm_head.bias.detach().float()
+        hidden = lm.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1, device=self.device, dtype=torch.float32)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("The policy has no trainable parameters: attach the LoRA with trainable=True.")
+        self.params += list(self.value_head.parameters())
+        # Adam eps 1e-5 (cleanrl / N details); no weight decay, as in PPO.
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.ppo_lr, eps=1e-5, weight_decay=0.0)
+        self.kl_ctl = KLController(cfg.kl_coef, cfg.kl_adaptive, cfg.kl_target, cfg.kl_horizon)
+        self.updates = 0
+
+    # 1. rollouts ------------------------------------------------------------------------------------------------
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Serving chat template + generation prompt; oldest turns, then the message's start, dropped to fit."""
+        system = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
+        turns = [m for m in messages if m["role"] != "system"]
+        while turns and turns[-1]["role"] != "user":  # answer the last user turn
+            turns = turns[:-1]
+        if not turns:
+            raise ValueError(f"A PPO prompt needs a user message: {messages!r}")
+        budget = self.cfg.ppo_max_prompt_tokens
+
+        def template(ts: list[dict]) -> list[int]:
+            return self.tokenizer.apply_chat_template(
+                system + ts, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+
+        ids = template(turns)
+        while len(ids) > budget and len(turns) > 1:
+            turns = turns[1:]
+            while len(turns) > 1 and turns[0]["role"] != "user":
+                turns = turns[1:]
+            ids = template(turns)
+        if len(ids) > budget:  # one long message: keep its end, where the question usually is
+            content = self.tokenizer(turns[-1]["content"], add_special_tokens=False)["input_ids"]
+            keep = max(budget - (len(ids) - len(content)) - 2, 1)
+            ids = template([{"role": "user", "content": self.tokenizer.decode(content[-keep:])}])[-budget:]
+        return ids
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[list[dict]]) -> dict:
+        """Sample one answer per prompt; left-padded queries, answers cut after the first EOS."""
+        encoded = [self._prompt_ids(m) for m in prompts]
+        P = max(len(ids) for ids in encoded)
+        query = torch.full((len(encoded), P), self.pad_id, dtype=torch.long)
+        query_mask = torch.zeros((len(encoded), P), dtype=torch.long)
+        for i, ids in enumerate(encoded):  # left padding: every query ends at column P-1
+            query[i, P - len(ids) :] = torch.tensor(ids)
+            query_mask[i, P - len(ids) :] = 1
+        query, query_mask = query.to(self.device), query_mask.to(self.device)
+        gen = GenerationConfig(
+            do_sample=True,
+            temperature=self.cfg.ppo_temperature,
+            top_k=0,  # N details: no top-k / top-p, so the sampled distribution is the one PPO's ratio uses
+            top_p=1.0,
+            max_new_tokens=self.cfg.ppo_max_new_tokens,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+        )
+        self.model.eval()
+        out = self.model.generate(input_ids=query, attention_mask=query_mask, generation_config=gen)
+        responses = out[:, P:]  # (B, T)
+        # Truncate at the first EOS: the EOS token itself is an action and stays in; everything after is padding.
+        is_eos = responses == self.eos_id
+        after_eos = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
+        response_mask = ~after_eos  # (B, T)
+        has_eos = is_eos.any(dim=1)  # (B,)
+        responses = torch.where(response_mask, responses, torch.full_like(responses, self.pad_id))
+        T = int(response_mask.sum(1).max()) if responses.shape[1] else 0
+        responses, response_mask = responses[:, :T], response_mask[:, :T]
+        answers = self.tokenizer.batch_decode(
+            [r[m].tolist() for r, m in zip(responses, response_mask)], skip_special_tokens=True
+        )
+        return dict(
+            query=query,
+            query_mask=query_mask,
+            responses=responses,
+            response_mask=response_mask,
+            has_eos=has_eos,
+            answers=answers,
+        )
+
+    # 2-3. log-probs, values ---------------------------------------------------------------------------------
+    def forward(self, query, query_mask, responses, response_mask, *, values: bool = True, entropy: bool = False):
+        """Per-token log-probs (B, T) of the responses, values (B, T) or None, entropy (B, T) or None."""
+        P = query.shape[1]
+        input_ids = torch.cat([query, responses], dim=1)  # (B, P+T)
+        attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)  # (B, P+T)
+        # Left padding: positions must count real tokens only (as generate() did), or log-probs shift.
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self._decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        h = hidden[:, P - 1 : -1]  # (B, T, H): the states that predict each response token (logits_to_keep)
+        if self._head_w is not None:
+            logits = F.linear(h.float(), self._head_w, self._head_b)  # (B, T, V) float32
+        else:
+            logits = self._lm_head(h).float()
+        logits = logits / self.cfg.ppo_temperature  # N details: the sampling temperature, also when recomputing
+        logprobs = logprobs_of(logits, responses)  # (B, T)
+        v = self.value_head(h.float()).squeeze(-1) if values else None  # (B, T)
+        ent = entropy_of(logits) if entropy else None
+        return logprobs, v, ent
+
+    # the whole update -----------------------------------------------------------------------------------------
+    def step(self, prompts: list[list[dict]]) -> dict:
+        """One PPO update: rollout -> score -> KL-shaped rewards -> GAE -> epochs of minibatches; metrics dict."""
+        if not prompts:
+            raise ValueError("PPO step needs at least one prompt.")
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed + self.updates)  # reproducible given cfg.seed and the update number
+        t0 = time.perf_counter()
+
+        # 1. rollouts
+        batch = self.rollout(prompts)
+        query, query_mask = batch["query"], batch["query_mask"]
+        responses, mask, has_eos = batch["responses"], batch["response_mask"], batch["has_eos"]
+        B, T = responses.shape
+        if T == 0:
+            raise PPODivergence("Every rollout answer was empty (max_new_tokens 0?): nothing to train on.")
+        t1 = time.perf_counter()
+
+        # 2. scores, KL to the reference, values
+        raw_scores = torch.as_tensor(self.reward_fn(prompts, batch["answers"])).detach().float().flatten()
+        if raw_scores.shape != (B,):
+            raise ValueError(f"reward_fn returned shape {tuple(raw_scores.shape)}, expected ({B},)")
+        if not torch.isfinite(raw_scores).all():
+            bad = [i for i, s in enumerate(raw_scores.tolist()) if not math.isfinite(s)]
+            raise PPODivergence(f"reward_fn returned NaN/inf for answers {bad}; nothing was updated.")
+        raw_scores = raw_scores.to(self.device)
+        # EOS trick: https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo (missing_eos_penalty)
+        scores = torch.where(has_eos, raw_scores, torch.full_like(raw_scores, cfg.missing_eos_penalty))  # (B,)
+        with torch.no_grad():
+            logprobs, values, entropy = self.forward(query, query_mask, responses, mask, entropy=True)
+            with self.model.disable_adapter():  # reference policy = base model, same weights, no LoRA
+                ref_logprobs, _, _ = self.forward(query, query_mask, responses, mask, values=False)
+        mask_f = mask.float()
+        kl = (logprobs - ref_logprobs) * mask_f  # (B, T) k1 per token
+        beta = self.kl_ctl.value
+        non_score_reward = -beta * kl  # (B, T)
+        rewards = non_score_reward.clone()
+        last = mask.sum(1) - 1  # (B,) index of each answer's last token (EOS or the cut)
+        rewards[torch.arange(B, device=self.device), last] += scores
+        values = values * mask_f
+        t2 = time.perf_counter()
+
+        # 3. advantages
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.gae_lambda)  # (B, T)
+        advantages = masked_whiten(advantages, mask)
+
+        # 4. epochs of clipped minibatch updates; restore everything on NaN/inf
+        snapshot = self._snapshot()
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "grad_norm")
+        }
+        mb_size = max(1, math.ceil(B / cfg.ppo_minibatches))
+        early_stopped, epochs_done = False, 0
+        self.model.train(cfg.gradient_checkpointing)  # HF checkpoints only in train mode; dropout is 0 anyway
+        try:
+            for epoch in range(cfg.ppo_epochs):
+                perm = torch.randperm(B, device=self.device)
+                for start in range(0, B, mb_size):
+                    idx = perm[start : start + mb_size]
+                    q, qm, r, m = _trim(query[idx], query_mask[idx], responses[idx], mask[idx])
+                    Tm = r.shape[1]
+                    new_logprobs, new_values, _ = self.forward(q, qm, r, m)
+                    pg_loss, clipfrac, approx_kl = policy_loss(
+                        new_logprobs, logprobs[idx, :Tm], advantages[idx, :Tm], m, cfg.cliprange
+                    )
+                    vf_loss, vf_clipfrac = value_loss(
+                        new_values, values[idx, :Tm], returns[idx, :Tm], m, cfg.cliprange_value
+                    )
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    if not torch.isfinite(loss):
+                        raise PPODivergence(
+                            f"non-finite loss in epoch {epoch + 1}, minibatch {start // mb_size + 1}: "
+                            f"policy loss {pg_loss.item()}, value loss {vf_loss.item()}"
+                        )
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    if not torch.isfinite(grad_norm):
+                        raise PPODivergence(
+                            f"non-finite gradient norm in epoch {epoch + 1}, minibatch {start // mb_size + 1}"
+                        )
+                    self.optimizer.step()
+                    for k, v in (
+                        ("policy_loss", pg_loss),
+                        ("value_loss", vf_loss),
+                        ("clipfrac", clipfrac),
+                        ("vf_clipfrac", vf_clipfrac),
+                        ("approx_kl", approx_kl),
+                        ("grad_norm", grad_norm),
+                    ):
+                        stats[k].append(float(v.detach()))
+                    # Early stop (cleanrl's target_kl), checked per minibatch so one bad step does not repeat.
+                    if cfg.target_kl > 0 and float(approx_kl) > cfg.target_kl:
+                        early_stopped = True
+                        break
+                epochs_done = epoch + 1
+                if early_stopped:
+                    break
+        except BaseException as exc:
+            self._restore(snapshot)
+            if isinstance(exc, PPODivergence):
+                raise PPODivergence(f"{exc}; adapter, value head and optimizer restored to before the update") from None
+            raise
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.eval()
+        t3 = time.perf_counter()
+
+        # 5. metrics (flat floats, recorded by the trainer)
+        kl_per_answer = kl.sum(1)  # (B,)
+        self.kl_ctl.update(float(kl_per_answer.mean()), B)
+        self.updates += 1
+        lengths = mask_f.sum(1)
+        y_pred, y_true = values[mask], returns[mask]
+        var_y = torch.var(y_true) if y_true.numel() > 1 else torch.tensor(float("nan"))
+        explained_var = 1 - torch.var(y_true - y_pred) / var_y if y_true.numel() > 1 else torch.tensor(float("nan"))
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+        return {
+            "update": float(self.updates),
+            "prompts": float(B),
+            "score": float(scores.mean()),
+            "score_raw": float(raw_scores.mean()),
+            "kl": float(kl_per_answer.mean()),
+            "kl_per_token": float(masked_mean(kl, mask)),
+            "beta": float(beta),
+            "non_score_reward": float(non_score_reward.sum(1).mean()),
+            "rlhf_reward": float((scores + non_score_reward.sum(1)).mean()),
+            "entropy": float(masked_mean(entropy, mask)),
+            "eos_rate": float(has_eos.float().mean()),
+            "answer_tokens": float(lengths.mean()),
+            "prompt_tokens": float(query_mask.sum(1).float().mean()),
+            "value_mean": float(masked_mean(values, mask)),
+            "return_mean": float(masked_mean(returns, mask)),
+            "explained_variance": float(explained_var),
+            **{k: mean(v) for k, v in stats.items()},
+            "epochs": float(epochs_done),
+            "optimizer_steps": float(len(stats["policy_loss"])),
+            "early_stopped": float(early_stopped),
+            "lr": float(cfg.ppo_lr),
+            "seconds_rollout": t1 - t0,
+            "seconds_scoring": t2 - t1,
+            "seconds_optimisation": t3 - t2,
+            "seconds_total": t3 - t0,
+        }
+
+    # 6. divergence guard ------------------------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        """Copies of every trainable tensor, the optimizer state and beta."""
+        return {
+            "params": [p.detach().clone() for p in self.params],
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "beta": self.kl_ctl.value,
+        }
+
+    def _restore(self, snapshot: dict) -> None:
+        """Put back what _snapshot saved (bit-identical)."""
+        with torch.no_grad():
+            for p, saved in zip(self.params, snapshot["params"]):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        self.kl_ctl.value = snapshot["beta"]
+
+    # saving -------------------------------------------------------------------------------------------------
+    def save_adapter(self, folder: str | Path) -> None:
+        """PEFT's adapter_config.json + adapter_model.safetensors, and value_head.safetensors beside them."""
+        folder = Path(folder)
+        name = self.model.active_adapter
+        self.model.save_pretrained(str(folder), selected_adapters=[name])
+        if name != "default":  # PEFT puts non-default adapters in a subfolder; the contract wants them at the top
+            for f in (folder / name).iterdir():
+                shutil.move(str(f), folder / f.name)
+            (folder / name).rmdir()
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+            str(folder / "value_head.safetensors"),
+        )
+
+    def load_value_head(self, folder: str | Path) -> bool:
+        """Load value_head.safetensors from an adapter folder if there is one (resume); True when loaded."""
+        path = Path(folder) / "value_head.safetensors"
+        if not path.is_file():
+            return False
+        self.value_head.load_state_dict({k: v.to(self.device) for k, v in load_file(str(path)).items()})
+        return True
+
+
+def _trim(query, query_mask, responses, response_mask):
+    """Drop columns that are padding in every row of a minibatch (left of queries, right of answers)."""
+    q_keep = int(query_mask.sum(1).max())
+    r_keep = max(int(response_mask.sum(1).max()), 1)
+    return query[:, -q_keep:], query_mask[:, -q_keep:], responses[:, :r_keep], response_mask[:, :r_keep]
+
+
+def _dropout_off(model: nn.Module) -> None:
+    """Set every dropout probability to 0, including attention dropout (applied by HF in train mode)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
