@@ -1,0 +1,120 @@
+"""The live loop on a tiny model: votes -> round -> published live version -> hot swap; failures change nothing."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from rlhf_live.adapters import check_folder
+from rlhf_live.policy import Policy
+from rlhf_live.service import Service
+from rlhf_live.store import Store
+from rlhf_live.trainer import Trainer, TrainingRejected, run_round
+
+
+@pytest.fixture
+def loop_cfg(tiny_cfg):
+    tiny_cfg.ppo_batch_size = 2
+    tiny_cfg.ppo_max_new_tokens = 6
+    tiny_cfg.ppo_updates_per_round = 1
+    tiny_cfg.ppo_epochs = 1
+    tiny_cfg.ppo_minibatches = 1
+    tiny_cfg.reward_epochs = 1
+    tiny_cfg.train_check_s = 0.2
+    tiny_cfg.train_min_new_votes = 1
+    return tiny_cfg
+
+
+def _vote(service: Service, n: int = 4) -> None:
+    voter = service.voter("tester")
+    for i in range(n):
+        *_, pair = service.compare(voter, f"Tell me about apples number {i}")
+        service.choose(voter, pair["pair_id"], "A" if i % 2 else "B")
+        *_, last = service.chat(voter, f"What is the weather like {i}?")
+        service.feedback(voter, last["response_id"], "up" if i % 2 else "down")
+
+
+def test_a_round_publishes_a_live_version_that_serving_can_load(loop_cfg):
+    store = Store.from_config(loop_cfg)
+    service = Service(Policy.from_config(loop_cfg), store, loop_cfg)
+    _vote(service)
+    metrics = run_round(loop_cfg, store)
+    assert metrics["version"] == "v0001"
+    row = store.adapter("v0001")
+    assert row["status"] == "live" and row["parent"] is None
+    folder = check_folder(row["path"])
+    assert json.loads((folder / "meta.json").read_text())["version"] == "v0001"
+    assert (folder / "value_head.safetensors").is_file()
+    (run,) = store.runs(1)
+    assert run["status"] == "ok" and run["kind"] == "round"
+    for key in ("reward/accuracy", "ppo/score", "ppo/kl", "ppo/clipfrac", "ppo/approx_kl"):
+        assert key in metrics, key
+    policy = Policy.from_config(loop_cfg, adapter_path=row["path"])
+    assert policy.version == "v0001"
+    # A second round starts from the live version and retires it.
+    metrics2 = run_round(loop_cfg, store)
+    assert metrics2["version"] == "v0002" and store.adapter("v0002")["parent"] == "v0001"
+    assert store.adapter("v0001")["status"] == "retired" and store.live_adapter()["version"] == "v0002"
+
+
+def test_no_feedback_fails_the_round_cleanly(loop_cfg):
+    store = Store.from_config(loop_cfg)
+    with pytest.raises(ValueError):  # RewardDataError: a sentence saying there is nothing to learn from
+        run_round(loop_cfg, store)
+    (run,) = store.runs(1)
+    assert run["status"] == "failed" and run["error"]
+    assert store.adapters() == [] and store.live_adapter() is None
+
+
+def test_kl_gate_keeps_a_drifting_version_as_candidate(loop_cfg):
+    store = Store.from_config(loop_cfg)
+    _vote(Service(Policy.from_config(loop_cfg), store, loop_cfg))
+    loop_cfg.max_kl_per_answer = -1.0  # every round fails the gate
+    with pytest.raises(TrainingRejected, match="gate"):
+        run_round(loop_cfg, store)
+    assert store.adapter("v0001")["status"] == "candidate" and store.live_adapter() is None
+
+
+def test_nan_rewards_leave_serving_untouched(loop_cfg, monkeypatch):
+    from rlhf_live import reward
+
+    store = Store.from_config(loop_cfg)
+    policy = Policy.from_config(loop_cfg)
+    service = Service(policy, store, loop_cfg)
+    _vote(service)
+    monkeypatch.setattr(reward.RewardModel, "score", lambda self, p, a, **k: torch.full((len(a),), float("nan")))
+    trainer = Trainer(loop_cfg, store, policy)
+    trainer.start()
+    try:
+        deadline = time.time() + 120
+        while not trainer.status()["last_error"] and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        trainer.stop()
+    status = trainer.status()
+    assert "nan" in status["last_error"].lower() or "finite" in status["last_error"].lower()
+    assert policy.version == "base" and store.live_adapter() is None
+    assert store.runs(1)[0]["status"] == "failed"
+    # Serving still answers.
+    *_, last = service.chat(service.voter("after"), "Hello?")
+    assert last["response_id"]
+
+
+def test_trainer_thread_trains_on_new_votes_and_hot_swaps(loop_cfg):
+    store = Store.from_config(loop_cfg)
+    policy = Policy.from_config(loop_cfg)
+    service = Service(policy, store, loop_cfg)
+    trainer = Trainer(loop_cfg, store, policy)
+    trainer.start()
+    try:
+        _vote(service)
+        deadline = time.time() + 180
+        while policy.version == "base" and time.time() < deadline and not trainer.status()["last_error"]:
+            time.sleep(0.2)
+    finally:
+        trainer.stop()
+    assert trainer.status()["last_error"] == ""
+    assert policy.version == "v0001" == store.live_adapter()["version"]
+    *_, last = service.chat(service.voter("after"), "Hello again")
+    assert last["adapter_version"] == "v0001"
