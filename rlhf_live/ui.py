@@ -141,7 +141,7 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
                         label="Compare",
                         scale=3,
                     )
-                    cmp_continue = gr.Checkbox(False, label="Continue the Chat conversation", scale=2)
+                    cmp_continue = gr.Checkbox(False, label="Continue the chat", scale=2, min_width=200)
                     cmp_go = gr.Button("Get two answers", variant="primary", scale=2, elem_id="cmp-go")
                 with gr.Row(equal_height=True):
                     with gr.Column():
@@ -161,7 +161,7 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
                 cmp_state = gr.State({})
 
             # ---------------------------------------------------------------- Training
-            with gr.Tab("Training", id="training"):
+            with gr.Tab("Training", id="training") as training_tab:
                 train_md = gr.Markdown("", elem_id="train-status")
                 with gr.Row():
                     plot_acc = gr.LinePlot(
@@ -184,7 +184,7 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
                 refresh = gr.Button("Refresh", size="sm")
 
             # ---------------------------------------------------------------- Data
-            with gr.Tab("Data", id="data"):
+            with gr.Tab("Data", id="data") as data_tab:
                 data_md = gr.Markdown("")
                 with gr.Row():
                     fmt = gr.Radio(list(EXPORT_FORMATS), value="preference", label="Export format (TRL columns)")
@@ -342,7 +342,9 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
         new.click(do_new, [client], [chatbot, chat_state, client, vote_note], **private)
 
         # ============================================================== handlers: Compare
-        locked = [gr.Button(interactive=False)] * 4
+        # gr.update, not gr.Button(...): a component constructed here, inside the Blocks, would be rendered as a
+        # stray "Run" button at the bottom of the page.
+        locked = [gr.update(interactive=False)] * 4
 
         def do_compare(message, mode, cont, state, client_value, sp, temp, tp, mnt, request: gr.Request):
             voter = _voter(service, client_value, request)
@@ -424,6 +426,9 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
         dash_outputs = [train_md, plot_acc, plot_rl, board, versions_df, data_md]
         refresh.click(lambda: _dashboard(service), None, dash_outputs, **private)
         demo.load(lambda: _dashboard(service), None, dash_outputs, **private)
+        # Fresh numbers whenever a dashboard tab is opened (otherwise they are as old as the page).
+        training_tab.select(lambda: _dashboard(service), None, dash_outputs, **private)
+        data_tab.select(lambda: _dashboard(service), None, dash_outputs, **private)
 
         def admin(action: str):
             def run(token, version):
