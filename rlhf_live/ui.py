@@ -250,12 +250,16 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
             client_value = {**client_value, "conversation_id": cid, "leaf": update["response_id"]}
             yield "", gr.Chatbot(value=shown, feedback_value=[*thumbs, None]), state, client_value
 
+        # A refused message (empty, too long, ...) is explained by the error toast; without this Gradio also covers
+        # the whole Chatbot with an "Error" overlay that hides the conversation until it is dismissed. The streamed
+        # answer is progress enough.
+        quiet = {"show_progress": "hidden", "show_progress_on": [box]}
         chat_io = (
             [box, chat_state, client, system_prompt, temperature, top_p, max_new],
             [box, chatbot, chat_state, client],
         )
-        box.submit(respond, *chat_io, **gen_limit, **private)
-        send.click(respond, *chat_io, **gen_limit, **private)
+        box.submit(respond, *chat_io, **gen_limit, **private, **quiet)
+        send.click(respond, *chat_io, **gen_limit, **private, **quiet)
 
         def on_like(data: gr.LikeData, state, client_value, request: gr.Request):
             voter = _voter(service, client_value, request)
@@ -309,6 +313,7 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
             [chatbot, chat_state, client],
             **gen_limit,
             **private,
+            **quiet,
         )
 
         def do_undo(state, client_value, request: gr.Request):
