@@ -104,6 +104,11 @@ def train_round(
 
 
 def _fmt(args: tuple) -> str:
+    """Reward-fit progress as 'step 3/46, loss 0.69' (whatever the reward model reports)."""
+    info = args[0] if len(args) == 1 and isinstance(args[0], dict) else {}
+    if "step" in info and "steps" in info:
+        loss = f", loss {info['loss']:.3f}" if isinstance(info.get("loss"), float) else ""
+        return f"step {info['step']}/{info['steps']}{loss}"
     return " ".join(str(a) for a in args)
 
 
