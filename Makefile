@@ -37,9 +37,9 @@ $(VENV)/.setup-dev: $(VENV)/.setup
 
 # Debian's Chromium for the browser tests (Playwright's own browser download does not work everywhere).
 browser:
-	@command -v chromium >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get -o DPkg::Lock::Timeout=600 install -y -qq chromium chromium-driver >/dev/null; \
-	  else echo "browser tests need Debian's chromium: sudo apt-get install chromium chromium-driver"; fi; }
+	@{ command -v chromium >/dev/null && fc-list 2>/dev/null | grep -qi "color emoji"; } || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get -o DPkg::Lock::Timeout=600 install -y -qq chromium chromium-driver fonts-noto-color-emoji >/dev/null; \
+	  else echo "browser tests need: sudo apt-get install chromium chromium-driver fonts-noto-color-emoji"; fi; }
 
 lint: setup-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
