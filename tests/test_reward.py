@@ -1,0 +1,212 @@
+"""Reward model: exact losses, truncation, bad input, and learning a separable preference on the tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+
+from rlhf_live.formats import Pair
+from rlhf_live.reward import (
+    RewardDataError,
+    RewardModel,
+    _collect,
+    _split,
+    bt_loss,
+    pointwise_loss,
+    tie_loss,
+)
+
+WORDS = "apple banana cherry weather sunny warm paris france help today".split()
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def marker_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Pairs whose chosen answer ends in 'thank you' and rejected in 'hello'; the rest of the answer is shared."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        body = " ".join(rng.choice(WORDS) for _ in range(5))
+        out.append(
+            {
+                "prompt": user(f"question {i}: " + " ".join(rng.choice(WORDS) for _ in range(4))),
+                "chosen": body + " thank you",
+                "rejected": body + " hello",
+                "conversation_id": f"c{i}",
+            }
+        )
+    return out
+
+
+@pytest.fixture
+def rcfg(tiny_cfg):
+    """Tiny model settings that learn in seconds."""
+    return dataclasses.replace(
+        tiny_cfg, reward_lora_r=8, reward_lora_alpha=16, reward_lr=2e-3, reward_epochs=3, reward_max_tokens=64
+    )
+
+
+# --- losses ------------------------------------------------------------------------------------------------
+def test_bt_loss_exact_values():
+    r_chosen, r_rejected = torch.tensor([2.0, 0.0, 0.5]), torch.tensor([0.0, 1.0, 0.5])
+    expected = torch.tensor([math.log1p(math.exp(-2.0)), math.log1p(math.exp(1.0)), math.log(2.0)])
+    torch.testing.assert_close(bt_loss(r_chosen, r_rejected), expected)
+
+
+def test_tie_loss_is_minimal_at_equal_rewards():
+    assert tie_loss(torch.tensor(0.0), torch.tensor(0.0)).item() == pytest.approx(math.log(2.0))
+    assert tie_loss(torch.tensor(3.0), torch.tensor(3.0)).item() == pytest.approx(math.log(2.0))
+    d = torch.linspace(-4, 4, 81)  # includes 0 at index 40
+    losses = tie_loss(d, torch.zeros_like(d))
+    assert losses.argmin().item() == 40
+    torch.testing.assert_close(losses, losses.flip(0))  # symmetric: no side wins a tie
+    # gradient vanishes exactly at equality and pulls the rewards together elsewhere
+    a = torch.tensor([0.0, 1.0], requires_grad=True)
+    tie_loss(a, torch.zeros(2)).sum().backward()
+    assert a.grad[0].item() == 0.0 and a.grad[1].item() > 0
+
+
+def test_pointwise_loss_exact_values():
+    r, up = torch.tensor([0.0, 3.0, 3.0]), torch.tensor([True, True, False])
+    expected = torch.tensor([math.log(2.0), math.log1p(math.exp(-3.0)), math.log1p(math.exp(3.0))])
+    torch.testing.assert_close(pointwise_loss(r, up), expected)
+
+
+# --- data handling -----------------------------------------------------------------------------------------
+def test_split_keeps_each_conversation_on_one_side():
+    pairs = []
+    for c in range(20):  # 3 pairs per conversation, different last turns
+        pairs += [
+            {"prompt": user(f"q{c} turn {t}"), "chosen": "a", "rejected": "b", "conversation_id": c} for t in range(3)
+        ]
+    examples, _ = _collect(pairs, (), ())
+    train, held = _split(examples, 0.2, seed=0)
+    assert len(held) == 12 and len(train) == 48  # 4 of 20 conversations held out, whole
+    assert not {e.group for e in train} & {e.group for e in held}
+    # without ids the first user message groups the turns of one chat
+    no_ids = [
+        Pair([*user(f"q{c}"), {"role": "assistant", "content": "x"}, *user(f"more {t}")], "a", "b")
+        for c in range(10)
+        for t in range(2)
+    ]
+    train, held = _split(_collect(no_ids, (), ())[0], 0.2, seed=0)
+    assert len(held) == 4 and not {e.group for e in train} & {e.group for e in held}
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(RewardDataError, match="No usable feedback"):
+        _collect([], [], [])
+    with pytest.raises(RewardDataError, match="Only ties"):
+        _collect([], [{"prompt": user("q"), "a": "x", "b": "y"}], [])
+    with pytest.raises(RewardDataError, match="identical"):
+        _collect([{"prompt": user("q"), "chosen": "same", "rejected": "same"}], [], [])
+    with pytest.raises(RewardDataError, match="pair #1 has no 'rejected'"):
+        _collect([{"prompt": "q", "chosen": "x", "rejected": "y"}, {"prompt": "q", "chosen": "x"}], [], [])
+    with pytest.raises(RewardDataError, match="label must be True"):
+        _collect([], [], [{"prompt": "q", "completion": "x", "label": "maybe"}])
+    with pytest.raises(RewardDataError, match="prompt must be"):
+        _collect([{"prompt": 42, "chosen": "x", "rejected": "y"}], [], [])
+
+
+def test_duplicates_are_dropped_and_counted():
+    pair = {"prompt": user("q"), "chosen": "x", "rejected": "y"}
+    examples, counts = _collect([pair, dict(pair), Pair(user("q"), "x", "y"), Pair(user("q"), "y", "x")], [], [])
+    assert len(examples) == 2 and counts["n_duplicates"] == 2  # the contradicting vote is kept
+
+
+def test_fit_refuses_no_pairs_and_only_ties(rcfg):
+    rm = RewardModel.create(rcfg)
+    with pytest.raises(RewardDataError, match="No usable feedback"):
+        rm.fit([])
+    with pytest.raises(RewardDataError, match="Only ties"):
+        rm.fit([], ties=[{"prompt": user("q"), "a": "x", "b": "y"}])
+
+
+def test_fit_on_a_single_pair_trains_without_held_out(rcfg):
+    rm = RewardModel.create(dataclasses.replace(rcfg, reward_epochs=1))
+    metrics = rm.fit([Pair(user("What is the capital of France?"), "Paris.", "London.")])
+    assert (metrics["n_train"], metrics["n_eval"], metrics["steps"]) == (1, 0, 1)
+    assert metrics["accuracy"] is None and metrics["eval_loss"] is None
+    assert "nothing could be held out" in metrics["warning"]
+
+
+# --- truncation --------------------------------------------------------------------------------------------
+def test_truncation_cuts_the_conversation_from_the_left_and_keeps_the_answer(rcfg):
+    rm = RewardModel.create(rcfg)  # reward_max_tokens = 64
+    answer = "The capital of France is Paris."
+    short_ids, cut = rm.encode(user("Hello!"), answer)
+    assert cut == ""
+    answer_part = short_ids[len(rm.encode(user("Hello!"), "")[0]) - 2 :]  # template tail differs only by the answer
+    long_prompt = user(" ".join(["apples and bananas"] * 80) + " What is the capital?")
+    ids, cut = rm.encode(long_prompt, answer)
+    assert cut == "prompt" and len(ids) == 64
+    assert ids[-len(answer_part) :] == answer_part  # the answer and its end-of-turn intact
+    long_answer = " ".join(["cherries"] * 100) + " The end."
+    full = rm._template([*user("q"), {"role": "assistant", "content": long_answer}], False)
+    ids, cut = rm.encode(user("q"), long_answer)
+    assert cut == "answer" and ids == full[-64:]  # its end kept
+    metrics = rm.fit([{"prompt": long_prompt, "chosen": answer, "rejected": long_answer}], eval_fraction=0)
+    assert metrics["n_prompt_truncated"] == 1 and metrics["n_answer_truncated"] == 1
+
+
+# --- learning ----------------------------------------------------------------------------------------------
+def test_learns_a_separable_preference_and_round_trips(rcfg, tmp_path):
+    pairs = marker_pairs(100)
+    rm = RewardModel.create(rcfg)
+    before = rm.accuracy(pairs[80:])
+    metrics = rm.fit(pairs, eval_fraction=0.2)
+    assert metrics["n_train"] == 80 and metrics["n_eval"] == 20 and metrics["n_eval_pairs"] == 20
+    assert metrics["accuracy"] == 1.0
+    assert metrics["train_loss"] < 0.5 * metrics["train_loss_first"]
+    assert metrics["eval_loss"] < 0.1
+    assert before < 1.0  # it was learned, not there from the start
+    fresh = marker_pairs(20, seed=1)
+    assert rm.accuracy(fresh) == 1.0
+    # normalisation: mean 0 / std 1 on the answers it was computed on
+    prompts = [p["prompt"] for p in fresh] * 2
+    answers = [p["chosen"] for p in fresh] + [p["rejected"] for p in fresh]
+    stats = rm.set_normalisation(prompts, answers)
+    z = rm.score(prompts, answers, normalise=True)
+    assert z.dtype == torch.float32 and z.shape == (40,)
+    assert z.mean().item() == pytest.approx(0.0, abs=1e-5) and z.std().item() == pytest.approx(1.0, abs=1e-5)
+    raw = rm.score(prompts, answers)
+    torch.testing.assert_close(raw, z * stats["std"] + stats["mean"])
+    # save / load gives the same scores and statistics
+    rm.save(tmp_path / "rm")
+    again = RewardModel.load(rcfg, tmp_path / "rm")
+    torch.testing.assert_close(again.score(prompts, answers), raw)
+    assert (again.norm_mean, again.norm_std) == (rm.norm_mean, rm.norm_std)
+
+
+def test_thumbs_alone_and_ties_shape_the_reward(rcfg):
+    rng = random.Random(2)
+    thumbs, ties = [], []
+    for i in range(40):
+        body = " ".join(rng.choice(WORDS) for _ in range(4))
+        q = user(f"q{i} {body}")
+        thumbs += [{"prompt": q, "completion": body + " thank you", "label": True}]
+        thumbs += [{"prompt": q, "completion": body + " hello", "label": False}]
+        ties += [{"prompt": q, "a": body + " thank you", "b": "thank you " + body}]
+    rm = RewardModel.create(rcfg)
+    metrics = rm.fit([], ties=ties, pointwise=thumbs, eval_fraction=0)
+    assert metrics["n_train_thumbs"] == 80 and metrics["n_train_ties"] == 40 and metrics["n_train_pairs"] == 0
+    test = marker_pairs(20, seed=3)
+    r = rm.score([p["prompt"] for p in test] * 2, [p["chosen"] for p in test] + [p["rejected"] for p in test])
+    assert (r[:20] > 0).all() and (r[20:] < 0).all()  # thumbs set the sign, not just the order
+
+
+def test_score_validates_lengths_and_needs_statistics(rcfg):
+    rm = RewardModel.create(rcfg)
+    assert rm.score([], []).shape == (0,)
+    with pytest.raises(ValueError, match="one answer per prompt"):
+        rm.score([user("q")], ["a", "b"])
+    with pytest.raises(RuntimeError, match="set_normalisation"):
+        rm.score([user("q")], ["a"], normalise=True)
+    with pytest.raises(RewardDataError):
+        rm.accuracy([])
