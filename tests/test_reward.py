@@ -20,7 +20,7 @@ from rlhf_live.reward import (
     tie_loss,
 )
 
-WORDS = "apple banana cherry weather sunny warm paris france help today".split()
+WORDS = ["apple", "banana", "cherry", "weather", "sunny", "warm", "paris", "france", "help", "today"]
 
 
 def user(text: str) -> list[dict]:
