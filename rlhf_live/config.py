@@ -110,8 +110,8 @@ class Config:
     """Passes over each rollout batch per PPO update."""
     ppo_minibatches: int = 2
     """Minibatches per epoch (one optimizer step each)."""
-    ppo_lr: float = 5e-5
-    """AdamW learning rate for the policy LoRA and value head (LoRA wants ~10x full fine-tuning's 3e-6..1e-5)."""
+    ppo_lr: float = 1e-4
+    """AdamW learning rate of policy LoRA + value head; LoRA wants ~10x full fine-tuning's (bench/RESULTS.md ## PPO)."""
     kl_coef: float = 0.05
     """Beta: per-token reward is -beta * (log pi - log pi_ref); the leash to the base model."""
     kl_adaptive: bool = False
