@@ -10,7 +10,7 @@ def test_built_in_rules():
     assert concise([], "short", "a much longer answer") == "A"
     assert concise([], "one two", "three four") == "tie"
     assert polite([], "Sure, happy to help. Thank you!", "No.") == "A"
-    assert load_rater("tests.test_simulate:always_b") is always_b
+    assert load_rater("tests.test_simulate:always_b")([], "x", "y") == "B"
     with pytest.raises(ValueError, match="Unknown rater"):
         load_rater("nobody")
 
