@@ -1,4 +1,4 @@
-"""PPO: the maths against plain loops, the reference/KL wiring, clipping, the NaN guard, and learning on the real model."""
+"""PPO: maths against plain loops, the reference/KL wiring, clipping, the NaN guard, learning on the real model."""
 
 from __future__ import annotations
 
@@ -289,28 +289,66 @@ def test_save_adapter_loads_back(tiny_cfg, tmp_path):
 
 
 # --- the real model ------------------------------------------------------------------------------------------
-def _brevity(prompts, answers):
-    """1 for an empty answer, 0 at 100 characters, -1 at 200 or more: a programmatic 'be brief' rater."""
-    return torch.tensor([1.0 - min(len(a), 200) / 100 for a in answers])
+FEW_WORDS = [
+    "What is the capital of France?",
+    "What is 17 times 23?",
+    "Translate 'good morning' into Spanish.",
+    "What colour is the sky?",
+    "What is the tallest mountain in the world?",
+    "What is the largest ocean on Earth?",
+    "What is the opposite of 'ancient'?",
+    "Name a word that rhymes with 'light'.",
+]
+
+
+def _starts_with_the(prompts, answers):
+    """+1 when the answer starts with 'The', else -1: a programmatic rater with a hidden preference."""
+    return torch.tensor([1.0 if a.strip().lower().startswith("the") else -1.0 for a in answers])
+
+
+# Measured (seed 0, 1 thread, 2026-11-22): P(first token 'The') 0.509 (reference) -> 0.692 after 4 updates, i.e. the
+# rater's expected first-word reward 2P-1 from 0.02 to 0.38; KL per answer 0, 0.07, 0.65, 0.63 nats. The on-policy
+# score of 8 samples stayed within noise (0, 0, 0, -0.25), hence the exact first-token measure. Asserted with margin:
+LEARN_UPDATES, LEARN_MIN_GAIN, LEARN_MAX_KL = 4, 0.08, 3.0
+
+
+def _p_first_token(trainer, prompts, token_id: int, reference: bool) -> float:
+    """Mean probability (at the sampling temperature) that the answer's first token is `token_id`: no sampling noise."""
+    encoded = [trainer._prompt_ids(m) for m in prompts]
+    P = max(map(len, encoded))
+    query = torch.tensor([[trainer.pad_id] * (P - len(e)) + e for e in encoded])
+    query_mask = torch.tensor([[0] * (P - len(e)) + [1] * len(e) for e in encoded])
+    first = torch.full((len(prompts), 1), token_id)
+    with torch.no_grad():
+        if reference:
+            with trainer.model.disable_adapter():
+                logprobs, _, _ = trainer.forward(query, query_mask, first, torch.ones_like(first, dtype=torch.bool))
+        else:
+            logprobs, _, _ = trainer.forward(query, query_mask, first, torch.ones_like(first, dtype=torch.bool))
+    return float(logprobs.exp().mean())
 
 
 @pytest.mark.slow
-def test_learns_to_be_brief_on_the_real_model(real_model_dir):
+def test_learns_a_hidden_preference_on_the_real_model(real_model_dir):
+    """A few PPO updates raise the rater's expected reward (measured exactly on the first token) with KL leashed."""
     # One thread: on 2 shared cores, 2 OpenMP threads spin against other processes and run ~4x slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = Config(model=str(real_model_dir), ppo_lr=1e-4, ppo_max_new_tokens=24, seed=0)
+        cfg = Config(model=str(real_model_dir), ppo_lr=3e-4, ppo_max_new_tokens=24, seed=0)
         base, tok = models.load_base(cfg)
         model = policy.attach_adapter(base, cfg, trainable=True)
-        trainer = ppo.PPOTrainer(model, tok, cfg, _brevity)
-        prompts = ppo.load_seed_prompts()[:8]
-        runs = [trainer.step(prompts) for _ in range(5)]
+        trainer = ppo.PPOTrainer(model, tok, cfg, _starts_with_the)
+        prompts = [[{"role": "user", "content": q + " Answer in a few words."}] for q in FEW_WORDS]
+        the = tok("The", add_special_tokens=False)["input_ids"][0]
+        p_ref = _p_first_token(trainer, prompts, the, reference=True)
+        runs = [trainer.step(prompts) for _ in range(LEARN_UPDATES)]
+        p_policy = _p_first_token(trainer, prompts, the, reference=False)
     finally:
         torch.set_num_threads(threads)
     for r in runs:
         print({k: round(r[k], 3) for k in ("score", "eos_rate", "answer_tokens", "kl", "approx_kl", "clipfrac")})
+    print(f"P(first token 'The'): reference {p_ref:.3f} -> policy {p_policy:.3f}")
     assert runs[0]["kl"] == 0.0  # fresh adapter: the policy is the reference
-    start, end = runs[0]["score"], (runs[-1]["score"] + runs[-2]["score"]) / 2
-    assert end > start + 0.5, (start, end)
-    assert all(r["kl"] < 5.0 for r in runs)
+    assert p_policy >= p_ref + LEARN_MIN_GAIN, (p_ref, p_policy)
+    assert all(r["kl"] < LEARN_MAX_KL for r in runs)
