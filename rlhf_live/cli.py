@@ -46,6 +46,19 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _print_stats(stats: dict) -> None:
+    """A screenful for people; --json has everything."""
+    print(f"live version: {stats['live_version'] or 'base'}   watermark: {stats['watermark']}")
+    print("rows:    " + ", ".join(f"{k} {v}" for k, v in stats["counts"].items()))
+    print("thumbs:  " + ", ".join(f"{k} {v}" for k, v in stats["votes"].items()))
+    print("choices: " + ", ".join(f"{k} {v}" for k, v in stats["choices"].items()))
+    for run in stats["last_runs"]:
+        m = run.get("metrics") or {}
+        keys = ("version", "reward/accuracy", "ppo/score", "ppo/kl")
+        shown = ", ".join(f"{k} {m[k]:.3g}" if isinstance(m[k], float) else f"{k} {m[k]}" for k in keys if k in m)
+        print(f"run {run['id']}: {run['kind']} {run['status']} {run['started']}  {shown}{run.get('error') or ''}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script and `python -m rlhf_live`."""
     args = _parser().parse_args(argv)
@@ -91,8 +104,7 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         if args.json:
             _print_json(stats)
         else:
-            for key, value in stats.items():
-                print(f"{key:>24}: {value}")
+            _print_stats(stats)
         return 0
     if args.command == "reward-eval":
         from .reward import reward_eval
