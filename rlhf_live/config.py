@@ -82,8 +82,10 @@ class Config:
     """LoRA rank of the reward model's own adapter."""
     reward_lora_alpha: int = 32
     """LoRA alpha of the reward model's adapter (scale = alpha / r)."""
-    reward_lora_layers: int = 0
+    reward_lora_layers: int = 12
     """Put the reward LoRA on the top N transformer layers only (backward stops below them: faster); 0 = all."""
+    reward_dequantize: bool = True
+    """On CPU, run the reward model's NF4 linears as bf16 with the same values (bitsandbytes' CPU 4-bit is slow)."""
     reward_lr: float = 2e-4
     """AdamW learning rate of the reward LoRA and head (linear warm-up, then linear decay)."""
     reward_epochs: int = 2

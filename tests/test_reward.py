@@ -210,3 +210,21 @@ def test_score_validates_lengths_and_needs_statistics(rcfg):
         rm.score([user("q")], ["a"], normalise=True)
     with pytest.raises(RewardDataError):
         rm.accuracy([])
+
+
+@pytest.mark.slow
+def test_real_model_nf4_dequantized_scores_and_trains(real_model_dir):
+    """The default model: NF4 linears become bf16 with the same values, and a step of fit runs on CPU."""
+    import bitsandbytes as bnb
+
+    from rlhf_live.config import Config
+
+    cfg = Config(model=str(real_model_dir), reward_max_tokens=96, reward_epochs=1, reward_batch_size=2)
+    rm = RewardModel.create(cfg)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in rm.model.modules())
+    pairs = [Pair(user("What is the capital of France?"), "Paris is the capital of France.", "I don't know.")]
+    pairs.append(Pair(user("Say hello."), "Hello! How can I help you today?", "No."))
+    metrics = rm.fit(pairs, eval_fraction=0)
+    assert metrics["steps"] == 1 and math.isfinite(metrics["train_loss"])
+    r = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs], normalise=True)
+    assert r.shape == (2,) and r.dtype == torch.float32 and torch.isfinite(r).all()
