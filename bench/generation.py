@@ -20,6 +20,13 @@ from rlhf_live.models import resolve
 from rlhf_live.policy import GenerationSettings, Policy
 
 PROMPT = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread."}]
+LONG = [  # ~1,000 prompt tokens: a conversation with history, where prefill dominates the first token
+    *[
+        {"role": r, "content": f"Turn {i}: " + "Tell me more about the history of bread baking in Europe. " * 6}
+        for i, r in enumerate(["user", "assistant"] * 6)
+    ],
+    PROMPT[0],
+]
 VARIANTS = [
     ("NF4 + LoRA, bf16 compute", dict(load_in_4bit=True, compute_dtype="bfloat16")),
     ("NF4 + LoRA, fp32 compute", dict(load_in_4bit=True, compute_dtype="float32")),
@@ -28,18 +35,23 @@ VARIANTS = [
 ]
 
 
-def measure(policy: Policy, tokens: int) -> dict:
+def measure(policy: Policy, tokens: int, prompt: list[dict] = PROMPT) -> dict:
     """One greedy answer: seconds to the first token, then decode tokens per second."""
     settings = GenerationSettings(max_new_tokens=tokens, temperature=0.0)
     start = time.perf_counter()
     first = None
-    stream = policy.stream(PROMPT, settings)
+    stream = policy.stream(prompt, settings)
     for _ in stream:
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
     n = len(stream.answers[0].token_ids)
-    return {"ttft_s": first - start, "decode_tok_s": (n - 1) / (end - first), "tokens": n}
+    return {
+        "ttft_s": first - start,
+        "decode_tok_s": (n - 1) / (end - first),
+        "tokens": n,
+        "prompt": stream.prompt_tokens,
+    }
 
 
 def main() -> None:
@@ -56,24 +68,29 @@ def main() -> None:
         policy = Policy.from_config(cfg)
         measure(policy, 8)  # warm-up: first call pays one-off allocation costs
         runs = [measure(policy, args.tokens) for _ in range(args.runs)]
+        long_runs = [measure(policy, 8, LONG) for _ in range(max(1, args.runs // 2))]
         rows.append(
             {
                 "variant": name,
                 "ttft_s": statistics.median(r["ttft_s"] for r in runs),
                 "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
                 "tokens": statistics.median(r["tokens"] for r in runs),
+                "long_prompt_tokens": long_runs[0]["prompt"],
+                "long_ttft_s": statistics.median(r["ttft_s"] for r in long_runs),
                 "memory_mb": policy.model.get_memory_footprint() / 1e6,
                 "runs": runs,
             }
         )
         del policy
     base = rows[-1]["decode_tok_s"]
-    print(f"{'variant':<28} {'TTFT s':>8} {'decode tok/s':>13} {'vs fp32':>8} {'tokens':>7} {'MB':>7}")
+    long_n = rows[0]["long_prompt_tokens"]
+    long_head = f"TTFT@{long_n}"
+    print(f"{'variant':<28} {'TTFT s':>8} {'decode tok/s':>13} {'vs fp32':>8} {'tokens':>7} {'MB':>7} {long_head:>10}")
     for r in rows:
         r["decode_vs_fp32"] = r["decode_tok_s"] / base
         print(
             f"{r['variant']:<28} {r['ttft_s']:>8.3f} {r['decode_tok_s']:>13.1f} {r['decode_vs_fp32']:>7.2f}x "
-            f"{r['tokens']:>7.0f} {r['memory_mb']:>7.0f}"
+            f"{r['tokens']:>7.0f} {r['memory_mb']:>7.0f} {r['long_ttft_s']:>10.2f}"
         )
     meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
