@@ -5,6 +5,7 @@ Knows Gradio components and events (the only module that imports gradio); every 
 
 from __future__ import annotations
 
+import hashlib
 import html
 import itertools
 import json
@@ -82,7 +83,11 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
     private = {"api_visibility": "private"}
 
     with gr.Blocks(title="rlhf-live") as demo:
-        client = gr.BrowserState({"id": "", "conversation_id": "", "leaf": ""}, storage_key="rlhf_live_client")
+        # A stable secret (derived from the DB's salt) keeps browsers' saved conversations readable after a restart.
+        secret = hashlib.sha256(f"browser-state:{service.store.voter_salt()}".encode()).hexdigest()[:32]
+        client = gr.BrowserState(
+            {"id": "", "conversation_id": "", "leaf": ""}, storage_key="rlhf_live_client", secret=secret
+        )
         # Chat state: conversation id, the id of each shown message (parallel to the Chatbot), the current leaf.
         chat_state = gr.State({"conversation_id": "", "ids": [], "leaf": None})
         gr.Markdown(
