@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-limit", type=int, default=354, help="last M HH pairs as the test set")
     ap.add_argument("--oasst-limit", type=int, default=100, help="first K OASST pairs as a second test set")
     ap.add_argument("--out", default=str(Path(__file__).with_name("reward.json")))
+    ap.add_argument("--speed-pairs", type=int, default=0, help="only time training on N pairs: ours, TRL, ours, TRL")
     args = ap.parse_args(argv)
     cfg = dataclasses.replace(Config(), reward_epochs=1)  # one pass, as TRL's run
     torch.manual_seed(cfg.seed)
@@ -163,6 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     baselines["hh_first300"] = _length_accuracy(hh[:300])
     print(f"length-only baseline (longer answer wins): {baselines}", flush=True)
     started = time.time()
+    if args.speed_pairs:  # alternate in one process so both see the same machine load
+        rows = []
+        for _ in range(2):
+            row, rm = run_ours(cfg, train_pool[: args.speed_pairs], {})
+            rows += [row, run_trl(cfg, train_pool[: args.speed_pairs], {}, rm)]
+            for r in rows[-2:]:
+                print(
+                    f"{r['trainer']:18} {r['n_train']:5d} pairs {r['steps']:3d} steps {r['train_s']:7.1f} s", flush=True
+                )
+            del rm
+        out = Path(args.out).with_name("reward_speed.json")
+        out.write_text(json.dumps({"rows": rows, "seconds": round(time.time() - started, 1)}, indent=1))
+        return 0
     rows = []
     sizes = [int(s) for s in args.sizes.split(",") if s]
     trl_sizes = {int(s) for s in args.trl_sizes.split(",") if s}
