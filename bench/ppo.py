@@ -1,6 +1,9 @@
 """Seconds per PPO update on the real default model (NF4 + LoRA), split rollout / scoring / optimisation.
 
-Usage: python bench/ppo.py [--updates 3] [--dtype bfloat16 float32] [--threads 1 2] [--out bench/ppo.json]
+Usage: python bench/ppo.py [--updates 3] [--dtype bfloat16 float32] [--threads 1 2] [--base nf4 dequantized]
+                           [--out bench/ppo.json]
+`--base nf4` trains on bitsandbytes' packed NF4 linears; `dequantized` on the same values as plain linears
+(`models.dequantize_cpu_4bit`, what the trainer does on CPU).
 Defaults are the Config's: 8 prompts x 64 new tokens, 4 epochs of 2 minibatches. The reward is a cheap
 programmatic one (shorter answers score higher), so the timing is PPO's alone, not a reward model's.
 """
@@ -28,12 +31,14 @@ def brevity_reward(prompts: list[list[dict]], answers: list[str]) -> torch.Tenso
     return torch.tensor([max(0.0, 1 - len(a) / 400) for a in answers])
 
 
-def bench(dtype: str, threads: int, updates: int, cfg_overrides: dict) -> dict:
+def bench(dtype: str, threads: int, base_kind: str, updates: int, cfg_overrides: dict) -> dict:
     """Load the model in NF4 with `dtype` compute, run `updates` PPO updates, return timings and metrics."""
     torch.set_num_threads(threads)
     cfg = Config(compute_dtype=dtype, **cfg_overrides)
     t = time.perf_counter()
     base, tok = models.load_base(cfg)
+    if base_kind == "dequantized":
+        models.dequantize_cpu_4bit(base)
     model = policy.attach_adapter(base, cfg, trainable=True)
     load_s = time.perf_counter() - t
     trainer = ppo.PPOTrainer(model, tok, cfg, brevity_reward)
@@ -44,14 +49,21 @@ def bench(dtype: str, threads: int, updates: int, cfg_overrides: dict) -> dict:
         m = trainer.step(batch)
         runs.append(m)
         print(
-            f"  [{dtype}, {threads} thr] update {i + 1}: total {m['seconds_total']:.1f}s "
+            f"  [{dtype}, {threads} thr, {base_kind}] update {i + 1}: total {m['seconds_total']:.1f}s "
             f"(rollout {m['seconds_rollout']:.1f}, "
             f"scoring {m['seconds_scoring']:.1f}, optimisation {m['seconds_optimisation']:.1f}); "
             f"answer {m['answer_tokens']:.0f} tok, eos {m['eos_rate']:.2f}, kl {m['kl']:.3f}",
             flush=True,
         )
     median = {k: statistics.median(r[k] for r in runs) for k in KEYS}
-    return {"compute_dtype": dtype, "threads": threads, "load_seconds": load_s, "median": median, "runs": runs}
+    return {
+        "compute_dtype": dtype,
+        "threads": threads,
+        "base": base_kind,
+        "load_seconds": load_s,
+        "median": median,
+        "runs": runs,
+    }
 
 
 def main() -> None:
@@ -59,23 +71,29 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=3)
     parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    parser.add_argument("--base", nargs="+", default=["nf4", "dequantized"], choices=["nf4", "dequantized"])
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--out", default=str(Path(__file__).with_name("ppo.json")))
     args = parser.parse_args()
     overrides = {} if args.max_new_tokens is None else {"ppo_max_new_tokens": args.max_new_tokens}
     cfg = Config(**overrides)
-    results = [bench(d, n, args.updates, overrides) for d in args.dtype for n in args.threads]
+    results = [bench(d, n, b, args.updates, overrides) for d in args.dtype for n in args.threads for b in args.base]
     print(
         f"\nPPO update, SmolLM2-135M-Instruct NF4 + LoRA r{cfg.lora_r} {cfg.lora_target}, {cfg.ppo_batch_size} prompts "
         f"x {cfg.ppo_max_new_tokens} tokens, {cfg.ppo_epochs} epochs x {cfg.ppo_minibatches} minibatches, "
         f"median of {args.updates}"
     )
-    print("| compute dtype | threads | rollout s | scoring s | optimisation s | total s |\n|---|---|---|---|---|---|")
+    first = results[0]["median"]["seconds_total"]
+    print(
+        "| compute dtype | threads | base | rollout s | scoring s | optimisation s | total s | total vs first row |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|"
+    )
     for r in results:
         m = r["median"]
         print(
-            f"| {r['compute_dtype']} | {r['threads']} | {m['seconds_rollout']:.1f} | {m['seconds_scoring']:.1f} | "
-            f"{m['seconds_optimisation']:.1f} | {m['seconds_total']:.1f} |"
+            f"| {r['compute_dtype']} | {r['threads']} | {r['base']} | {m['seconds_rollout']:.1f} | "
+            f"{m['seconds_scoring']:.1f} | {m['seconds_optimisation']:.1f} | {m['seconds_total']:.1f} | "
+            f"{m['seconds_total'] / first:.2f}x |"
         )
     out = {
         "date": time.strftime("%Y-%m-%d"),

@@ -24,19 +24,12 @@ import torch
 
 from rlhf_live.config import Config
 from rlhf_live.formats import read_pairs
-from rlhf_live.models import resolve
-from rlhf_live.reward import RewardModel, _avoid_packed_cpu_4bit, _length_accuracy, _lora_config
+from rlhf_live.models import dequantize_cpu_4bit, resolve
+from rlhf_live.reward import RewardModel, _length_accuracy, _lora_config, accuracy_by_length
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH = DATA / "hh-rlhf" / "helpful-base-test.jsonl.gz"
 OASST = DATA / "oasst" / "en_100_tree.jsonl"
-
-
-def judge(rc: torch.Tensor, rr: torch.Tensor, pairs) -> dict:
-    """Accuracy overall and where the chosen answer is the shorter one (what is learned beyond length)."""
-    right = (rc > rr).float() + 0.5 * (rc == rr).float()  # (N,)
-    shorter = torch.tensor([len(p.chosen) < len(p.rejected) for p in pairs])
-    return {"accuracy": right.mean().item(), "shorter_chosen_accuracy": right[shorter].mean().item()}
 
 
 def score_ours(rm: RewardModel, pairs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +66,7 @@ def run_ours(cfg: Config, train, tests: dict) -> dict:
     row.update(steps=fit["steps"], train_loss=fit["train_loss"], n_prompt_truncated=fit["n_prompt_truncated"])
     for name, pairs in tests.items():
         t = time.time()
-        row[name] = judge(*score_ours(rm, pairs), pairs)
+        row[name] = accuracy_by_length(*score_ours(rm, pairs), pairs)
         row[name]["score_s"] = round(time.time() - t, 1)
     return row, rm
 
@@ -90,7 +83,7 @@ def run_trl(cfg: Config, train, tests: dict, rm: RewardModel) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(
         source, num_labels=1, quantization_config=quant, dtype=torch.bfloat16, device_map={"": "cpu"}
     )
-    _avoid_packed_cpu_4bit(model, True)
+    dequantize_cpu_4bit(model)
     lora = _lora_config(cfg, model)
     lora.task_type, lora.modules_to_save = "SEQ_CLS", ["score"]  # TRL's advice: train the new head too
     ds = Dataset.from_list(
@@ -141,7 +134,7 @@ def run_trl(cfg: Config, train, tests: dict, rm: RewardModel) -> dict:
     row.update(steps=result.global_step, train_loss=result.training_loss, n_kept=len(trainer.train_dataset))
     for name, pairs in tests.items():
         t = time.time()
-        row[name] = judge(*score_seqcls(trainer.model, rm, pairs), pairs)
+        row[name] = accuracy_by_length(*score_seqcls(trainer.model, rm, pairs), pairs)
         row[name]["score_s"] = round(time.time() - t, 1)
     return row
 
@@ -189,14 +182,22 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
         del rm
 
-    print(f"\n{'trainer':18} {'N':>5} {'steps':>5} {'train s':>8} {'HH acc':>7} {'HH short':>8} {'OASST':>6}")
+    dummy = torch.zeros(len(tests["hh_test"]))  # equal rewards: only the baseline fields are of use
+    base = accuracy_by_length(dummy, dummy, tests["hh_test"])
+    head = f"{'trainer':18} {'N':>5} {'steps':>5} {'train s':>8} {'HH acc':>7} {'HH short':>8} {'HH simlen':>9}"
+    print(f"\n{head} {'OASST':>6}")
     for r in rows:
+        h = r["hh_test"]
         print(
-            f"{r['trainer']:18} {r['n_train']:5d} {r['steps']:5d} {r['train_s']:8.1f} {r['hh_test']['accuracy']:7.3f} "
-            f"{r['hh_test']['shorter_chosen_accuracy']:8.3f} {r['oasst']['accuracy']:6.3f}"
+            f"{r['trainer']:18} {r['n_train']:5d} {r['steps']:5d} {r['train_s']:8.1f} {h['accuracy']:7.3f} "
+            f"{h['shorter_chosen_accuracy']:8.3f} {h['similar_length_accuracy']:9.3f} {r['oasst']['accuracy']:6.3f}"
         )
     print(
-        f"{'length baseline':18} {'':5} {'':5} {'':8} {baselines['hh_test']:7.3f} {0.0:8.3f} {baselines['oasst']:6.3f}"
+        f"{'length baseline':18} {'':5} {'':5} {'':8} {baselines['hh_test']:7.3f} {0.0:8.3f} "
+        f"{base['similar_length_baseline']:9.3f} {baselines['oasst']:6.3f}"
+    )
+    print(
+        f"HH test: {base['n_shorter_chosen']} pairs with the shorter answer chosen, {base['n_similar_length']} similar"
     )
     report = {
         "date": time.strftime("%Y-%m-%d"),

@@ -42,6 +42,8 @@ class Config:
     """Load the base in bitsandbytes NF4; off loads it in compute_dtype (for comparison)."""
     compute_dtype: str = "bfloat16"
     """Dtype of matmuls (NF4 compute dtype, or the weights' dtype when 4-bit is off): bfloat16 or float32."""
+    cpu_dequantize: bool = True
+    """On CPU, the training copies (reward model, PPO policy) run NF4 linears as plain ones with the same values."""
     device: str = "auto"
     """'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'."""
     adapter: str = ""
@@ -84,8 +86,6 @@ class Config:
     """LoRA alpha of the reward model's adapter (scale = alpha / r)."""
     reward_lora_layers: int = 12
     """Put the reward LoRA on the top N transformer layers only (backward stops below them: faster); 0 = all."""
-    reward_dequantize: bool = True
-    """On CPU, run the reward model's NF4 linears as bf16 with the same values (bitsandbytes' CPU 4-bit is slow)."""
     reward_lr: float = 2e-4
     """AdamW learning rate of the reward LoRA and head (linear warm-up, then linear decay)."""
     reward_epochs: int = 2
@@ -154,8 +154,8 @@ class Config:
     """PPO updates in one training round."""
     ppo_prompt_pool: int = 200
     """Most recent user contexts drawn on for PPO prompts (topped up from assets/seed_prompts.jsonl)."""
-    reward_norm_samples: int = 64
-    """Answers used to compute the reward normalisation (mean 0 / std 1) before PPO."""
+    reward_norm_samples: int = 128
+    """Training answers scored after the reward fit for the normalisation (mean 0 / std 1) PPO uses."""
     max_kl_per_answer: float = 20.0
     """Gate: a round whose mean KL to the base exceeds this (nats per answer) is not made live."""
 

@@ -184,3 +184,62 @@ def load_base(cfg: Config, source: str | None = None):
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def dequantize_cpu_4bit(model: torch.nn.Module) -> int:
+    """Replace CPU NF4 linears by plain ones in the compute dtype with the same (dequantized) values; returns how many.
+
+    In eval mode with no gradient, bitsandbytes 0.50 repacks CPU NF4 weights for a fused kernel whose fast version
+    comes from the hub (`kernels` package); the bundled fallback is 5-15x slower than bf16 on whole sequences
+    (measured: 2,048 tokens, 26-30 s vs 1.6-2 s). Dequantizing gives plain linears with exactly the NF4
+    values (scores match bitsandbytes' own dequantize+matmul path, used when gradients flow, bit for bit).
+    Costs 2 bytes per weight in bf16 instead of ~0.5 (SmolLM2-135M: ~270 MB). A LoRA trained on top behaves the same on
+    the NF4 base, since the base computes with exactly these values. For training copies only; serving keeps NF4.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # no 4-bit base possible
+        return 0
+    quantized = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, bnb.nn.Linear4bit) and module.weight.device.type == "cpu"
+    ]
+    if any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for _, m in quantized):
+        # bitsandbytes' inverse of its CPU packing is "best-effort": measured, it gives different weights.
+        raise ValueError("dequantize_cpu_4bit must run before the model's first no-grad forward.")
+    changed = 0
+    for name, module in quantized:
+        changed += 1
+        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        dtype = module.compute_dtype or weight.dtype
+        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
+        dense.weight.data = weight.to(dtype)
+        if module.bias is not None:
+            dense.bias.data = module.bias.data.to(dtype)
+        dense.requires_grad_(False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, dense)
+    if changed:
+        model.is_loaded_in_4bit = False  # the linears are plain now; PEFT must not treat them as 4-bit
+    return changed
+
+
+def disable_cpu_4bit_packing(model: torch.nn.Module) -> int:
+    """Keep CPU NF4 linears on bitsandbytes' dequantize+matmul path, whose backward is right; returns how many.
+
+    bitsandbytes 0.50 repacks a CPU NF4 weight on its first eval no-grad forward (a rollout, a scoring pass); from
+    then on every forward, with gradients too, runs the packed kernel `gemv_4bit`, which has no autograd formula:
+    gradients through the base linears are silently wrong (measured: the LoRA gradients of a 3-layer model off by
+    60-125% relative to the same model dequantized). Training copies must call this before any such forward.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.weight.device.type == "cpu"]
+    if any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized):
+        raise ValueError("disable_cpu_4bit_packing must run before the model's first no-grad forward.")
+    for m in quantized:
+        m.support_avx512bf16_for_cpu = False  # the flag bitsandbytes checks before packing
+    return len(quantized)

@@ -24,6 +24,9 @@ What it knows:
 - Logits = lm_head(final hidden state), computed in float32 on the response slice only (49k vocab). This holds for
   Llama/Qwen2/Mistral/SmolLM-like models; models with logit soft-capping or scaling (Gemma 2, Cohere) are not
   handled.
+- CPU NF4: bitsandbytes' packed inference kernel has no backward, so the trainer turns packing off
+  (`models.disable_cpu_4bit_packing`); the live-loop trainer passes a base dequantized to the same values
+  (`models.dequantize_cpu_4bit`), which is faster on CPU.
 - A loss or gradient that is NaN/inf raises PPODivergence after restoring the LoRA, value head, optimizer and KL
   controller to their state before the update (bit-identical); a non-finite reward raises before anything moves.
 
@@ -50,6 +53,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from .config import Config
+from .models import disable_cpu_4bit_packing
 
 SEED_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "seed_prompts.jsonl"
 
@@ -180,6 +184,7 @@ class PPOTrainer:
         self.device = next(model.parameters()).device
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        disable_cpu_4bit_packing(model)  # packed CPU NF4 has no backward: LoRA gradients would be wrong
         _dropout_off(model)  # N details: dropout off, so log-probs are a deterministic function of the weights
         model.eval()
         if cfg.gradient_checkpointing:

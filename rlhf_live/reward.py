@@ -10,7 +10,7 @@ What it knows:
   last token by searching for `pad_token_id`, which for SmolLM2 equals the end-of-turn token that ends every
   answer; we pad on the right ourselves and index the last real token from the attention mask.
   The LoRA sits on the top `reward_lora_layers` layers only (backward stops below them; ~2x faster steps), and
-  on CPU the NF4 linears are dequantized to bf16 with the same values (`_avoid_packed_cpu_4bit` says why).
+  on CPU the NF4 linears are dequantized to bf16 with the same values (`models.dequantize_cpu_4bit` says why).
 - Objective (one loss, per example, averaged over the batch):
   A/B choice   Bradley-Terry  -logsigmoid(r_chosen - r_rejected)             (InstructGPT, arXiv 2203.02155, eq. 1)
   tie          w_tie * -0.5 * (logsigmoid(d) + logsigmoid(-d)), d = r_a - r_b  (BT with target 1/2: min at d = 0)
@@ -25,8 +25,10 @@ What it knows:
 - Truncation: at most Config.reward_max_tokens per sequence; the conversation is cut from the LEFT (the newest
   turns stay), the answer is never cut at its end; an answer longer than the whole budget keeps its end and
   is counted in the metrics (`n_answer_truncated`).
-- Normalisation: mean/std of raw scores over a set of answers (after `fit`, a sample of training answers; PPO
-  should call `set_normalisation` on reference-policy samples, as TRL did), applied by `score(normalise=True)`.
+- Normalisation: mean/std of raw scores over a set of answers, applied by `score(normalise=True)`. `fit` uses
+  `reward_norm_samples` training answers: in the live app those are the served model's own answers to users, so
+  close to the reference-policy samples TRL/OpenAI normalised on, without an extra rollout; `set_normalisation`
+  takes any other set.
 
 What it does not know: where votes come from (no store, no UI), PPO, or adapter versioning. `save()` writes PEFT's
 adapter files plus `reward_head.safetensors` and `reward_meta.json`.
@@ -50,15 +52,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from .config import Config
-from .models import load_base
+from .models import dequantize_cpu_4bit, disable_cpu_4bit_packing, load_base
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_meta.json"
 EVALS_PER_EPOCH = 2
 MAX_TOKENS_PER_FORWARD = 4096
 """Padded tokens per forward pass in training (~3 GB of activations for SmolLM2-135M with LoRA on all layers)."""
-NORM_SAMPLE = 128
-"""Training answers scored after fit() for the default normalisation statistics."""
 
 
 class RewardDataError(ValueError):
@@ -218,41 +218,6 @@ def _length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random)
     return batches
 
 
-def _avoid_packed_cpu_4bit(base, dequantize: bool) -> int:
-    """Replace CPU NF4 linears by bf16 ones with the same (dequantized) values; returns how many.
-
-    In eval mode with no gradient, bitsandbytes 0.50 repacks CPU NF4 weights for a fused kernel whose fast version
-    comes from the hub (`kernels` package); the bundled fallback is 5-15x slower than bf16 on whole sequences
-    (measured: 2,048 tokens, 26-30 s vs 1.6-2 s). Dequantizing gives plain bf16 linears with exactly the NF4
-    values (scores match bitsandbytes' own dequantize+matmul path, used when gradients flow, bit for bit).
-    Costs 2 bytes per weight instead of ~0.5 (SmolLM2-135M: ~270 MB); off keeps NF4 as it is.
-    """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # no 4-bit base possible
-        return 0
-    changed = 0
-    for name, module in list(base.named_modules()):
-        if not isinstance(module, bnb.nn.Linear4bit) or module.weight.device.type != "cpu":
-            continue
-        if not dequantize:
-            break
-        changed += 1
-        module.state_dict()  # bitsandbytes unpacks an already CPU-packed weight in place when saving it
-        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-        dtype = module.compute_dtype or weight.dtype
-        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
-        dense.weight.data = weight.to(dtype)
-        if module.bias is not None:
-            dense.bias.data = module.bias.data.to(dtype)
-        dense.requires_grad_(False)
-        parent, _, child = name.rpartition(".")
-        setattr(base.get_submodule(parent), child, dense)
-    if changed and dequantize:
-        base.is_loaded_in_4bit = False  # the linears are plain now; PEFT must not treat them as 4-bit
-    return changed
-
-
 def _micro_batches(batch: list[_Example], max_tokens: int) -> list[list[_Example]]:
     """Consecutive slices of `batch` whose padded size (sequences x longest) stays within max_tokens."""
     out: list[list[_Example]] = [[]]
@@ -317,7 +282,9 @@ class RewardModel:
             raise ValueError("Pass a plain base model: the reward model adds its own LoRA (this one already has one).")
         if base is None or tokenizer is None:
             base, tokenizer = load_base(cfg)
-        _avoid_packed_cpu_4bit(base, cfg.reward_dequantize)
+        if cfg.cpu_dequantize:
+            dequantize_cpu_4bit(base)
+        disable_cpu_4bit_packing(base)  # NF4 kept: its gradients must be right (models.py says why)
         torch.manual_seed(cfg.seed)
         model = get_peft_model(base, _lora_config(cfg, base))
         model.eval()  # no dropout anywhere: scores are deterministic ("N implementation details", #dropout)
@@ -529,7 +496,8 @@ class RewardModel:
 
         sample = [(e.prompt, a) for e in train for a in e.answers]
         random.Random(cfg.seed).shuffle(sample)
-        norm = self.set_normalisation([p for p, _ in sample[:NORM_SAMPLE]], [a for _, a in sample[:NORM_SAMPLE]])
+        sample = sample[: cfg.reward_norm_samples]
+        norm = self.set_normalisation([p for p, _ in sample], [a for _, a in sample])
         kinds = [e.kind for e in train]
         return {
             "train_loss": best["train_loss"],
@@ -639,7 +607,9 @@ class RewardModel:
                 f"The reward model in {folder} was trained on a base with hidden size {meta['hidden_size']}, "
                 f"this base has {hidden}: use the same --model."
             )
-        _avoid_packed_cpu_4bit(base, cfg.reward_dequantize)
+        if cfg.cpu_dequantize:
+            dequantize_cpu_4bit(base)
+        disable_cpu_4bit_packing(base)  # NF4 kept: its gradients must be right (models.py says why)
         model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
         device = next(base.parameters()).device
         head = torch.nn.Linear(hidden, 1, device=device, dtype=torch.float32)
@@ -655,7 +625,39 @@ def _length_accuracy(pairs: Sequence) -> float:
     right = [
         1.0 if len(p.chosen) > len(p.rejected) else 0.5 if len(p.chosen) == len(p.rejected) else 0.0 for p in pairs
     ]
-    return sum(right) / len(right)
+    return sum(right) / len(right) if right else float("nan")
+
+
+SIMILAR_LENGTH = 0.2
+"""Pairs whose answers differ by at most this fraction of the longer one count as 'similar length'."""
+
+
+def accuracy_by_length(r_chosen: torch.Tensor, r_rejected: torch.Tensor, pairs: Sequence) -> dict:
+    """Accuracy overall and split by length, to show what is learned beyond 'longer is better'.
+
+    On pairs where the chosen answer is the shorter one the length rule scores 0; on similar-length pairs it has
+    little to go on. Ties in reward count half. Subsets that are empty give None.
+    """
+    right = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()  # (N,)
+    lc = torch.tensor([len(p.chosen) for p in pairs], dtype=torch.float)  # (N,)
+    lr = torch.tensor([len(p.rejected) for p in pairs], dtype=torch.float)  # (N,)
+    similar = (lc - lr).abs() <= SIMILAR_LENGTH * torch.maximum(lc, lr)
+
+    def mean(mask: torch.Tensor) -> float | None:
+        return right[mask].mean().item() if mask.any() else None
+
+    return {
+        "accuracy": right.mean().item(),
+        "shorter_chosen_accuracy": mean(lc < lr),
+        "longer_chosen_accuracy": mean(lc > lr),
+        "similar_length_accuracy": mean(similar),
+        "n_shorter_chosen": int((lc < lr).sum()),
+        "n_similar_length": int(similar.sum()),
+        "length_baseline": _length_accuracy(pairs),
+        "similar_length_baseline": _length_accuracy([p for p, s in zip(pairs, similar.tolist(), strict=True) if s])
+        if similar.any()
+        else None,
+    }
 
 
 def reward_eval(
@@ -687,24 +689,20 @@ def reward_eval(
     rm = RewardModel.create(cfg)
     fit = rm.fit(train_pairs)
     fit.pop("history", None)
-    by_file, length_by_file, shorter_by_file, seconds_by_file = {}, {}, {}, {}
+    by_length, seconds_by_file = {}, {}
     for path, pairs in test_sets.items():
         t0 = time.time()
         prompts = [p.prompt for p in pairs]
         r = rm.score(prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs])
-        rc, rr = r[: len(pairs)], r[len(pairs) :]
-        right = (rc > rr).float() + 0.5 * (rc == rr).float()  # (N,)
-        shorter = torch.tensor([len(p.chosen) < len(p.rejected) for p in pairs])
-        by_file[path] = right.mean().item()
-        length_by_file[path] = _length_accuracy(pairs)
-        shorter_by_file[path] = right[shorter].mean().item() if shorter.any() else None
+        by_length[path] = accuracy_by_length(r[: len(pairs)], r[len(pairs) :], pairs)
         seconds_by_file[path] = round(time.time() - t0, 2)
     first = tests[0]
     return {
-        "accuracy": by_file[first],
-        "accuracy_by_file": by_file,
-        "length_baseline_by_file": length_by_file,
-        "shorter_chosen_accuracy_by_file": shorter_by_file,
+        "accuracy": by_length[first]["accuracy"],
+        "accuracy_by_file": {p: d["accuracy"] for p, d in by_length.items()},
+        "length_baseline_by_file": {p: d["length_baseline"] for p, d in by_length.items()},
+        "shorter_chosen_accuracy_by_file": {p: d["shorter_chosen_accuracy"] for p, d in by_length.items()},
+        "by_length_by_file": by_length,
         "n_train": len(train_pairs),
         "n_test": len(test_sets[first]),
         "n_test_by_file": {p: len(v) for p, v in test_sets.items()},

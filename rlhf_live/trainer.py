@@ -19,7 +19,7 @@ import torch
 
 from .adapters import AdapterRegistry
 from .config import Config
-from .models import load_base, resolve
+from .models import dequantize_cpu_4bit, load_base, resolve
 from .policy import BASE, Policy, attach_adapter
 from .ppo import PPODivergence, PPOTrainer, load_seed_prompts
 from .reward import RewardDataError, RewardModel
@@ -61,17 +61,14 @@ def train_round(
     reward_metrics = reward_model.fit(
         pairs, ties=ties, pointwise=pointwise, progress=lambda *a: (wait(), say("fitting reward model", _fmt(a)))
     )
-    answers = [(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs]
-    answers += [(p["prompt"], p["completion"]) for p in pointwise]
-    rng.shuffle(answers)
-    answers = answers[: cfg.reward_norm_samples]
-    norm = reward_model.set_normalisation([a[0] for a in answers], [a[1] for a in answers])
 
     # 2. PPO on a training copy of the live policy; the reference is the same model with the adapter disabled.
     say("PPO", "loading policy copy")
     live = store.live_adapter()
     live_path = live["path"] if live and Path(live["path"]).is_dir() else None
     base, tokenizer = load_base(cfg, source)
+    if cfg.cpu_dequantize:
+        dequantize_cpu_4bit(base)  # same values as NF4, without bitsandbytes' slow CPU kernel (models.py says why)
     policy_model = attach_adapter(base, cfg, live_path, trainable=True)
 
     def reward_fn(prompts, texts):
@@ -93,7 +90,6 @@ def train_round(
     # 3. Publish atomically as a candidate; the caller decides whether it goes live.
     say("evaluating", "publishing")
     metrics = {f"reward/{k}": v for k, v in reward_metrics.items()}
-    metrics.update({f"reward/norm_{k}": v for k, v in norm.items()})
     metrics.update({f"ppo/{k}": v for k, v in ppo_metrics.items()})
     metrics.update({"watermark": watermark, "parent": live["version"] if live else BASE})
     version = store.next_version()
