@@ -1,6 +1,7 @@
 """Reward-model quality and speed on real preference data, against TRL's RewardTrainer on the same base and data.
 
-    python bench/reward.py [--sizes 100,500] [--trl-sizes 500] [--test-limit 354] [--oasst-limit 100]
+    python bench/reward.py [--sizes 100,500] [--trl-sizes 500] [--odin-sizes 500] [--test-limit 354]
+                           [--oasst-limit 100]
 
 Train on the first N pairs of Anthropic HH helpful-base-test (2,354 pairs), test on its last 354 (disjoint) and
 on OpenAssistant pairs. Both trainers: one epoch, the same pairs, batch size, learning rate + schedule, LoRA
@@ -62,7 +63,8 @@ def run_ours(cfg: Config, train, tests: dict) -> dict:
     rm = RewardModel.create(cfg)
     load = time.time() - t0
     fit = rm.fit(train, eval_fraction=0.0)  # same data and steps as TRL: no held-out part of the train pairs
-    row = {"trainer": "rlhf_live", "n_train": len(train), "load_s": round(load, 1), "train_s": fit["seconds"]}
+    name = "rlhf_live + ODIN" if cfg.reward_length_head else "rlhf_live"
+    row = {"trainer": name, "n_train": len(train), "load_s": round(load, 1), "train_s": fit["seconds"]}
     row.update(steps=fit["steps"], train_loss=fit["train_loss"], n_prompt_truncated=fit["n_prompt_truncated"])
     for name, pairs in tests.items():
         t = time.time()
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100,500", help="training sizes for ours (first N HH pairs)")
     ap.add_argument("--trl-sizes", default="500", help="training sizes for TRL's RewardTrainer ('' = none)")
+    ap.add_argument("--odin-sizes", default="", help="sizes to train ours again with ODIN's length head")
     ap.add_argument("--test-limit", type=int, default=354, help="last M HH pairs as the test set")
     ap.add_argument("--oasst-limit", type=int, default=100, help="first K OASST pairs as a second test set")
     ap.add_argument("--out", default=str(Path(__file__).with_name("reward.json")))
@@ -173,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     sizes = [int(s) for s in args.sizes.split(",") if s]
     trl_sizes = {int(s) for s in args.trl_sizes.split(",") if s}
+    odin_sizes = {int(s) for s in args.odin_sizes.split(",") if s}
     for n in sizes:
         row, rm = run_ours(cfg, train_pool[:n], tests)
         rows.append(row)
@@ -181,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_trl(cfg, train_pool[:n], tests, rm))
             print(json.dumps(rows[-1]), flush=True)
         del rm
+        if n in odin_sizes:
+            rows.append(run_ours(dataclasses.replace(cfg, reward_length_head=True), train_pool[:n], tests)[0])
+            print(json.dumps(rows[-1]), flush=True)
 
     dummy = torch.zeros(len(tests["hh_test"]))  # equal rewards: only the baseline fields are of use
     base = accuracy_by_length(dummy, dummy, tests["hh_test"])

@@ -98,6 +98,10 @@ class Config:
     """Weight of the tie loss (pushes r_a towards r_b) against Bradley-Terry on A/B choices."""
     reward_pointwise_weight: float = 0.5
     """Weight of the thumbs loss -logsigmoid(+-r) against Bradley-Terry on A/B choices."""
+    reward_length_head: bool = False
+    """ODIN (arXiv 2402.07319): a second head absorbs answer length in training; scores use the quality head only."""
+    reward_length_weight: float = 1.0
+    """Weight of ODIN's disentangling loss |corr(quality, length)| - corr(length head, length) + |cos(heads)|."""
     reward_patience: int = 2
     """Stop after this many held-out evaluations (two per epoch) without a better held-out loss."""
 
@@ -112,6 +116,8 @@ class Config:
     """Passes over each rollout batch per PPO update."""
     ppo_minibatches: int = 2
     """Minibatches per epoch (one optimizer step each)."""
+    ppo_micro_batch_size: int = 0
+    """Answers per forward pass (gradients accumulated, same result as the whole minibatch); 0 = all at once."""
     ppo_lr: float = 1e-4
     """AdamW learning rate of policy LoRA + value head; LoRA wants ~10x full fine-tuning's (bench/RESULTS.md ## PPO)."""
     kl_coef: float = 0.05

@@ -306,6 +306,21 @@ class PPOTrainer:
         ent = entropy_of(logits) if entropy else None
         return logprobs, v, ent
 
+    def _forward_micro(self, query, query_mask, responses, response_mask, **kwargs):
+        """forward() in chunks of ppo_micro_batch_size rows (less memory); the same outputs, concatenated."""
+        size = self.cfg.ppo_micro_batch_size or query.shape[0]
+        parts = [
+            self.forward(
+                query[i : i + size],
+                query_mask[i : i + size],
+                responses[i : i + size],
+                response_mask[i : i + size],
+                **kwargs,
+            )
+            for i in range(0, query.shape[0], size)
+        ]
+        return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
+
     # the whole update -----------------------------------------------------------------------------------------
     def step(self, prompts: list[list[dict]]) -> dict:
         """One PPO update: rollout -> score -> KL-shaped rewards -> GAE -> epochs of minibatches; metrics dict."""
@@ -335,9 +350,9 @@ class PPOTrainer:
         # EOS trick: https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo (missing_eos_penalty)
         scores = torch.where(has_eos, raw_scores, torch.full_like(raw_scores, cfg.missing_eos_penalty))  # (B,)
         with torch.no_grad():
-            logprobs, values, entropy = self.forward(query, query_mask, responses, mask, entropy=True)
+            logprobs, values, entropy = self._forward_micro(query, query_mask, responses, mask, entropy=True)
             with self.model.disable_adapter():  # reference policy = base model, same weights, no LoRA
-                ref_logprobs, _, _ = self.forward(query, query_mask, responses, mask, values=False)
+                ref_logprobs, _, _ = self._forward_micro(query, query_mask, responses, mask, values=False)
         mask_f = mask.float()
         kl = (logprobs - ref_logprobs) * mask_f  # (B, T) k1 per token
         beta = self.kl_ctl.value
@@ -365,40 +380,46 @@ class PPOTrainer:
                 perm = torch.randperm(B, device=self.device)
                 for start in range(0, B, mb_size):
                     idx = perm[start : start + mb_size]
-                    q, qm, r, m = _trim(query[idx], query_mask[idx], responses[idx], mask[idx])
-                    Tm = r.shape[1]
-                    new_logprobs, new_values, _ = self.forward(q, qm, r, m)
-                    pg_loss, clipfrac, approx_kl = policy_loss(
-                        new_logprobs, logprobs[idx, :Tm], advantages[idx, :Tm], m, cfg.cliprange
-                    )
-                    vf_loss, vf_clipfrac = value_loss(
-                        new_values, values[idx, :Tm], returns[idx, :Tm], m, cfg.cliprange_value
-                    )
-                    loss = pg_loss + cfg.vf_coef * vf_loss
-                    if not torch.isfinite(loss):
-                        raise PPODivergence(
-                            f"non-finite loss in epoch {epoch + 1}, minibatch {start // mb_size + 1}: "
-                            f"policy loss {pg_loss.item()}, value loss {vf_loss.item()}"
-                        )
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    mb_stats, n_tokens = dict.fromkeys(stats, 0.0), mask[idx].sum()
+                    for micro in idx.split(cfg.ppo_micro_batch_size or len(idx)):
+                        q, qm, r, m = _trim(query[micro], query_mask[micro], responses[micro], mask[micro])
+                        Tm = r.shape[1]
+                        new_logprobs, new_values, _ = self.forward(q, qm, r, m)
+                        pg_loss, clipfrac, approx_kl = policy_loss(
+                            new_logprobs, logprobs[micro, :Tm], advantages[micro, :Tm], m, cfg.cliprange
+                        )
+                        vf_loss, vf_clipfrac = value_loss(
+                            new_values, values[micro, :Tm], returns[micro, :Tm], m, cfg.cliprange_value
+                        )
+                        # Token-weighted: the micro-batches' masked means add up to the minibatch's masked mean.
+                        share = m.sum() / n_tokens
+                        loss = (pg_loss + cfg.vf_coef * vf_loss) * share
+                        if not torch.isfinite(loss):
+                            raise PPODivergence(
+                                f"non-finite loss in epoch {epoch + 1}, minibatch {start // mb_size + 1}: "
+                                f"policy loss {pg_loss.item()}, value loss {vf_loss.item()}"
+                            )
+                        loss.backward()
+                        for k, v in (
+                            ("policy_loss", pg_loss),
+                            ("value_loss", vf_loss),
+                            ("clipfrac", clipfrac),
+                            ("vf_clipfrac", vf_clipfrac),
+                            ("approx_kl", approx_kl),
+                        ):
+                            mb_stats[k] += float(v.detach() * share)
                     grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                     if not torch.isfinite(grad_norm):
                         raise PPODivergence(
                             f"non-finite gradient norm in epoch {epoch + 1}, minibatch {start // mb_size + 1}"
                         )
                     self.optimizer.step()
-                    for k, v in (
-                        ("policy_loss", pg_loss),
-                        ("value_loss", vf_loss),
-                        ("clipfrac", clipfrac),
-                        ("vf_clipfrac", vf_clipfrac),
-                        ("approx_kl", approx_kl),
-                        ("grad_norm", grad_norm),
-                    ):
-                        stats[k].append(float(v.detach()))
+                    mb_stats["grad_norm"] = float(grad_norm)
+                    for k, v in mb_stats.items():
+                        stats[k].append(v)
                     # Early stop (cleanrl's target_kl), checked per minibatch so one bad step does not repeat.
-                    if cfg.target_kl > 0 and float(approx_kl) > cfg.target_kl:
+                    if cfg.target_kl > 0 and mb_stats["approx_kl"] > cfg.target_kl:
                         early_stopped = True
                         break
                 epochs_done = epoch + 1

@@ -17,6 +17,10 @@ What it knows:
   thumbs       w_point * -logsigmoid(+r) for up, -logsigmoid(-r) for down     (logistic loss: "up" means r > 0)
   Ties and thumbs weights are Config.reward_tie_weight / reward_pointwise_weight. "Both bad" is not a kind of its
   own: the caller sends it as two thumbs-down. Thumbs anchor the reward's zero (BT alone is shift invariant).
+- Length (optional, `reward_length_head`): ODIN's second head (arXiv 2402.07319). Training fits quality + length
+  to the votes and adds `length_loss` (length correlates with the length head, not the quality head; orthogonal
+  heads); `score` returns the quality head only, so PPO cannot buy reward with longer answers. Off by default: on
+  data where length and quality always agree it leaves the quality head with nothing to learn (tests show both).
 - Data hygiene: exact duplicates are dropped, pairs with identical answers carry no preference and are dropped,
   contradictory votes (A>B and B>A) are both kept (together they act like a tie). The held-out split is by
   conversation (`conversation_id` when given, else the first user message) so no conversation is in both parts.
@@ -80,6 +84,30 @@ def tie_loss(r_a: torch.Tensor, r_b: torch.Tensor) -> torch.Tensor:
 def pointwise_loss(r: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Logistic loss per thumb: -log sigmoid(r) for a thumbs-up, -log sigmoid(-r) for a thumbs-down."""
     return -F.logsigmoid(torch.where(up, r, -r))
+
+
+def _corr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of two (N,) vectors; 0 when either is constant."""
+    x, y = x - x.mean(), y - y.mean()
+    return (x * y).sum() / (x.norm() * y.norm()).clamp(min=1e-8)
+
+
+def length_loss(
+    r_quality: torch.Tensor,
+    r_length: torch.Tensor,
+    lengths: torch.Tensor,
+    w_quality: torch.Tensor,
+    w_length: torch.Tensor,
+) -> torch.Tensor:
+    """ODIN's disentangling loss (Chen et al. 2024, arXiv 2402.07319, eq. 4-5) over a batch of answers.
+
+    |corr(r_quality, length)| - corr(r_length, length) pushes length into the length head and out of the quality
+    head; |cos(w_quality, w_length)| keeps the two heads orthogonal (ODIN uses the raw inner product; the cosine
+    does not reward shrinking the weights). In [-1, 3]: -1 when fully disentangled.
+    """
+    lengths = lengths.float()  # (N,)
+    cos = F.cosine_similarity(w_quality.flatten(), w_length.flatten(), dim=0)
+    return _corr(r_quality, lengths).abs() - _corr(r_length, lengths) + cos.abs()
 
 
 # --- input -------------------------------------------------------------------------------------------------
@@ -290,7 +318,7 @@ class RewardModel:
         model.eval()  # no dropout anywhere: scores are deterministic ("N implementation details", #dropout)
         hidden = base.config.get_text_config().hidden_size
         device = next(base.parameters()).device
-        head = torch.nn.Linear(hidden, 1, device=device, dtype=torch.float32)
+        head = torch.nn.Linear(hidden, 2 if cfg.reward_length_head else 1, device=device, dtype=torch.float32)
         # Reward head init std 1/sqrt(d_model + 1) (openai/lm-human-preferences; "N implementation details" #reward)
         torch.nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
         torch.nn.init.zeros_(head.bias)
@@ -341,7 +369,7 @@ class RewardModel:
 
     # --- forward -----------------------------------------------------------------------------------------
     def _rewards(self, seqs: list[list[int]]) -> torch.Tensor:
-        """Raw rewards (N,) float32 of token sequences, right-padded in one forward pass."""
+        """Raw rewards (N, K) float32 of token sequences, one right-padded forward: K=1, or 2 with the length head."""
         n, t = len(seqs), max(len(s) for s in seqs)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((n, t), pad, dtype=torch.long)  # (N, T)
@@ -353,12 +381,13 @@ class RewardModel:
         hidden = self._backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (N, T, H)
         last = mask.sum(dim=1) - 1  # (N,) index of the last real token (end of turn)
         h_last = hidden[torch.arange(n, device=self.device), last]  # (N, H)
-        return self.head(h_last.float()).squeeze(-1)  # (N,)
+        return self.head(h_last.float())  # (N, K)
 
     def _losses(self, batch: list[_Example]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted loss per example (E,) and rewards of all its sequences (S,), one forward for the batch."""
+        """Weighted loss per example (E,) and quality rewards of all its sequences (S,), one forward for the batch."""
         seqs = [s for ex in batch for s in ex.ids]
-        r = self._rewards(seqs)  # (S,)
+        rk = self._rewards(seqs)  # (S, K)
+        r = rk.sum(-1)  # (S,) ODIN trains quality + length on the preferences; without the length head K=1
         first, out = 0, []
         for ex in batch:  # E small (batch size): a Python loop over scalars is cheaper than gathering by kind
             if ex.kind == PAIR:
@@ -368,7 +397,13 @@ class RewardModel:
             else:
                 out.append(self.cfg.reward_pointwise_weight * pointwise_loss(r[first], torch.tensor(ex.up)))
             first += len(ex.ids)
-        return torch.stack(out), r  # (E,), (S,)
+        losses = torch.stack(out)  # (E,)
+        if rk.shape[1] == 2 and len(seqs) > 2:  # a batch-level term on every example: the batch mean carries it once
+            lengths = torch.tensor([len(a) for ex in batch for a in ex.answers], device=rk.device)  # (S,) chars
+            w = self.head.weight  # (2, H)
+            term = length_loss(rk[:, 0], rk[:, 1], lengths, w[0], w[1])
+            losses = losses + self.cfg.reward_length_weight * term
+        return losses, rk[:, 0]  # (E,), (S,)
 
     def _evaluate(self, examples: list[_Example], batch_size: int) -> tuple[float, float | None]:
         """(mean weighted loss, accuracy on its pairs or None) with no gradients."""
@@ -531,7 +566,7 @@ class RewardModel:
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                out[idx] = self._rewards([seqs[i] for i in idx]).float().cpu()
+                out[idx] = self._rewards([seqs[i] for i in idx])[:, 0].float().cpu()  # the quality head only
         return out
 
     def score(
@@ -582,6 +617,7 @@ class RewardModel:
         meta = {
             "format": 1,
             "hidden_size": self.head.in_features,
+            "length_head": self.head.out_features == 2,
             "norm_mean": self.norm_mean,
             "norm_std": self.norm_std,
             "max_tokens": self.cfg.reward_max_tokens,
@@ -612,7 +648,7 @@ class RewardModel:
         disable_cpu_4bit_packing(base)  # NF4 kept: its gradients must be right (models.py says why)
         model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
         device = next(base.parameters()).device
-        head = torch.nn.Linear(hidden, 1, device=device, dtype=torch.float32)
+        head = torch.nn.Linear(hidden, 2 if meta.get("length_head") else 1, device=device, dtype=torch.float32)
         head.load_state_dict({k: v.to(device) for k, v in load_file(str(folder / HEAD_FILE)).items()})
         rm = cls(model, head, tokenizer, cfg)
         rm.norm_mean, rm.norm_std = meta.get("norm_mean"), meta.get("norm_std")

@@ -272,6 +272,26 @@ def test_nan_loss_midway_restores_adapter_value_head_and_optimizer(tiny_cfg, mon
     assert math.isfinite(trainer.step(prompts)["policy_loss"])  # and training carries on
 
 
+def test_micro_batches_give_the_same_update_as_whole_minibatches(tiny_cfg):
+    """Gradient accumulation over micro-batches (token-weighted) matches one forward per minibatch."""
+    prompts = ppo.load_seed_prompts()[:4]
+    results = []
+    for micro in (0, 1):
+        torch.manual_seed(0)  # the same LoRA init in both trainers
+        trainer = _tiny_trainer(tiny_cfg, ppo_micro_batch_size=micro, ppo_minibatches=1, target_kl=0)
+        metrics = trainer.step(prompts)
+        results.append((metrics, _state(trainer)))
+    (whole, whole_state), (micro, micro_state) = results
+    assert whole["answer_tokens"] == micro["answer_tokens"]  # same rollouts
+    for k in ("policy_loss", "value_loss", "approx_kl", "clipfrac", "kl", "grad_norm"):
+        assert micro[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-6), k
+    for a, b in zip(whole_state, micro_state, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.manual_seed(0)
+    untrained = _state(_tiny_trainer(tiny_cfg))
+    assert any(not torch.allclose(a, b) for a, b in zip(whole_state, untrained, strict=True)), "it trained"
+
+
 def test_save_adapter_loads_back(tiny_cfg, tmp_path):
     trainer = _tiny_trainer(tiny_cfg)
     trainer.step(ppo.load_seed_prompts()[:4])
@@ -337,6 +357,7 @@ def test_learns_a_hidden_preference_on_the_real_model(real_model_dir):
     try:
         cfg = Config(model=str(real_model_dir), ppo_lr=3e-4, ppo_max_new_tokens=24, seed=0)
         base, tok = models.load_base(cfg)
+        models.dequantize_cpu_4bit(base)  # as the live trainer's copy (cfg.cpu_dequantize)
         model = policy.attach_adapter(base, cfg, trainable=True)
         trainer = ppo.PPOTrainer(model, tok, cfg, _starts_with_the)
         prompts = [[{"role": "user", "content": q + " Answer in a few words."}] for q in FEW_WORDS]

@@ -14,8 +14,10 @@ from rlhf_live.reward import (
     RewardDataError,
     RewardModel,
     _collect,
+    _corr,
     _split,
     bt_loss,
+    length_loss,
     pointwise_loss,
     tie_loss,
 )
@@ -228,3 +230,53 @@ def test_real_model_nf4_dequantized_scores_and_trains(real_model_dir):
     assert metrics["steps"] == 1 and math.isfinite(metrics["train_loss"])
     r = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs], normalise=True)
     assert r.shape == (2,) and r.dtype == torch.float32 and torch.isfinite(r).all()
+
+
+# --- ODIN length head ----------------------------------------------------------------------------------------
+def test_length_loss_exact_values():
+    lengths = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    flat = torch.tensor([1.0, -1.0, -1.0, 1.0])  # uncorrelated with length
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert length_loss(flat, lengths / 10, lengths, e1, e2).item() == pytest.approx(-1.0)  # disentangled
+    assert length_loss(lengths, -lengths, lengths, e1, e1).item() == pytest.approx(3.0)  # the worst case
+    assert length_loss(-lengths, lengths, lengths, e1, -e2).item() == pytest.approx(0.0)  # |corr| counts both signs
+
+
+def _length_pairs(n: int, seed: int) -> list[dict]:
+    """Pairs where the longer answer always wins and nothing else differs: length is the only signal."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        short = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
+        long = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 10)))
+        out.append({"prompt": user(f"q{i} {rng.choice(WORDS)}"), "chosen": long, "rejected": short})
+    return out
+
+
+@pytest.mark.parametrize("length_head", [False, True])
+def test_length_head_takes_the_length_and_scores_use_the_quality_head(rcfg, tmp_path, length_head):
+    """On length-only preferences a single head learns length; with ODIN's head the quality head does not."""
+    cfg = dataclasses.replace(rcfg, reward_length_head=length_head)
+    torch.manual_seed(0)
+    rm = RewardModel.create(cfg)
+    rm.fit(_length_pairs(100, 0), eval_fraction=0.2)
+    test = _length_pairs(30, 1)
+    prompts = [p["prompt"] for p in test] * 2
+    answers = [p["chosen"] for p in test] + [p["rejected"] for p in test]
+    lengths = torch.tensor([float(len(a)) for a in answers])
+    with torch.no_grad():
+        heads = rm._rewards([rm.encode(p, a)[0] for p, a in zip(prompts, answers)])  # (60, K)
+    scores = rm.score(prompts, answers)
+    torch.testing.assert_close(scores, heads[:, 0], rtol=1e-4, atol=1e-5)  # score() is the quality head alone
+    # Measured (seed 0): one head corr 0.86 and accuracy 1.0; ODIN: quality 0.16, length head 0.92, accuracy 0.57.
+    if not length_head:
+        assert heads.shape[1] == 1
+        assert _corr(scores, lengths) > 0.6 and rm.accuracy(test) > 0.9
+        return
+    assert heads.shape[1] == 2
+    assert abs(_corr(scores, lengths)) < 0.4 and _corr(heads[:, 1], lengths) > 0.7
+    assert rm.accuracy(test) < 0.75
+    rm.save(tmp_path / "rm")
+    again = RewardModel.load(cfg, tmp_path / "rm")
+    assert again.head.out_features == 2
+    torch.testing.assert_close(again.score(prompts, answers), scores)
