@@ -150,11 +150,15 @@ def load_tokenizer(source: str):
     return tok
 
 
-def dtype_of(name: str) -> torch.dtype:
-    """'bfloat16' -> torch.bfloat16, with a clear error for anything else."""
+def dtype_of(name: str, device: torch.device | None = None) -> torch.dtype:
+    """'bfloat16' -> torch.bfloat16 (float32 on a GPU without bf16), with a clear error for anything else."""
     table = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
     if name not in table:
         raise ValueError(f"compute_dtype must be one of {sorted(table)}, not {name!r}")
+    gpu = device is not None and device.type == "cuda"
+    if table[name] is torch.bfloat16 and gpu and not torch.cuda.is_bf16_supported():  # pre-Ampere GPUs
+        _say("This GPU has no bfloat16: computing in float32 (--compute-dtype float16 is the faster choice).")
+        return torch.float32
     return table[name]
 
 
@@ -162,7 +166,7 @@ def load_base(cfg: Config, source: str | None = None):
     """Load (model, tokenizer): NF4 with bitsandbytes when cfg.load_in_4bit, else in cfg.compute_dtype."""
     source = source or resolve(cfg.model, cfg.cache_dir)
     device = pick_device(cfg.device)
-    dtype = dtype_of(cfg.compute_dtype)
+    dtype = dtype_of(cfg.compute_dtype, device)
     tokenizer = load_tokenizer(source)
     kwargs: dict = {"dtype": dtype}
     if cfg.load_in_4bit:

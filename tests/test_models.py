@@ -123,3 +123,16 @@ def test_nf4_lora_gradients_are_right_after_a_no_grad_forward(tiny_cfg, tmp_path
     # What the guard prevents: the packed kernel has no backward, the lowest layer's LoRA gradients are wrong.
     first = [n for n in dense if ".layers.0.self_attn.q_proj.lora_A" in n]
     assert first and all(not torch.allclose(packed[n], dense[n], rtol=0.1) for n in first)
+
+
+def test_bf16_falls_back_to_float32_on_a_gpu_without_it(monkeypatch):
+    from rlhf_live.models import dtype_of
+
+    assert dtype_of("bfloat16", torch.device("cpu")) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert dtype_of("bfloat16", torch.device("cuda")) is torch.float32
+    assert dtype_of("float16", torch.device("cuda")) is torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert dtype_of("bfloat16", torch.device("cuda")) is torch.bfloat16
+    with pytest.raises(ValueError, match="compute_dtype must be one of"):
+        dtype_of("int8")
