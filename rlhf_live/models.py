@@ -247,3 +247,11 @@ def disable_cpu_4bit_packing(model: torch.nn.Module) -> int:
     for m in quantized:
         m.support_avx512bf16_for_cpu = False  # the flag bitsandbytes checks before packing
     return len(quantized)
+
+
+def prepare_for_training(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """A training copy on CPU: NF4 values as plain linears (cfg.cpu_dequantize), else NF4 with packing off."""
+    if cfg.cpu_dequantize:
+        dequantize_cpu_4bit(model)
+    disable_cpu_4bit_packing(model)  # whatever stayed 4-bit on CPU
+    return model

@@ -24,9 +24,9 @@ What it knows:
 - Logits = lm_head(final hidden state), computed in float32 on the response slice only (49k vocab). This holds for
   Llama/Qwen2/Mistral/SmolLM-like models; models with logit soft-capping or scaling (Gemma 2, Cohere) are not
   handled.
-- CPU NF4: bitsandbytes' packed inference kernel has no backward, so the trainer turns packing off
-  (`models.disable_cpu_4bit_packing`); the live-loop trainer passes a base dequantized to the same values
-  (`models.dequantize_cpu_4bit`), which is faster on CPU.
+- CPU NF4: bitsandbytes' packed inference kernel has no backward, so PPOTrainer turns packing off
+  (`models.disable_cpu_4bit_packing`); the live-loop trainer's copy comes from `models.prepare_for_training`
+  (on CPU: NF4 values as plain linears, faster).
 - A loss or gradient that is NaN/inf raises PPODivergence after restoring the LoRA, value head, optimizer and KL
   controller to their state before the update (bit-identical); a non-finite reward raises before anything moves.
 
@@ -309,16 +309,8 @@ class PPOTrainer:
     def _forward_micro(self, query, query_mask, responses, response_mask, **kwargs):
         """forward() in chunks of ppo_micro_batch_size rows (less memory); the same outputs, concatenated."""
         size = self.cfg.ppo_micro_batch_size or query.shape[0]
-        parts = [
-            self.forward(
-                query[i : i + size],
-                query_mask[i : i + size],
-                responses[i : i + size],
-                response_mask[i : i + size],
-                **kwargs,
-            )
-            for i in range(0, query.shape[0], size)
-        ]
+        chunks = zip(*(t.split(size) for t in (query, query_mask, responses, response_mask)), strict=True)
+        parts = [self.forward(*chunk, **kwargs) for chunk in chunks]
         return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
 
     # the whole update -----------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from .config import Config
-from .models import dequantize_cpu_4bit, disable_cpu_4bit_packing, load_base
+from .models import load_base, prepare_for_training
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_meta.json"
@@ -310,9 +310,7 @@ class RewardModel:
             raise ValueError("Pass a plain base model: the reward model adds its own LoRA (this one already has one).")
         if base is None or tokenizer is None:
             base, tokenizer = load_base(cfg)
-        if cfg.cpu_dequantize:
-            dequantize_cpu_4bit(base)
-        disable_cpu_4bit_packing(base)  # NF4 kept: its gradients must be right (models.py says why)
+        prepare_for_training(base, cfg)
         torch.manual_seed(cfg.seed)
         model = get_peft_model(base, _lora_config(cfg, base))
         model.eval()  # no dropout anywhere: scores are deterministic ("N implementation details", #dropout)
@@ -643,9 +641,7 @@ class RewardModel:
                 f"The reward model in {folder} was trained on a base with hidden size {meta['hidden_size']}, "
                 f"this base has {hidden}: use the same --model."
             )
-        if cfg.cpu_dequantize:
-            dequantize_cpu_4bit(base)
-        disable_cpu_4bit_packing(base)  # NF4 kept: its gradients must be right (models.py says why)
+        prepare_for_training(base, cfg)
         model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
         device = next(base.parameters()).device
         head = torch.nn.Linear(hidden, 2 if meta.get("length_head") else 1, device=device, dtype=torch.float32)

@@ -19,7 +19,7 @@ import torch
 
 from .adapters import AdapterRegistry
 from .config import Config
-from .models import dequantize_cpu_4bit, load_base, resolve
+from .models import load_base, prepare_for_training, resolve
 from .policy import BASE, Policy, attach_adapter
 from .ppo import PPODivergence, PPOTrainer, load_seed_prompts
 from .reward import RewardDataError, RewardModel
@@ -67,9 +67,7 @@ def train_round(
     live = store.live_adapter()
     live_path = live["path"] if live and Path(live["path"]).is_dir() else None
     base, tokenizer = load_base(cfg, source)
-    if cfg.cpu_dequantize:
-        dequantize_cpu_4bit(base)  # same values as NF4, without bitsandbytes' slow CPU kernel (models.py says why)
-    policy_model = attach_adapter(base, cfg, live_path, trainable=True)
+    policy_model = attach_adapter(prepare_for_training(base, cfg), cfg, live_path, trainable=True)
 
     def reward_fn(prompts, texts):
         return reward_model.score(prompts, texts, normalise=True)

@@ -280,3 +280,36 @@ def test_length_head_takes_the_length_and_scores_use_the_quality_head(rcfg, tmp_
     again = RewardModel.load(cfg, tmp_path / "rm")
     assert again.head.out_features == 2
     torch.testing.assert_close(again.score(prompts, answers), scores)
+
+
+# --- rlhf-live reward-eval -----------------------------------------------------------------------------------
+def _write_jsonl(path, rows) -> str:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_reward_eval_cli_prints_accuracy_json(tiny_lm_dir, tmp_path, capsys):
+    """`rlhf-live reward-eval`: fits once, tests on the train file's tail and on a second file, prints the JSON."""
+    import json
+
+    from rlhf_live.cli import main
+
+    train = _write_jsonl(tmp_path / "train.jsonl", marker_pairs(60))
+    other = _write_jsonl(tmp_path / "other.jsonl", marker_pairs(12, seed=5))
+    flags = ["--model", str(tiny_lm_dir), "--no-load-in-4bit", "--compute-dtype", "float32"]
+    flags += ["--reward-lr", "2e-3", "--reward-epochs", "3", "--reward-max-tokens", "64", "--data-dir", str(tmp_path)]
+    args = ["reward-eval", "--train", train, "--test", train, "--test", other, "--limit-train", "50"]
+    assert main(args + ["--limit-test", "10", *flags]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["n_train"], out["n_test"]) == (50, 10)  # the train file's last 10, disjoint from the first 50
+    assert out["n_test_by_file"] == {train: 10, other: 10}  # --limit-test caps every test file
+    assert out["accuracy"] == out["accuracy_by_file"][train] == 1.0
+    assert out["accuracy_by_file"][other] == 1.0
+    assert out["length_baseline_by_file"][other] == 1.0  # 'thank you' is longer than 'hello'
+    assert out["seconds"] > 0 and out["fit"]["steps"] > 0
+
+    # Bad input: a clear one-line error, exit code 2.
+    assert main(["reward-eval", "--train", train, "--test", train, "--limit-train", "60", *flags]) == 2
+    assert "No test pairs" in capsys.readouterr().err
