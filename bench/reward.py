@@ -177,14 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     trl_sizes = {int(s) for s in args.trl_sizes.split(",") if s}
     odin_sizes = {int(s) for s in args.odin_sizes.split(",") if s}
-    for n in sizes:
-        row, rm = run_ours(cfg, train_pool[:n], tests)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if n in trl_sizes:
-            rows.append(run_trl(cfg, train_pool[:n], tests, rm))
-            print(json.dumps(rows[-1]), flush=True)
-        del rm
+    for n in sorted(set(sizes) | odin_sizes):
+        if n in sizes:
+            row, rm = run_ours(cfg, train_pool[:n], tests)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if n in trl_sizes:
+                rows.append(run_trl(cfg, train_pool[:n], tests, rm))
+                print(json.dumps(rows[-1]), flush=True)
+            del rm
         if n in odin_sizes:
             rows.append(run_ours(dataclasses.replace(cfg, reward_length_head=True), train_pool[:n], tests)[0])
             print(json.dumps(rows[-1]), flush=True)
