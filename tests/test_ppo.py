@@ -326,10 +326,10 @@ def _starts_with_the(prompts, answers):
     return torch.tensor([1.0 if a.strip().lower().startswith("the") else -1.0 for a in answers])
 
 
-# Measured (seed 0, 1 thread, 2026-11-22): P(first token 'The') 0.509 (reference) -> 0.692 after 4 updates, i.e. the
-# rater's expected first-word reward 2P-1 from 0.02 to 0.38; KL per answer 0, 0.07, 0.65, 0.63 nats. The on-policy
-# score of 8 samples stayed within noise (0, 0, 0, -0.25), hence the exact first-token measure. Asserted with margin:
-LEARN_UPDATES, LEARN_MIN_GAIN, LEARN_MAX_KL = 4, 0.08, 3.0
+# Measured (seed 0, 1 thread, default ppo_lr 1e-4, 2026-11-22, after the CPU NF4 gradient fix): P(first token 'The')
+# 0.510 (reference) -> 0.759 after 4 updates, i.e. the rater's expected first-word reward 2P-1 from 0.02 to 0.52;
+# KL per answer 0, 0.38, 0.82, 0.48 nats; on-policy score of 8 samples -0.25, 0.5, 0.5, 0.25. Asserted with margin:
+LEARN_UPDATES, LEARN_MIN_GAIN, LEARN_MAX_KL = 4, 0.15, 3.0
 
 
 def _p_first_token(trainer, prompts, token_id: int, reference: bool) -> float:
@@ -355,7 +355,7 @@ def test_learns_a_hidden_preference_on_the_real_model(real_model_dir):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = Config(model=str(real_model_dir), ppo_lr=3e-4, ppo_max_new_tokens=24, seed=0)
+        cfg = Config(model=str(real_model_dir), ppo_lr=1e-4, ppo_max_new_tokens=24, seed=0)
         base, tok = models.load_base(cfg)
         models.prepare_for_training(base, cfg)  # as the live trainer's copy
         model = policy.attach_adapter(base, cfg, trainable=True)
