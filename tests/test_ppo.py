@@ -327,8 +327,8 @@ def _starts_with_the(prompts, answers):
 
 
 # Measured (seed 0, 1 thread, default ppo_lr 1e-4, 2026-11-22, after the CPU NF4 gradient fix): P(first token 'The')
-# 0.510 (reference) -> 0.759 after 4 updates, i.e. the rater's expected first-word reward 2P-1 from 0.02 to 0.52;
-# KL per answer 0, 0.38, 0.82, 0.48 nats; on-policy score of 8 samples -0.25, 0.5, 0.5, 0.25. Asserted with margin:
+# 0.510 (reference) -> 0.729 after 4 updates, i.e. the rater's expected first-word reward 2P-1 from 0.02 to 0.46;
+# KL per answer 0, 0.40, 1.09, 2.00 nats; on-policy score of 8 samples -0.25, 0.5, 0.25, 0.5. Asserted with margin:
 LEARN_UPDATES, LEARN_MIN_GAIN, LEARN_MAX_KL = 4, 0.15, 3.0
 
 
@@ -358,6 +358,7 @@ def test_learns_a_hidden_preference_on_the_real_model(real_model_dir):
         cfg = Config(model=str(real_model_dir), ppo_lr=1e-4, ppo_max_new_tokens=24, seed=0)
         base, tok = models.load_base(cfg)
         models.prepare_for_training(base, cfg)  # as the live trainer's copy
+        torch.manual_seed(cfg.seed)  # the LoRA's random A: the same whatever tests ran before
         model = policy.attach_adapter(base, cfg, trainable=True)
         trainer = ppo.PPOTrainer(model, tok, cfg, _starts_with_the)
         prompts = [[{"role": "user", "content": q + " Answer in a few words."}] for q in FEW_WORDS]
