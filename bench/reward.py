@@ -26,7 +26,7 @@ import torch
 from rlhf_live.config import Config
 from rlhf_live.formats import read_pairs
 from rlhf_live.models import dequantize_cpu_4bit, resolve
-from rlhf_live.reward import RewardModel, _length_accuracy, _lora_config, accuracy_by_length
+from rlhf_live.reward import RewardModel, _length_accuracy, _lora_config, accuracy_by_length, length_baselines
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH = DATA / "hh-rlhf" / "helpful-base-test.jsonl.gz"
@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_ours(dataclasses.replace(cfg, reward_length_head=True), train_pool[:n], tests)[0])
             print(json.dumps(rows[-1]), flush=True)
 
-    dummy = torch.zeros(len(tests["hh_test"]))  # equal rewards: only the baseline fields are of use
-    base = accuracy_by_length(dummy, dummy, tests["hh_test"])
+    base = length_baselines(tests["hh_test"])
     head = f"{'trainer':18} {'N':>5} {'steps':>5} {'train s':>8} {'HH acc':>7} {'HH short':>8} {'HH simlen':>9}"
     print(f"\n{head} {'OASST':>6}")
     for r in rows:

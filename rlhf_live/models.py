@@ -190,6 +190,23 @@ def load_base(cfg: Config, source: str | None = None):
     return model, tokenizer
 
 
+def _cpu_4bit_linears(model: torch.nn.Module, caller: str) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of the model's CPU NF4 linears; refuses weights bitsandbytes has already packed."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # no 4-bit base possible
+        return []
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, bnb.nn.Linear4bit) and module.weight.device.type == "cpu"
+    ]
+    if any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for _, m in found):
+        # bitsandbytes' inverse of its CPU packing is "best-effort": measured, it gives different weights.
+        raise ValueError(f"{caller} must run before the model's first no-grad forward.")
+    return found
+
+
 def dequantize_cpu_4bit(model: torch.nn.Module) -> int:
     """Replace CPU NF4 linears by plain ones in the compute dtype with the same (dequantized) values; returns how many.
 
@@ -200,21 +217,12 @@ def dequantize_cpu_4bit(model: torch.nn.Module) -> int:
     Costs 2 bytes per weight in bf16 instead of ~0.5 (SmolLM2-135M: ~270 MB). A LoRA trained on top behaves the same on
     the NF4 base, since the base computes with exactly these values. For training copies only; serving keeps NF4.
     """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # no 4-bit base possible
+    quantized = _cpu_4bit_linears(model, "dequantize_cpu_4bit")
+    if not quantized:
         return 0
-    quantized = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, bnb.nn.Linear4bit) and module.weight.device.type == "cpu"
-    ]
-    if any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for _, m in quantized):
-        # bitsandbytes' inverse of its CPU packing is "best-effort": measured, it gives different weights.
-        raise ValueError("dequantize_cpu_4bit must run before the model's first no-grad forward.")
-    changed = 0
+    import bitsandbytes as bnb  # installed: the model has 4-bit linears
+
     for name, module in quantized:
-        changed += 1
         weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
         dtype = module.compute_dtype or weight.dtype
         dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
@@ -224,9 +232,8 @@ def dequantize_cpu_4bit(model: torch.nn.Module) -> int:
         dense.requires_grad_(False)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, dense)
-    if changed:
-        model.is_loaded_in_4bit = False  # the linears are plain now; PEFT must not treat them as 4-bit
-    return changed
+    model.is_loaded_in_4bit = False  # the linears are plain now; PEFT must not treat them as 4-bit
+    return len(quantized)
 
 
 def disable_cpu_4bit_packing(model: torch.nn.Module) -> int:
@@ -237,14 +244,8 @@ def disable_cpu_4bit_packing(model: torch.nn.Module) -> int:
     gradients through the base linears are silently wrong (measured: the LoRA gradients of a 3-layer model off by
     60-125% relative to the same model dequantized). Training copies must call this before any such forward.
     """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return 0
-    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.weight.device.type == "cpu"]
-    if any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized):
-        raise ValueError("disable_cpu_4bit_packing must run before the model's first no-grad forward.")
-    for m in quantized:
+    quantized = _cpu_4bit_linears(model, "disable_cpu_4bit_packing")
+    for _, m in quantized:
         m.support_avx512bf16_for_cpu = False  # the flag bitsandbytes checks before packing
     return len(quantized)
 

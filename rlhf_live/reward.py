@@ -664,6 +664,22 @@ SIMILAR_LENGTH = 0.2
 """Pairs whose answers differ by at most this fraction of the longer one count as 'similar length'."""
 
 
+def _similar_length(pairs: Sequence) -> list[bool]:
+    """For each pair: do its answers differ by at most SIMILAR_LENGTH of the longer one (in characters)?"""
+    return [abs(len(p.chosen) - len(p.rejected)) <= SIMILAR_LENGTH * max(len(p.chosen), len(p.rejected)) for p in pairs]
+
+
+def length_baselines(pairs: Sequence) -> dict:
+    """What the length rule ('the longer answer wins') scores on these pairs, and the sizes of the length subsets."""
+    similar = [p for p, s in zip(pairs, _similar_length(pairs), strict=True) if s]
+    return {
+        "n_shorter_chosen": sum(len(p.chosen) < len(p.rejected) for p in pairs),
+        "n_similar_length": len(similar),
+        "length_baseline": _length_accuracy(pairs),
+        "similar_length_baseline": _length_accuracy(similar) if similar else None,
+    }
+
+
 def accuracy_by_length(r_chosen: torch.Tensor, r_rejected: torch.Tensor, pairs: Sequence) -> dict:
     """Accuracy overall and split by length, to show what is learned beyond 'longer is better'.
 
@@ -673,7 +689,7 @@ def accuracy_by_length(r_chosen: torch.Tensor, r_rejected: torch.Tensor, pairs: 
     right = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()  # (N,)
     lc = torch.tensor([len(p.chosen) for p in pairs], dtype=torch.float)  # (N,)
     lr = torch.tensor([len(p.rejected) for p in pairs], dtype=torch.float)  # (N,)
-    similar = (lc - lr).abs() <= SIMILAR_LENGTH * torch.maximum(lc, lr)
+    similar = torch.tensor(_similar_length(pairs), dtype=torch.bool)  # (N,)
 
     def mean(mask: torch.Tensor) -> float | None:
         return right[mask].mean().item() if mask.any() else None
@@ -683,12 +699,7 @@ def accuracy_by_length(r_chosen: torch.Tensor, r_rejected: torch.Tensor, pairs: 
         "shorter_chosen_accuracy": mean(lc < lr),
         "longer_chosen_accuracy": mean(lc > lr),
         "similar_length_accuracy": mean(similar),
-        "n_shorter_chosen": int((lc < lr).sum()),
-        "n_similar_length": int(similar.sum()),
-        "length_baseline": _length_accuracy(pairs),
-        "similar_length_baseline": _length_accuracy([p for p, s in zip(pairs, similar.tolist(), strict=True) if s])
-        if similar.any()
-        else None,
+        **length_baselines(pairs),
     }
 
 
