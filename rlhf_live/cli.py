@@ -36,9 +36,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-test", type=int, default=None)
     p = command("stats", "Counts, versions and last training runs.")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p = command("simulate", "Drive the loop with a simulated rater.")
-    p.add_argument("--rater", default="concise", help="a built-in rater name or module:function")
-    p.add_argument("--votes", type=int, default=20)
+    p = command("simulate", "Drive the live loop with a simulated rater; print its learning curve as JSON.")
+    p.add_argument(
+        "--rater",
+        default="concise",
+        help="concise, verbose, polite, structured, cheerful, keyword:WORD, module:function or path/to/file.py:function",
+    )
+    p.add_argument("--votes", type=int, default=200, help="A/B votes to cast")
+    p.add_argument("--round-every", type=int, default=40, help="a training round after every K votes")
+    p.add_argument("--eval-prompts", type=int, default=48, help="held-out prompts scored after every round")
+    p.add_argument("--thumbs", action="store_true", help="the rater also thumbs both answers of each pair")
+    p.add_argument("--out", default=None, help="folder for result.json, samples.json and curve.png")
     return parser
 
 
@@ -122,6 +130,15 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     if args.command == "simulate":
         from .simulate import simulate
 
-        _print_json(simulate(cfg, args.rater, args.votes))
+        result = simulate(
+            cfg,
+            args.rater,
+            args.votes,
+            round_every=args.round_every,
+            eval_prompts=args.eval_prompts,
+            out=args.out,
+            thumbs=args.thumbs,
+        )
+        print(json.dumps(result, default=str))  # one JSON object, the last thing on stdout
         return 0
     raise AssertionError(args.command)

@@ -43,7 +43,7 @@ class Config:
     compute_dtype: str = "bfloat16"
     """Dtype of matmuls (NF4 compute dtype, or the weights' dtype when 4-bit is off): bfloat16 or float32."""
     cpu_dequantize: bool = True
-    """On CPU, the training copies (reward model, PPO policy) run NF4 linears as plain ones with the same values."""
+    """On CPU, NF4 linears run as plain ones with the same values (serving and training copies); off: NF4, unpacked."""
     device: str = "auto"
     """'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'."""
     adapter: str = ""
@@ -80,6 +80,10 @@ class Config:
     """SQLite synchronous mode: FULL keeps every acknowledged vote through a power cut; NORMAL is faster."""
 
     # --- reward model (issue 5 owns this section) -------------------------------------------------
+    reward_kind: str = "probe"
+    """'probe': a linear head on the frozen base's features (seconds per fit; best with tens to hundreds of votes); 'lora': LoRA + head fine-tuned (minutes; for thousands of pairs)."""
+    reward_probe_l2: float = 0.01
+    """L2 penalty on the probe head's weights (features are standardised; larger: smoother, less fit to few votes)."""
     reward_lora_r: int = 16
     """LoRA rank of the reward model's own adapter."""
     reward_lora_alpha: int = 32

@@ -250,8 +250,14 @@ def disable_cpu_4bit_packing(model: torch.nn.Module) -> int:
     return len(quantized)
 
 
-def prepare_for_training(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
-    """A training copy on CPU: NF4 values as plain linears (cfg.cpu_dequantize), else NF4 with packing off."""
+def prepare_cpu_4bit(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """On CPU, before any forward: NF4 values as plain linears (cfg.cpu_dequantize), else NF4 with packing off.
+
+    Every CPU copy needs this, the served one too. bitsandbytes 0.50's packed CPU format has no backward, and loading
+    a PEFT adapter into a model whose NF4 weights are already packed corrupts them (PEFT's state-dict load runs
+    bitsandbytes' lossy inverse of the packing): measured, a hot-swapped adapter then served noise
+    (`tests/test_policy.py::test_a_swapped_adapter_serves_the_trained_policy`).
+    """
     if cfg.cpu_dequantize:
         dequantize_cpu_4bit(model)
     disable_cpu_4bit_packing(model)  # whatever stayed 4-bit on CPU

@@ -56,7 +56,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from .config import Config
-from .models import load_base, prepare_for_training
+from .models import load_base, prepare_cpu_4bit
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_meta.json"
@@ -310,7 +310,7 @@ class RewardModel:
             raise ValueError("Pass a plain base model: the reward model adds its own LoRA (this one already has one).")
         if base is None or tokenizer is None:
             base, tokenizer = load_base(cfg)
-        prepare_for_training(base, cfg)
+        prepare_cpu_4bit(base, cfg)
         torch.manual_seed(cfg.seed)
         model = get_peft_model(base, _lora_config(cfg, base))
         model.eval()  # no dropout anywhere: scores are deterministic ("N implementation details", #dropout)
@@ -332,6 +332,11 @@ class RewardModel:
 
     def encode(self, prompt, answer: str) -> tuple[list[int], str]:
         """Token ids of template(prompt) + answer + end of turn, within reward_max_tokens; (ids, what was cut)."""
+        ids, cut, _ = self.encode_parts(prompt, answer)
+        return ids, cut
+
+    def encode_parts(self, prompt, answer: str) -> tuple[list[int], str, int]:
+        """encode() and how many of the last ids are the answer's (its end-of-turn tokens included)."""
         messages = as_messages(prompt)
         key = json.dumps(messages, ensure_ascii=False)
         prompt_ids = self._prompt_cache.get(key)
@@ -347,11 +352,11 @@ class RewardModel:
             answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
         budget = self.cfg.reward_max_tokens
         if len(answer_ids) >= budget:
-            return answer_ids[-budget:], "answer"  # its end decides how it is judged; the question is lost
+            return answer_ids[-budget:], "answer", budget  # its end decides how it is judged; the question is lost
         keep = budget - len(answer_ids)
         if len(prompt_ids) > keep:
-            return prompt_ids[-keep:] + answer_ids, "prompt"  # newest turns kept
-        return prompt_ids + answer_ids, ""
+            return prompt_ids[-keep:] + answer_ids, "prompt", len(answer_ids)  # newest turns kept
+        return prompt_ids + answer_ids, "", len(answer_ids)
 
     def _encode_examples(self, examples: list[_Example]) -> dict:
         """Fill `ids` of every example; counts of truncations."""
@@ -641,7 +646,7 @@ class RewardModel:
                 f"The reward model in {folder} was trained on a base with hidden size {meta['hidden_size']}, "
                 f"this base has {hidden}: use the same --model."
             )
-        prepare_for_training(base, cfg)
+        prepare_cpu_4bit(base, cfg)
         model = PeftModel.from_pretrained(base, str(folder), is_trainable=True)
         device = next(base.parameters()).device
         head = torch.nn.Linear(hidden, 2 if meta.get("length_head") else 1, device=device, dtype=torch.float32)

@@ -1,101 +1,194 @@
-"""A simulated rater with a hidden preference rule, voting through the same Service as people do.
+"""The live loop driven by a simulated rater: votes through the Service, a round every K votes, evaluation per round.
 
-Knows a few built-in rules (or any `module:function` taking (prompt, answer_a, answer_b) -> 'A'|'B'|'tie') and how
-to drive compare -> choose -> train -> compare again; knows nothing of Gradio or SQL.
+Knows the order of a simulated run (vote on Compare pairs of the live version as a person would, train with the
+app's own Trainer and gates, evaluate on held-out prompts, plot the learning curve); knows nothing of Gradio or SQL.
+The rater (raters.py) never sees which answer came from which version, and the held-out prompts are never voted on
+nor used for PPO rollouts.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
 import random
+import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 
 from .config import Config
-from .policy import BASE, GenerationSettings, Policy
-from .ppo import load_seed_prompts
+from .evaluation import Evaluator
+from .policy import GenerationSettings, Policy
+from .ppo import PPODivergence, load_seed_prompts
+from .raters import Rater, load_rater
+from .reward import RewardDataError
 from .service import Service
 from .store import Store
 
-Rater = Callable[[list[dict], str, str], str]
+SUMMARY_KEYS = ("win_rate", "win_rate_ci", "kl", "answer_words", "eos_rate", "distinct2", "fluent")
 
 
-def concise(prompt: list[dict], a: str, b: str) -> str:
-    """Prefers the shorter answer (by words); equal length is a tie."""
-    la, lb = len(a.split()), len(b.split())
-    return "A" if la < lb else "B" if lb < la else "tie"
+def _say(msg: str) -> None:
+    print(f"[simulate] {msg}", file=sys.stderr, flush=True)
 
 
-def verbose(prompt: list[dict], a: str, b: str) -> str:
-    """Prefers the longer answer (by words)."""
-    return {"A": "B", "B": "A", "tie": "tie"}[concise(prompt, a, b)]
-
-
-def polite(prompt: list[dict], a: str, b: str) -> str:
-    """Prefers answers that say please / thank you / glad; otherwise the shorter one."""
-    words = ("please", "thank", "glad", "happy to")
-    pa, pb = (sum(w in t.lower() for w in words) for t in (a, b))
-    return "A" if pa > pb else "B" if pb > pa else concise(prompt, a, b)
-
-
-RATERS: dict[str, Rater] = {"concise": concise, "verbose": verbose, "polite": polite}
-
-
-def load_rater(name: str) -> Rater:
-    """A built-in rater by name, or `module:function`."""
-    if name in RATERS:
-        return RATERS[name]
-    if ":" in name:
-        module, func = name.split(":", 1)
-        return getattr(importlib.import_module(module), func)
-    raise ValueError(f"Unknown rater {name!r}: use one of {', '.join(RATERS)} or module:function.")
-
-
-def _win_rate(service: Service, rater: Rater, prompts, versions: list[str], settings) -> float:
-    """How often the rater prefers versions[0]'s answer over versions[1]'s (ties count half)."""
-    wins = 0.0
-    for prompt in prompts:
-        a, b = service.policy.generate(prompt, settings, n=2, versions=versions)
-        wins += {"A": 1.0, "B": 0.0, "tie": 0.5}[rater(prompt, a.text, b.text)]
-    return wins / max(1, len(prompts))
-
-
-def simulate(cfg: Config, rater_name: str, votes: int, *, train: bool = True, eval_prompts: int = 16) -> dict:
-    """Cast `votes` A/B votes with the rater, train one round, and measure the rater's win-rate of new vs base."""
-    from .trainer import run_round  # heavy: only when simulating
-
-    rater = load_rater(rater_name)
-    rng = random.Random(cfg.seed)
-    store = Store.from_config(cfg)
-    policy = Policy.from_config(cfg)
-    service = Service(policy, store, cfg)
-    voter = service.voter(f"simulated:{rater_name}")
+def split_prompts(n_eval: int, seed: int) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(held-out prompts for evaluation, prompts to vote on) from the seed prompts, shuffled with `seed`."""
     prompts = load_seed_prompts()
-    rng.shuffle(prompts)
-    held_out, train_prompts = prompts[:eval_prompts], prompts[eval_prompts:]
-    settings = GenerationSettings.from_config(cfg, max_new_tokens=cfg.ppo_max_new_tokens)
+    random.Random(seed).shuffle(prompts)
+    if not 0 < n_eval < len(prompts):
+        raise ValueError(f"--eval-prompts must be between 1 and {len(prompts) - 1}, got {n_eval}.")
+    return prompts[:n_eval], prompts[n_eval:]
+
+
+def _vote(service: Service, voter: str, rater: Rater, prompt: list[dict], settings, thumbs: bool) -> str:
+    """One Compare pair of the live version, judged by the rater through the same calls a person's vote makes."""
+    *_, pair = service.compare(voter, prompt[-1]["content"], settings=settings)
+    a, b = pair["a"], pair["b"]
+    choice = rater(prompt, a["text"], b["text"])
+    service.choose(voter, pair["pair_id"], choice, reason=f"simulated rater {rater.name}")
+    if thumbs:
+        for answer, thumb in zip((a, b), rater.thumbs_for(prompt, a["text"], b["text"], choice)):
+            if thumb:
+                service.feedback(voter, answer["response_id"], thumb)
+    return choice
+
+
+def simulate(
+    cfg: Config,
+    rater_spec: str,
+    votes: int,
+    *,
+    round_every: int = 40,
+    eval_prompts: int = 48,
+    out: str | Path | None = None,
+    thumbs: bool = False,
+) -> dict:
+    """Run `votes` simulated votes with a training round every `round_every`; the learning curve as a dict."""
+    from .trainer import Trainer, TrainingRejected  # heavy: only when simulating
+
+    if votes < 1 or round_every < 1:
+        raise ValueError("--votes and --round-every must be at least 1.")
+    rater = load_rater(rater_spec)
     start = time.perf_counter()
-    choices = {"A": 0, "B": 0, "tie": 0}
+    held_out, vote_prompts = split_prompts(eval_prompts, cfg.seed)
+    store = Store.from_config(cfg)
+    live = store.live_adapter()
+    policy = Policy.from_config(cfg, adapter_path=live["path"] if live else None, version=live and live["version"])
+    trainer = Trainer(cfg, store, policy)
+    trainer.bench.exclude_prompts = frozenset(p[-1]["content"] for p in held_out)
+    service = Service(policy, store, cfg, trainer)
+    voter = service.voter(f"simulated:{rater.name}")
+    # Votes, rollouts and evaluation all see answers of the same length.
+    settings = GenerationSettings.from_config(cfg, max_new_tokens=cfg.ppo_max_new_tokens)
+    eval_settings = GenerationSettings.from_config(cfg, max_new_tokens=cfg.ppo_max_new_tokens, seed=cfg.seed)
+    evaluator = Evaluator(policy, rater, held_out, eval_settings, seed=cfg.seed)
+    seconds = {"votes": 0.0, "training": 0.0, "evaluation": time.perf_counter() - start}
+    counts = {"A": 0, "B": 0, "tie": 0}
+    history = [_entry(0, 0, counts, evaluator.evaluate() | {"status": "base"}, {}, seconds, start)]
+    samples = {"round 0": history[0].pop("samples")}
+    _say(_line(history[0]))
+
     for i in range(votes):
-        prompt = train_prompts[i % len(train_prompts)]
-        *_, pair = service.compare(voter, prompt[-1]["content"], settings=settings)
-        choice = rater(prompt, pair["a"]["text"], pair["b"]["text"])
-        service.choose(voter, pair["pair_id"], choice, reason=f"simulated rater {rater_name}")
-        choices[choice] += 1
-    result: dict = {
-        "rater": rater_name,
+        t0 = time.perf_counter()
+        counts[_vote(service, voter, rater, vote_prompts[i % len(vote_prompts)], settings, thumbs)] += 1
+        seconds["votes"] += time.perf_counter() - t0
+        if (i + 1) % round_every:
+            continue
+        t0 = time.perf_counter()
+        metrics, status = {}, "live"
+        try:
+            metrics = trainer.run_once()
+        except TrainingRejected as exc:
+            status, metrics = "rejected", {"error": str(exc)}
+        except (RewardDataError, PPODivergence) as exc:
+            status, metrics = "failed", {"error": str(exc)}
+        seconds["training"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = evaluator.evaluate(trainer.bench.reward_model) | {"status": status}
+        seconds["evaluation"] += time.perf_counter() - t0
+        history.append(_entry(len(history), i + 1, counts, result, metrics, seconds, start))
+        samples[f"round {len(history) - 1}"] = history[-1].pop("samples")
+        _say(_line(history[-1]))
+
+    last = history[-1]
+    summary = {
+        "rater": rater.name,
         "votes": votes,
-        "choices": choices,
-        "seconds_voting": time.perf_counter() - start,
+        "round_every": round_every,
+        "rounds": len(history) - 1,
+        "informative_votes": counts["A"] + counts["B"],
+        "choices": counts,
+        "thumbs": thumbs,
+        **{k: last[k] for k in SUMMARY_KEYS},
+        "version": last["version"],
+        "base": evaluator.base,
+        "seconds": round(time.perf_counter() - start, 1),
+        "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()},
+        "history": history,
     }
-    if not train:
-        return result
-    metrics = run_round(cfg, store)
-    policy.swap(store.adapter(metrics["version"])["path"], metrics["version"])
-    result["version"] = metrics["version"]
-    result["reward_accuracy"] = metrics.get("reward/accuracy")
-    result["ppo_score_first"], result["ppo_score_last"] = metrics.get("ppo/score_first"), metrics.get("ppo/score_last")
-    result["ppo_kl"] = metrics.get("ppo/kl")
-    result["win_rate_new_vs_base"] = _win_rate(service, rater, held_out, [metrics["version"], BASE], settings)
-    result["seconds_total"] = time.perf_counter() - start
-    return result
+    if out is not None:
+        _write(Path(out), summary, samples)
+    return summary
+
+
+def _entry(n: int, votes: int, counts: dict, result: dict, metrics: dict, seconds: dict, start: float) -> dict:
+    """One round's line of the learning curve."""
+    return {
+        "round": n,
+        "votes": votes,
+        "informative_votes": counts["A"] + counts["B"],
+        **result,
+        "reward_heldout_accuracy": metrics.get("reward/accuracy"),
+        "ppo_score_first": metrics.get("ppo/score_first"),
+        "ppo_score_last": metrics.get("ppo/score_last"),
+        "ppo_kl": metrics.get("ppo/kl"),
+        "error": metrics.get("error", ""),
+        "seconds": round(time.perf_counter() - start, 1),
+        "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()},
+    }
+
+
+def _line(e: dict) -> str:
+    lo, hi = e["win_rate_ci"]
+    acc = e["reward_accuracy_on_rater"]
+    return (
+        f"round {e['round']} after {e['votes']} votes ({e['informative_votes']} informative): {e['version']} "
+        f"{e['status']}, win-rate {e['win_rate']:.2f} [{lo:.2f}, {hi:.2f}], KL {e['kl']:.2f}, "
+        f"{e['answer_words']:.0f} words, EOS {e['eos_rate']:.2f}, distinct-2 {e['distinct2']:.2f}, "
+        f"RM accuracy on rater {'-' if acc is None else f'{acc:.2f}'}, {e['seconds']:.0f} s"
+    )
+
+
+def _write(out: Path, summary: dict, samples: dict) -> None:
+    """OUT/result.json, OUT/samples.json (every evaluated answer) and OUT/curve.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "samples.json").write_text(json.dumps(samples, indent=1, ensure_ascii=False))
+    plot_curve(summary, out / "curve.png")
+
+
+def plot_curve(summary: dict, path: Path) -> None:
+    """Win-rate vs the base (95% band) and KL to the base against votes, one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    h = summary["history"]
+    x = [e["votes"] for e in h]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 2))
+    top.fill_between(x, [e["win_rate_ci"][0] for e in h], [e["win_rate_ci"][1] for e in h], alpha=0.2)
+    top.plot(x, [e["win_rate"] for e in h], marker="o", label="live vs base (rater's win-rate)")
+    acc = [(e["votes"], e["reward_accuracy_on_rater"]) for e in h if e["reward_accuracy_on_rater"] is not None]
+    if acc:
+        top.plot(*zip(*acc), marker="s", linestyle="--", label="reward model accuracy on the rater's labels")
+    top.axhline(0.5, color="grey", linewidth=0.8)
+    top.set_ylim(0, 1)
+    top.set_ylabel("rate")
+    top.legend(loc="lower right", fontsize=8)
+    top.set_title(f"rater {summary['rater']}: {summary['votes']} votes, a round every {summary['round_every']}")
+    bottom.plot(x, [e["kl"] for e in h], marker="o", color="tab:red")
+    bottom.set_ylabel("KL to base (nats/answer)")
+    bottom.set_xlabel("votes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -19,10 +19,11 @@ import torch
 
 from .adapters import AdapterRegistry
 from .config import Config
-from .models import load_base, prepare_for_training, resolve
+from .models import load_base, prepare_cpu_4bit, resolve
 from .policy import BASE, Policy, attach_adapter
 from .ppo import PPODivergence, PPOTrainer, load_seed_prompts
 from .reward import RewardDataError, RewardModel
+from .reward_probe import ProbeRewardModel
 from .store import Store
 
 Progress = Callable[[str, str], None]
@@ -32,21 +33,77 @@ class TrainingRejected(RuntimeError):
     """A round finished but its result failed a guardrail, so it was not made live; the message says which."""
 
 
-def _prompt_pool(store: Store, cfg: Config, rng: random.Random) -> list[list[dict]]:
+def _prompt_pool(store: Store, cfg: Config, rng: random.Random, exclude: frozenset[str]) -> list[list[dict]]:
     """What users really asked (their contexts), topped up from the seed prompts when there are few."""
     real = store.prompts(limit=cfg.ppo_prompt_pool)
-    seeds = load_seed_prompts()
+    seeds = [p for p in load_seed_prompts() if p[-1]["content"] not in exclude]
     rng.shuffle(seeds)
     need = max(0, cfg.ppo_batch_size * cfg.ppo_updates_per_round - len(real))
     return real + seeds[:need] if need else real
 
 
+def create_reward_model(cfg: Config, base=None, tokenizer=None) -> RewardModel:
+    """The reward model Config.reward_kind names, on `base` (loaded when not given)."""
+    if cfg.reward_kind == "probe":
+        return ProbeRewardModel.create(cfg, base, tokenizer)
+    if cfg.reward_kind == "lora":
+        return RewardModel.create(cfg, base, tokenizer)
+    raise ValueError(f"reward_kind must be 'probe' or 'lora', not {cfg.reward_kind!r}")
+
+
+class Workbench:
+    """The trainer's own models, loaded once and kept between rounds: loading and dequantizing cost seconds a round.
+
+    The probe reward model is kept whole (it refits from zero each round, and its feature cache saves recomputing
+    old answers); a LoRA reward model is made afresh. The PPO copy keeps its base and gets the live adapter
+    attached anew each round.
+    """
+
+    def __init__(self, cfg: Config, exclude_prompts: frozenset[str] = frozenset()):
+        self.cfg = cfg
+        self.exclude_prompts = exclude_prompts
+        """User messages PPO must never train on (a simulation's held-out prompts)."""
+        self.reward_model: RewardModel | None = None
+        """The last round's fitted reward model (for evaluation)."""
+        self._source: str | None = None
+        self._policy = None
+
+    def source(self) -> str:
+        """The base model's folder or hub id, resolved once."""
+        if self._source is None:
+            self._source = resolve(self.cfg.model, self.cfg.cache_dir)
+        return self._source
+
+    def new_reward_model(self) -> RewardModel:
+        """The reward model to fit this round."""
+        if isinstance(self.reward_model, ProbeRewardModel) and self.cfg.reward_kind == "probe":
+            return self.reward_model
+        self.reward_model = create_reward_model(self.cfg, *load_base(self.cfg, self.source()))
+        return self.reward_model
+
+    def policy_copy(self, adapter_path: str | None):
+        """The training copy of the policy: the cached base with `adapter_path` (or a fresh LoRA) attached, trainable."""
+        if self._policy is None:
+            base, self.tokenizer = load_base(self.cfg, self.source())
+            prepare_cpu_4bit(base, self.cfg)
+        else:
+            base = self._policy.unload()  # the LoRA layers out, the base's own linears back
+        self._policy = attach_adapter(base, self.cfg, adapter_path, trainable=True)
+        return self._policy
+
+
 def train_round(
-    cfg: Config, store: Store, *, progress: Progress | None = None, pause: Callable[[], None] | None = None
+    cfg: Config,
+    store: Store,
+    *,
+    progress: Progress | None = None,
+    pause: Callable[[], None] | None = None,
+    bench: Workbench | None = None,
 ) -> dict:
     """One round on the store's feedback; publishes a candidate version and returns its metrics."""
     say = progress or (lambda stage, detail: None)
     wait = pause or (lambda: None)
+    bench = bench or Workbench(cfg)
     registry = AdapterRegistry(cfg.adapters_dir)
     registry.clean_partial()
     rng = random.Random(cfg.seed + store.watermark())
@@ -56,8 +113,7 @@ def train_round(
     # 1. Reward model: re-fit on the full history (votes are few; a fresh fit avoids drifting on old data).
     say("fitting reward model", "loading")
     pairs, ties, pointwise = store.preference_pairs(), store.ties(), store.pointwise_labels()
-    source = resolve(cfg.model, cfg.cache_dir)
-    reward_model = RewardModel.create(cfg, *load_base(cfg, source))
+    reward_model = bench.new_reward_model()
     reward_metrics = reward_model.fit(
         pairs, ties=ties, pointwise=pointwise, progress=lambda *a: (wait(), say("fitting reward model", _fmt(a)))
     )
@@ -66,8 +122,8 @@ def train_round(
     say("PPO", "loading policy copy")
     live = store.live_adapter()
     live_path = live["path"] if live and Path(live["path"]).is_dir() else None
-    base, tokenizer = load_base(cfg, source)
-    policy_model = attach_adapter(prepare_for_training(base, cfg), cfg, live_path, trainable=True)
+    policy_model = bench.policy_copy(live_path)
+    tokenizer = bench.tokenizer
 
     def reward_fn(prompts, texts):
         return reward_model.score(prompts, texts, normalise=True)
@@ -75,7 +131,7 @@ def train_round(
     ppo = PPOTrainer(policy_model, tokenizer, cfg, reward_fn)
     if live_path:
         ppo.load_value_head(live_path)
-    pool = _prompt_pool(store, cfg, rng)
+    pool = _prompt_pool(store, cfg, rng, bench.exclude_prompts)
     updates = []
     for i in range(cfg.ppo_updates_per_round):
         wait()
@@ -147,6 +203,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, store: Store, policy: Policy):
         self.cfg, self.store, self.policy = cfg, store, policy
+        self.bench = Workbench(cfg)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._force = False
@@ -203,6 +260,28 @@ class Trainer:
             time.sleep(0.2)
             waited += 0.2
 
+    def run_once(self) -> dict:
+        """One round now, in this thread: train, gate, make it live and hot-swap it; a failure is recorded and raised."""
+        try:
+            metrics = run_round(
+                self.cfg,
+                self.store,
+                progress=lambda stage, detail: self._status.update(state=stage, progress=detail),
+                pause=self._yield_to_serving,
+                bench=self.bench,
+            )
+            self._status["state"], self._status["progress"] = "evaluating", "swapping in the new version"
+            row = self.store.adapter(metrics["version"])
+            self.policy.swap(row["path"], metrics["version"])
+            self._status.update(last_error="", watermark=int(metrics["watermark"]), rounds=self._status["rounds"] + 1)
+            return metrics
+        except Exception as exc:
+            self._status["last_error"] = f"{type(exc).__name__}: {exc}"
+            self._status["watermark"] = self.store.watermark()  # do not retry the same data in a loop
+            raise
+        finally:
+            self._status.update(state="idle", progress="")
+
     def _new_votes(self) -> int:
         return self.store.watermark() - self._status["watermark"]
 
@@ -216,21 +295,6 @@ class Trainer:
                 continue
             self._force = False
             try:
-                metrics = run_round(
-                    self.cfg,
-                    self.store,
-                    progress=lambda stage, detail: self._status.update(state=stage, progress=detail),
-                    pause=self._yield_to_serving,
-                )
-                self._status["state"], self._status["progress"] = "evaluating", "swapping in the new version"
-                row = self.store.adapter(metrics["version"])
-                self.policy.swap(row["path"], metrics["version"])
-                self._status.update(
-                    last_error="", watermark=int(metrics["watermark"]), rounds=self._status["rounds"] + 1
-                )
-            except Exception as exc:  # serving must survive any training failure
-                self._status["last_error"] = f"{type(exc).__name__}: {exc}"
-                self._status["watermark"] = self.store.watermark()  # do not retry the same data in a loop
+                self.run_once()
+            except Exception:  # serving must survive any training failure
                 traceback.print_exc()
-            finally:
-                self._status.update(state="idle", progress="")

@@ -1,8 +1,11 @@
 """Policy: NF4 + LoRA layout, adapter round trip, streaming limits, truncation, swap, bad input."""
 
+import dataclasses
+
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import build_tiny_lm
 
 from rlhf_live.config import Config
 from rlhf_live.policy import AdapterError, GenerationSettings, InvalidRequest, Policy
@@ -52,6 +55,49 @@ def test_saved_adapter_loads_back_with_same_logits(policy, tiny_cfg, tmp_path):
     after = _logits(reloaded)
     assert not torch.allclose(before, _logits(Policy.from_config(tiny_cfg)), atol=1e-3)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)  # float32, same weights: equal up to rounding
+
+
+def _trained_looking_adapter(policy: Policy, folder) -> None:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    policy.model.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("dequantize", [True, False])
+def test_a_swapped_adapter_serves_the_trained_policy(tiny_cfg, tmp_path, dequantize):
+    """NF4 on CPU: an adapter hot-swapped in after serving began gives the same logits as loading it fresh."""
+    folder = build_tiny_lm(tmp_path / "lm128", hidden=128, layers=3)  # NF4 needs rows of 64+ values
+    cfg = dataclasses.replace(
+        tiny_cfg, model=str(folder), load_in_4bit=True, compute_dtype="bfloat16", cpu_dequantize=dequantize
+    )
+    _trained_looking_adapter(Policy.from_config(cfg), tmp_path / "v0001")
+    served = Policy.from_config(cfg)
+    served.generate(HELLO, GenerationSettings(max_new_tokens=3, temperature=0))  # serving ran a no-grad forward
+    served.swap(tmp_path / "v0001", "v0001")
+    fresh = Policy.from_config(cfg, adapter_path=tmp_path / "v0001")
+    assert not torch.allclose(_logits(fresh), _logits(Policy.from_config(cfg)), atol=1e-2)
+    torch.testing.assert_close(_logits(served), _logits(fresh))
+
+
+def test_unguarded_packed_nf4_is_corrupted_by_an_adapter_load(tiny_cfg, tmp_path):
+    """What prepare_cpu_4bit prevents: bitsandbytes packs CPU NF4 on a no-grad forward; a PEFT load then breaks it."""
+    from rlhf_live.models import load_base
+    from rlhf_live.policy import attach_adapter
+
+    folder = build_tiny_lm(tmp_path / "lm128", hidden=128, layers=3)
+    cfg = dataclasses.replace(tiny_cfg, model=str(folder), load_in_4bit=True, compute_dtype="bfloat16")
+    _trained_looking_adapter(Policy.from_config(cfg), tmp_path / "v0001")
+    base, _ = load_base(cfg)  # no prepare_cpu_4bit
+    model = attach_adapter(base, cfg)
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3, 11, 12]])
+    with torch.no_grad(), model.disable_adapter():
+        before = model(input_ids=ids).logits  # packs the weights
+        model.load_adapter(str(tmp_path / "v0001"), adapter_name="v0001")
+        after = model(input_ids=ids).logits  # the base alone, adapter still disabled
+    assert not torch.allclose(before, after, atol=1e-2)
 
 
 def test_stream_yields_incremental_text_and_stops_at_the_limit(policy):
@@ -166,7 +212,9 @@ def test_answers_from_an_older_version_in_the_same_batch(policy, tmp_path):
 def test_real_policy_streams_paris_in_nf4(real_model_dir):
     cfg = Config(model=str(real_model_dir), max_new_tokens=32)
     policy = Policy.from_config(cfg)
-    assert isinstance(policy.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    q_proj = policy.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    # On CPU the NF4 values run as plain bf16 linears (models.prepare_cpu_4bit); on CUDA bitsandbytes' kernels.
+    assert isinstance(q_proj, bnb.nn.Linear4bit if torch.cuda.is_available() else torch.nn.Linear)
     stream = policy.stream(
         [{"role": "user", "content": "What is the capital of France?"}], GenerationSettings(temperature=0)
     )

@@ -357,7 +357,7 @@ def test_learns_a_hidden_preference_on_the_real_model(real_model_dir):
     try:
         cfg = Config(model=str(real_model_dir), ppo_lr=1e-4, ppo_max_new_tokens=24, seed=0)
         base, tok = models.load_base(cfg)
-        models.prepare_for_training(base, cfg)  # as the live trainer's copy
+        models.prepare_cpu_4bit(base, cfg)  # as the live trainer's copy
         torch.manual_seed(cfg.seed)  # the LoRA's random A: the same whatever tests ran before
         model = policy.attach_adapter(base, cfg, trainable=True)
         trainer = ppo.PPOTrainer(model, tok, cfg, _starts_with_the)
