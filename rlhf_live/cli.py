@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rater",
         default="concise",
-        help="concise, verbose, polite, structured, cheerful, keyword:WORD, module:function or path/to/file.py:function",
+        help="concise, verbose, polite, structured, cheerful, keyword:WORD, module:function or file.py:function",
     )
     p.add_argument("--votes", type=int, default=200, help="A/B votes to cast")
     p.add_argument("--round-every", type=int, default=40, help="a training round after every K votes")

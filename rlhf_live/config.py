@@ -81,7 +81,7 @@ class Config:
 
     # --- reward model (issue 5 owns this section) -------------------------------------------------
     reward_kind: str = "probe"
-    """'probe': a linear head on the frozen base's features (seconds per fit; best with tens to hundreds of votes); 'lora': LoRA + head fine-tuned (minutes; for thousands of pairs)."""
+    """'probe': a linear head on the frozen base's features (seconds; tens to hundreds of votes); 'lora': LoRA."""
     reward_probe_l2: float = 0.01
     """L2 penalty on the probe head's weights (features are standardised; larger: smoother, less fit to few votes)."""
     reward_lora_r: int = 16

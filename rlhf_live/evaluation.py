@@ -6,6 +6,7 @@ against fixed base answers; knows nothing of SQL, training or Gradio.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -54,14 +55,18 @@ class Evaluator:
         settings: GenerationSettings,
         seed: int = 0,
     ):
-        self.policy, self.rater, self.prompts, self.settings, self.seed = policy, rater, prompts, settings, seed
-        self.base_answers = policy.generate_many(prompts, settings, versions=[BASE] * len(prompts))
+        self.policy, self.rater, self.prompts, self.seed = policy, rater, prompts, seed
+        # Base answers with one seed, live answers with another: at round 0 (live = base) the evaluation measures
+        # its own noise instead of comparing identical samples.
+        self.settings = dataclasses.replace(settings, seed=seed)
+        self.base_answers = policy.generate_many(prompts, self.settings, versions=[BASE] * len(prompts))
+        self.live_settings = dataclasses.replace(settings, seed=seed + 1)
         self.base = answer_stats(self.base_answers)
 
     def evaluate(self, reward_model=None) -> dict:
         """Win-rate of the live version vs the base (ties half, Wilson 95%), KL, length, EOS rate, distinct-2."""
         version = self.policy.version
-        answers = self.policy.generate_many(self.prompts, self.settings, versions=[version] * len(self.prompts))
+        answers = self.policy.generate_many(self.prompts, self.live_settings, versions=[version] * len(self.prompts))
         order = random.Random(self.seed).choices((True, False), k=len(self.prompts))  # live shown first or second
         outcomes = []
         for prompt, live, base, live_first in zip(self.prompts, answers, self.base_answers, order):
@@ -96,7 +101,9 @@ class Evaluator:
         if not decided:
             return None
         prompts = [self.prompts[i] for i in decided]
-        r = reward_model.score(prompts + prompts, [answers[i].text for i in decided] + [self.base_answers[i].text for i in decided])
+        r = reward_model.score(
+            prompts + prompts, [answers[i].text for i in decided] + [self.base_answers[i].text for i in decided]
+        )
         r_live, r_base = r[: len(decided)], r[len(decided) :]
         right = [
             (1.0 if (rl > rb) == (outcomes[i] == 1.0) else 0.0) if rl != rb else 0.5

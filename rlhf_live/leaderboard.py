@@ -84,3 +84,14 @@ def leaderboard(battles: Sequence[Battle], *, rounds: int = 200, seed: int = 0) 
             }
         )
     return sorted(rows, key=lambda r: -r["rating"])
+
+
+def head_to_head(battles: Sequence[Battle], version: str, opponents: set[str]) -> tuple[float | None, int]:
+    """(win-rate of `version` against any of `opponents`, ties half; None without battles, number of battles)."""
+    score, n = 0.0, 0
+    for b in battles:
+        if version not in (b.a, b.b) or ({b.a, b.b} - {version}).isdisjoint(opponents):
+            continue
+        n += 1
+        score += 0.5 if b.winner == "tie" else float((b.winner == "a") == (b.a == version))
+    return (score / n if n else None), n

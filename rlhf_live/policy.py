@@ -415,8 +415,10 @@ class Policy:
         for start in range(0, len(answers), batch_size):
             chunk = range(start, min(start + batch_size, len(answers)))
             prompts = [self.build_prompt(conversations[i], settings)[0] for i in chunk]
-            replies = [answers[i].token_ids + ([self.tokenizer.eos_token_id] if answers[i].finish_reason == "eos" else [])
-                       for i in chunk]
+            replies = [
+                answers[i].token_ids + ([self.tokenizer.eos_token_id] if answers[i].finish_reason == "eos" else [])
+                for i in chunk
+            ]
             versions = [answers[i].adapter_version for i in chunk]
             lp = self._answer_logprobs(prompts, replies, versions, temperature)
             lp_base = self._answer_logprobs(prompts, replies, [BASE] * len(prompts), temperature)
@@ -442,7 +444,9 @@ class Policy:
             if not r:
                 sums.append(0.0)
                 continue
-            row = logits[i, len(p) - 1 : len(p) - 1 + len(r)].float() / temperature  # (T, V) predicting each reply token
+            row = (
+                logits[i, len(p) - 1 : len(p) - 1 + len(r)].float() / temperature
+            )  # (T, V), predicting each reply token
             target = torch.tensor(r, device=row.device)
             sums.append(float((row.gather(-1, target[:, None])[:, 0] - torch.logsumexp(row, -1)).sum()))
         return sums

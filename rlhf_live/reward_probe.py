@@ -170,7 +170,9 @@ class ProbeRewardModel(RewardModel):
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
         loss_fn = self._objective(x, examples, index)
-        opt = torch.optim.LBFGS(self.head.parameters(), max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            self.head.parameters(), max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe"
+        )
 
         def closure():
             opt.zero_grad()
@@ -218,7 +220,9 @@ class ProbeRewardModel(RewardModel):
             pos += len(e.answers)
         train_rows = [i for e in train for i in index[id(e)]]
         self.feat_mean = feats[train_rows].mean(0)
-        self.feat_std = feats[train_rows].std(0).nan_to_num(0.0) + 1e-3 if len(train_rows) > 1 else torch.ones_like(feats[0])
+        self.feat_std = (
+            feats[train_rows].std(0).nan_to_num(0.0) + 1e-3 if len(train_rows) > 1 else torch.ones_like(feats[0])
+        )
         x = self._standardised(feats)
         eval_loss = accuracy = None
         if held:

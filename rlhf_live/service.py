@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .config import Config
-from .leaderboard import Battle, leaderboard
+from .leaderboard import Battle, head_to_head, leaderboard
 from .policy import BASE, AdapterError, GenerationSettings, InvalidRequest, Policy
 from .store import Store, StoreError, voter_id
 
@@ -211,13 +211,38 @@ class Service:
         return {"ok": True, "a_version": row["a_source"], "b_version": row["b_source"], "choice": row["choice"]}
 
     # --- status ----------------------------------------------------------------------------------------------
+    def _battles(self) -> list[Battle]:
+        winner = {"A": "a", "B": "b", "tie": "tie"}
+        return [Battle(r["a_source"], r["b_source"], winner[r["choice"]]) for r in self.store.version_battles()]
+
     def leaderboard(self) -> list[dict]:
         """Bradley-Terry ratings of versions from Compare votes between different versions."""
-        battles = []
-        for row in self.store.version_battles():
-            winner = {"A": "a", "B": "b", "tie": "tie"}[row["choice"]]
-            battles.append(Battle(row["a_source"], row["b_source"], winner))
-        return leaderboard(battles)
+        return leaderboard(self._battles())
+
+    def learning_curve(self) -> list[dict]:
+        """One row per trained version, oldest first: people's win-rates against the base and against earlier
+        versions (Compare votes), the reward model's held-out accuracy and KL to the base of its round."""
+        battles, rows, earlier = self._battles(), [], {BASE}
+        for n, version in enumerate(self.store.adapters(), start=1):
+            name, metrics = version["version"], version.get("metrics") or {}
+            vs_base, n_base = head_to_head(battles, name, {BASE})
+            vs_earlier, n_earlier = head_to_head(battles, name, earlier)
+            rows.append(
+                {
+                    "round": n,
+                    "version": name,
+                    "status": version["status"],
+                    "win_rate_vs_base": vs_base,
+                    "votes_vs_base": n_base,
+                    "win_rate_vs_earlier": vs_earlier,
+                    "votes_vs_earlier": n_earlier,
+                    "reward_accuracy": metrics.get("reward/accuracy"),
+                    "kl": metrics.get("ppo/kl"),
+                    "ppo_score": metrics.get("ppo/score"),
+                }
+            )
+            earlier.add(name)
+        return rows
 
     def status(self) -> dict:
         """Live version, trainer state, counts, last runs and versions: what the dashboard and /status show."""
@@ -227,6 +252,7 @@ class Service:
             "live_version": self.policy.version,
             "trainer": trainer,
             "votes_since_last_round": max(0, stats["watermark"] - (trainer.get("watermark") or 0)),
+            "votes_per_round": self.cfg.train_min_new_votes,
             "counts": stats["counts"],
             "votes": stats["votes"],
             "choices": stats["choices"],

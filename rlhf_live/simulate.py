@@ -12,6 +12,7 @@ import json
 import random
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .config import Config
@@ -87,27 +88,31 @@ def simulate(
     samples = {"round 0": history[0].pop("samples")}
     _say(_line(history[0]))
 
-    for i in range(votes):
-        t0 = time.perf_counter()
-        counts[_vote(service, voter, rater, vote_prompts[i % len(vote_prompts)], settings, thumbs)] += 1
-        seconds["votes"] += time.perf_counter() - t0
-        if (i + 1) % round_every:
-            continue
-        t0 = time.perf_counter()
-        metrics, status = {}, "live"
-        try:
-            metrics = trainer.run_once()
-        except TrainingRejected as exc:
-            status, metrics = "rejected", {"error": str(exc)}
-        except (RewardDataError, PPODivergence) as exc:
-            status, metrics = "failed", {"error": str(exc)}
-        seconds["training"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        result = evaluator.evaluate(trainer.bench.reward_model) | {"status": status}
-        seconds["evaluation"] += time.perf_counter() - t0
-        history.append(_entry(len(history), i + 1, counts, result, metrics, seconds, start))
-        samples[f"round {len(history) - 1}"] = history[-1].pop("samples")
-        _say(_line(history[-1]))
+    # As many simulated people vote at once as the app generates for at once (Config.generation_concurrency).
+    with ThreadPoolExecutor(max(1, cfg.generation_concurrency), thread_name_prefix="voter") as pool:
+        for first in range(0, votes, round_every):
+            t0 = time.perf_counter()
+            block = [vote_prompts[i % len(vote_prompts)] for i in range(first, min(first + round_every, votes))]
+            for choice in pool.map(lambda p: _vote(service, voter, rater, p, settings, thumbs), block):
+                counts[choice] += 1
+            seconds["votes"] += time.perf_counter() - t0
+            if len(block) < round_every:
+                break  # a partial block at the end: collected, not trained on
+            t0 = time.perf_counter()
+            metrics, status = {}, "live"
+            try:
+                metrics = trainer.run_once()
+            except TrainingRejected as exc:
+                status, metrics = "rejected", {"error": str(exc)}
+            except (RewardDataError, PPODivergence) as exc:
+                status, metrics = "failed", {"error": str(exc)}
+            seconds["training"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            result = evaluator.evaluate(trainer.bench.reward_model) | {"status": status}
+            seconds["evaluation"] += time.perf_counter() - t0
+            history.append(_entry(len(history), first + len(block), counts, result, metrics, seconds, start))
+            samples[f"round {len(history) - 1}"] = history[-1].pop("samples")
+            _say(_line(history[-1]))
 
     last = history[-1]
     summary = {

@@ -82,7 +82,7 @@ class Workbench:
         return self.reward_model
 
     def policy_copy(self, adapter_path: str | None):
-        """The training copy of the policy: the cached base with `adapter_path` (or a fresh LoRA) attached, trainable."""
+        """The PPO copy: the cached base with `adapter_path` (or a fresh LoRA) attached, trainable."""
         if self._policy is None:
             base, self.tokenizer = load_base(self.cfg, self.source())
             prepare_cpu_4bit(base, self.cfg)
@@ -261,7 +261,7 @@ class Trainer:
             waited += 0.2
 
     def run_once(self) -> dict:
-        """One round now, in this thread: train, gate, make it live and hot-swap it; a failure is recorded and raised."""
+        """One round now, in this thread: train, gate, go live, hot-swap; a failure is recorded and raised."""
         try:
             metrics = run_round(
                 self.cfg,

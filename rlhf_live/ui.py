@@ -168,12 +168,17 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
             # ---------------------------------------------------------------- Training
             with gr.Tab("Training", id="training") as training_tab:
                 train_md = gr.Markdown("", elem_id="train-status")
-                with gr.Row():
+                with gr.Row(visible=False) as curve_row:
                     plot_acc = gr.LinePlot(
-                        x="round", y="value", color="metric", title="Reward model (held-out)", height=260
+                        x="round",
+                        y="value",
+                        color="metric",
+                        title="Learning curve: people's win-rate (Compare) and reward-model accuracy",
+                        y_lim=[0, 1],
+                        height=280,
                     )
                     plot_rl = gr.LinePlot(
-                        x="round", y="value", color="metric", title="PPO: score and KL to base", height=260
+                        x="round", y="value", color="metric", title="KL to the base model and PPO score", height=280
                     )
                 gr.Markdown("### Leaderboard: human win-rate per version (Compare votes between versions)")
                 board = gr.Dataframe(interactive=False, wrap=True)
@@ -433,7 +438,7 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
         cmp_use.click(use_choice, [cmp_state, client], [chatbot, chat_state, client, tabs], **private)
 
         # ============================================================== handlers: Training and Data
-        dash_outputs = [train_md, plot_acc, plot_rl, board, versions_df, data_md]
+        dash_outputs = [train_md, curve_row, plot_acc, plot_rl, board, versions_df, data_md]
         refresh.click(lambda: _dashboard(service), None, dash_outputs, **private)
         demo.load(lambda: _dashboard(service), None, dash_outputs, **private)
         # Fresh numbers whenever a dashboard tab is opened (otherwise they are as old as the page).
@@ -504,7 +509,6 @@ def _dashboard(service: Service):
     """Everything the Training and Data tabs show, from one status read."""
     status = service.status()
     trainer = status["trainer"]
-    runs = status["last_runs"]
     lines = [
         f"**Live version:** `{status['live_version']}`  ·  **Trainer:** {trainer.get('state', 'unknown')}"
         + (f" ({trainer['progress']})" if trainer.get("progress") else ""),
@@ -517,18 +521,17 @@ def _dashboard(service: Service):
         )
     if trainer.get("last_error"):
         lines.append(f"**Last training error:** {html.escape(str(trainer['last_error']))}")
-    acc_rows, rl_rows = [], []
-    for i, run in enumerate(reversed([r for r in runs if r.get("status") == "ok"])):
-        m = run.get("metrics") or {}
-        if isinstance(m, str):
-            m = json.loads(m or "{}")
-        for key, rows, name in (
-            ("reward/accuracy", acc_rows, "accuracy"),
-            ("ppo/score", rl_rows, "mean reward"),
-            ("ppo/kl", rl_rows, "KL to base (nats/answer)"),
-        ):
-            if key in m:
-                rows.append({"round": i + 1, "value": float(m[key]), "metric": name})
+    acc_rows, rl_rows = _curve_rows(service.learning_curve())
+    votes_left = max(0, status["votes_per_round"] - status["votes_since_last_round"])
+    if not acc_rows and not rl_rows:
+        lines.append(
+            f"**No training round yet.** {votes_left} more vote{'s' if votes_left != 1 else ''} (thumbs or Compare "
+            "choices) start the first one; the learning curve appears here after it."
+            if trainer.get("running")
+            else "**No training round yet.**"
+        )
+    elif trainer.get("running"):
+        lines.append(f"**Next round** after {votes_left} more vote{'s' if votes_left != 1 else ''}.")
     frame = lambda rows: pd.DataFrame(rows or [], columns=["round", "value", "metric"])  # noqa: E731
     versions = pd.DataFrame(
         [{k: v.get(k) for k in ("version", "status", "parent", "created")} for v in status["versions"]] or [],
@@ -542,7 +545,24 @@ def _dashboard(service: Service):
         f"**thumbs:** 👍 {votes.get('up', 0)} / 👎 {votes.get('down', 0)} (cleared {votes.get('cleared', 0)}) · "
         f"**A/B choices:** " + ", ".join(f"{k} {v}" for k, v in choices.items())
     )
-    return "\n\n".join(lines), frame(acc_rows), frame(rl_rows), board, versions, data
+    curve = gr.Row(visible=bool(acc_rows or rl_rows))
+    return "\n\n".join(lines), curve, frame(acc_rows), frame(rl_rows), board, versions, data
+
+
+def _curve_rows(curve: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Long-format rows for the two learning-curve plots (a missing value leaves a gap, not a zero)."""
+    rates, drift = [], []
+    for row in curve:
+        for key, rows, name in (
+            ("win_rate_vs_base", rates, "people: vs base"),
+            ("win_rate_vs_earlier", rates, "people: vs earlier versions"),
+            ("reward_accuracy", rates, "reward model accuracy (held-out votes)"),
+            ("kl", drift, "KL to base (nats/answer)"),
+            ("ppo_score", drift, "PPO score (normalised reward)"),
+        ):
+            if row.get(key) is not None:
+                rows.append({"round": row["round"], "value": float(row[key]), "metric": name})
+    return rates, drift
 
 
 def serve(cfg: Config) -> None:

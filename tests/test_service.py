@@ -302,3 +302,44 @@ def test_votes_through_the_service_appear_in_exports_with_exact_text(service, tm
         pair["b"]["text"],
         pair["a"]["text"],
     ]
+
+
+def test_learning_curve_counts_compare_votes_between_versions(tiny_cfg, tmp_path):
+    from rlhf_live.ui import _dashboard
+
+    store = Store(tiny_cfg.db_path)
+    policy = Policy.from_config(tiny_cfg)
+    service = Service(policy, store, replace(tiny_cfg, train_min_new_votes=5))
+    text = _dashboard(service)[0]
+    assert service.learning_curve() == []
+    assert "No training round yet" in text and "more votes" not in text  # no trainer running: no promise
+    policy.model.save_pretrained(tmp_path / "v0001")
+    store.add_adapter("v0001", str(tmp_path / "v0001"), status="live", metrics={"reward/accuracy": 0.75, "ppo/kl": 1.5})
+    policy.swap(tmp_path / "v0001", "v0001")
+    service._rng.shuffle = lambda pair: None  # A is the live version, B the base
+    for choice in ("A", "A", "B"):
+        *_, pair = service.compare(ALICE, "Which is better?", mode="base")
+        assert service.choose(ALICE, pair["pair_id"], choice, "")["a_version"] == "v0001"
+    (row,) = service.learning_curve()
+    assert row["version"] == "v0001" and row["round"] == 1
+    assert (row["win_rate_vs_base"], row["votes_vs_base"]) == (pytest.approx(2 / 3), 3)
+    assert (row["win_rate_vs_earlier"], row["votes_vs_earlier"]) == (pytest.approx(2 / 3), 3)
+    assert (row["reward_accuracy"], row["kl"]) == (0.75, 1.5)
+    store.close()
+
+
+def test_dashboard_says_how_many_votes_start_the_first_round(tiny_cfg):
+    from rlhf_live.ui import _dashboard
+
+    class Idle:
+        def status(self):
+            return {"state": "idle", "running": True, "watermark": 0, "last_error": ""}
+
+    store = Store(tiny_cfg.db_path)
+    service = Service(Policy.from_config(tiny_cfg), store, replace(tiny_cfg, train_min_new_votes=5), Idle())
+    *_, last = service.chat(ALICE, "Hello")
+    service.feedback(ALICE, last["response_id"], "up")
+    text, curve, *_ = _dashboard(service)
+    assert "4 more votes" in text and "start the first one" in text
+    assert curve.visible is False
+    store.close()

@@ -1,0 +1,85 @@
+"""Probe reward model: learns a separable preference from few votes on the tiny model, thumbs set the sign, cache."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from test_reward import WORDS, marker_pairs, user
+
+from rlhf_live.reward import RewardDataError
+from rlhf_live.reward_probe import ProbeRewardModel
+from rlhf_live.trainer import create_reward_model
+
+
+@pytest.fixture
+def probe(tiny_cfg):
+    return ProbeRewardModel.create(tiny_cfg)
+
+
+def test_learns_a_separable_preference_from_thirty_pairs(probe):
+    pairs = marker_pairs(30)
+    assert probe.accuracy(marker_pairs(20, seed=1)) == 0.5  # untrained: every score is 0, ties count half
+    metrics = probe.fit(pairs, eval_fraction=0.2)
+    assert metrics["kind"] == "probe" and metrics["n_train"] == 24 and metrics["n_eval_pairs"] == 6
+    assert metrics["accuracy"] == 1.0 and metrics["train_loss"] < math.log(2) / 2
+    assert probe.accuracy(marker_pairs(20, seed=1)) == 1.0  # unseen pairs
+    z = probe.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs], normalise=True)
+    assert z.dtype == torch.float32 and z.shape == (30,)
+
+
+def test_fit_is_deterministic_and_refits_from_zero(probe):
+    pairs = marker_pairs(20)
+    probe.fit(pairs)
+    first = probe.head.weight.detach().clone()
+    flipped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
+    probe.fit(flipped)
+    probe.fit(pairs)
+    torch.testing.assert_close(probe.head.weight, first)
+
+
+def test_thumbs_alone_set_the_sign_and_ties_alone_are_refused(probe):
+    rng = random.Random(2)
+    thumbs = []
+    for i in range(30):
+        body = " ".join(rng.choice(WORDS) for _ in range(4))
+        thumbs += [{"prompt": user(f"q{i} {body}"), "completion": body + " thank you", "label": True}]
+        thumbs += [{"prompt": user(f"q{i} {body}"), "completion": body + " hello", "label": False}]
+    metrics = probe.fit([], pointwise=thumbs, eval_fraction=0)
+    assert metrics["n_train_thumbs"] == 60 and metrics["accuracy"] is None
+    test = marker_pairs(10, seed=3)
+    r = probe.score([p["prompt"] for p in test] * 2, [p["chosen"] for p in test] + [p["rejected"] for p in test])
+    assert (r[:10] > 0).all() and (r[10:] < 0).all()
+    with pytest.raises(RewardDataError, match="Only ties"):
+        probe.fit([], ties=[{"prompt": user("q"), "a": "x", "b": "y"}])
+
+
+def test_features_of_an_answer_are_computed_once(probe, monkeypatch):
+    pairs = marker_pairs(6)
+    calls = []
+    compute = probe._compute
+    monkeypatch.setattr(probe, "_compute", lambda seqs: (calls.append(len(seqs)), compute(seqs))[1])
+    probe.fit(pairs, eval_fraction=0)
+    assert sum(calls) == 12
+    probe.fit(pairs + marker_pairs(1, seed=9), eval_fraction=0)
+    assert sum(calls) == 14  # only the new pair's two answers
+
+
+def test_pooling_uses_the_answer_tokens_only(probe):
+    """The same answer after two different prompts: mean-pooled middle layers differ (context), shapes hold."""
+    f = probe.features([user("apples"), user("the weather in paris today")], ["sunny and warm", "sunny and warm"])
+    assert f.shape == (2, probe.n_features) and torch.isfinite(f).all()
+    ids, cut, n_answer = probe.encode_parts(user("apples"), "sunny and warm")
+    assert cut == "" and 0 < n_answer < len(ids)
+    assert ids[-n_answer:] == probe.encode_parts(user("the weather in paris today"), "sunny and warm")[0][-n_answer:]
+
+
+def test_reward_kind_picks_the_model(tiny_cfg):
+    assert isinstance(create_reward_model(tiny_cfg), ProbeRewardModel)
+    tiny_cfg.reward_kind = "lora"
+    assert type(create_reward_model(tiny_cfg)).__name__ == "RewardModel"
+    tiny_cfg.reward_kind = "nope"
+    with pytest.raises(ValueError, match="reward_kind"):
+        create_reward_model(tiny_cfg)
