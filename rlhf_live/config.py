@@ -113,7 +113,7 @@ class Config:
     ppo_batch_size: int = 8
     """Prompts per PPO update (one answer is sampled for each)."""
     ppo_max_new_tokens: int = 64
-    """Longest answer in a PPO rollout; an answer cut here has no EOS and gets missing_eos_penalty."""
+    """Longest answer in a PPO rollout; an answer cut here has no EOS (see missing_eos_penalty)."""
     ppo_max_prompt_tokens: int = 256
     """Longest prompt in a PPO rollout; older turns, then the start of the message, are dropped to fit."""
     ppo_epochs: int = 4
@@ -140,16 +140,16 @@ class Config:
     """Weight of the value loss against the policy loss."""
     gamma: float = 1.0
     """Discount per token in GAE."""
-    gae_lambda: float = 0.95
-    """GAE lambda (bias/variance trade-off of the advantages)."""
+    gae_lambda: float = 1.0
+    """GAE lambda; 1 credits every token with the whole answer's score (arXiv 2402.14740; bench/RESULTS.md)."""
     ppo_temperature: float = 0.7
     """Sampling temperature of PPO rollouts; log-probs are recomputed with logits divided by it."""
     target_kl: float = 0.1
     """Stop an update's epochs early once approx_kl (per token, old vs new policy) exceeds this; 0 turns it off."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm of each optimizer step to this."""
-    missing_eos_penalty: float = -1.0
-    """Score that replaces the reward of an answer with no EOS (cut at ppo_max_new_tokens)."""
+    missing_eos_penalty: float = 0.0
+    """Added to the score of an answer with no EOS (cut at ppo_max_new_tokens), e.g. -1; 0 (off): no voter asked."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% slower); off on small models."""
 

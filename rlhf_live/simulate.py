@@ -147,6 +147,7 @@ def _entry(n: int, votes: int, counts: dict, result: dict, metrics: dict, second
         "ppo_score_last": metrics.get("ppo/score_last"),
         "ppo_kl": metrics.get("ppo/kl"),
         "error": metrics.get("error", ""),
+        "round_seconds": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("seconds/")},
         "seconds": round(time.perf_counter() - start, 1),
         "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()},
     }

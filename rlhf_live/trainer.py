@@ -109,14 +109,18 @@ def train_round(
     rng = random.Random(cfg.seed + store.watermark())
     torch.manual_seed(cfg.seed + store.watermark())
     watermark = store.watermark()
+    seconds = {"start": time.perf_counter()}
 
     # 1. Reward model: re-fit on the full history (votes are few; a fresh fit avoids drifting on old data).
     say("fitting reward model", "loading")
     pairs, ties, pointwise = store.preference_pairs(), store.ties(), store.pointwise_labels()
     reward_model = bench.new_reward_model()
+    seconds["reward_load"] = time.perf_counter()
     reward_metrics = reward_model.fit(
         pairs, ties=ties, pointwise=pointwise, progress=lambda *a: (wait(), say("fitting reward model", _fmt(a)))
     )
+
+    seconds["reward_fit"] = time.perf_counter()
 
     # 2. PPO on a training copy of the live policy; the reference is the same model with the adapter disabled.
     say("PPO", "loading policy copy")
@@ -132,6 +136,7 @@ def train_round(
     if live_path:
         ppo.load_value_head(live_path)
     pool = _prompt_pool(store, cfg, rng, bench.exclude_prompts)
+    seconds["ppo_load"] = time.perf_counter()
     updates = []
     for i in range(cfg.ppo_updates_per_round):
         wait()
@@ -140,6 +145,7 @@ def train_round(
         updates.append(ppo.step(batch))
     ppo_metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[-1]}
     ppo_metrics["score_first"], ppo_metrics["score_last"] = updates[0]["score"], updates[-1]["score"]
+    seconds["ppo_updates"] = time.perf_counter()
 
     # 3. Publish atomically as a candidate; the caller decides whether it goes live.
     say("evaluating", "publishing")
@@ -150,6 +156,10 @@ def train_round(
     path = registry.publish(version, ppo.save_adapter, meta={"parent": metrics["parent"], "metrics": metrics})
     store.add_adapter(version, str(path), parent=live["version"] if live else None, status="candidate", metrics=metrics)
     metrics["version"] = version
+    seconds["publish"] = time.perf_counter()
+    marks = list(seconds.items())  # time of each stage: the wall clock between its mark and the previous one
+    metrics.update({f"seconds/{k}": round(t - marks[i][1], 2) for i, (k, t) in enumerate(marks) if i})
+    metrics["seconds/round"] = round(marks[-1][1] - marks[0][1], 2)
     return metrics
 
 

@@ -197,7 +197,7 @@ def test_truncates_at_first_eos_and_penalises_answers_without_eos(tiny_cfg, monk
     metrics = trainer.step([[{"role": "user", "content": "x"}]] * 2)
     assert seen["answers"][0] == "Hello"
     assert metrics["score_raw"] == pytest.approx(0.5)
-    assert metrics["score"] == pytest.approx((0.5 - 3.0) / 2)  # the answer with no EOS scored -3
+    assert metrics["score"] == pytest.approx((0.5 + 0.5 - 3.0) / 2)  # the answer with no EOS: 0.5 - 3
     assert metrics["eos_rate"] == 0.5
 
 

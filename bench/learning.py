@@ -1,0 +1,90 @@
+"""Learning benchmark: the live loop with each built-in simulated rater; win-rate vs base, KL, fluency, minutes.
+
+    python bench/learning.py                                  # every built-in rater, 200 votes, a round every 40
+    python bench/learning.py --raters concise,structured --votes 120 --jobs 2
+
+Each rater runs `rlhf-live simulate` in its own process and data dir (the same seed, prompts and settings for all),
+so `--jobs 2` runs two at once (one thread each: on 2 cores that finishes sooner, but times are then not the
+single-run times the 30-minute goal is about). Prints a table; writes bench/learning.json and
+bench/learning/<rater>/{result.json,samples.json,curve.png}. Extra arguments after `--` go to every simulate run
+(e.g. `-- --ppo-lr 3e-4`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RATERS = "concise,verbose,polite,structured,cheerful,keyword:example"
+
+
+def run_one(rater: str, args: argparse.Namespace, extra: list[str]) -> dict:
+    """One simulate run in a fresh data dir; its summary (or the error)."""
+    name = rater.replace(":", "_")
+    out = Path(args.out) / name
+    data = Path(args.work) / name
+    subprocess.run(["rm", "-rf", str(data)], check=True)
+    cmd = [sys.executable, "-m", "rlhf_live", "simulate", "--rater", rater, "--votes", str(args.votes)]
+    cmd += ["--round-every", str(args.round_every), "--eval-prompts", str(args.eval_prompts)]
+    cmd += ["--seed", str(args.seed), "--data-dir", str(data), "--out", str(out), *extra]
+    env = dict(os.environ)
+    if args.jobs > 1:
+        env["OMP_NUM_THREADS"] = "1"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(out / "log.txt", "w") as log:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    if proc.returncode != 0:
+        return {"rater": rater, "error": f"exit {proc.returncode}; see {out / 'log.txt'}", "seconds": time.time() - t0}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict]) -> str:
+    head = (
+        "| rater | informative votes | win-rate vs base [95%] | KL | words (base) | EOS rate (base) "
+        "| distinct-2 (base) | fluent | minutes |\n|---|---:|---|---:|---:|---:|---:|---|---:|"
+    )
+    rows = [head]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['rater']} | error: {r['error']} |||||||")
+            continue
+        b, (lo, hi) = r["base"], r["win_rate_ci"]
+        rows.append(
+            f"| {r['rater']} | {r['informative_votes']}/{r['votes']} | {r['win_rate']:.2f} [{lo:.2f}, {hi:.2f}] "
+            f"| {r['kl']:.1f} | {r['answer_words']:.0f} ({b['answer_words']:.0f}) | {r['eos_rate']:.2f} "
+            f"({b['eos_rate']:.2f}) | {r['distinct2']:.2f} ({b['distinct2']:.2f}) | {r['fluent']} "
+            f"| {r['seconds'] / 60:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--raters", default=RATERS)
+    parser.add_argument("--votes", type=int, default=200)
+    parser.add_argument("--round-every", type=int, default=40)
+    parser.add_argument("--eval-prompts", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with one thread when > 1)")
+    parser.add_argument("--out", default=str(HERE / "learning"))
+    parser.add_argument("--work", default="/tmp/rlhf-live-bench-learning", help="data dirs of the runs")
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    raters = [r for r in args.raters.split(",") if r]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda r: run_one(r, args, extra), raters))
+    print(table(results))
+    summary = {"args": vars(args), "extra": extra, "results": [{k: v for k, v in r.items()} for r in results]}
+    (HERE / "learning.json").write_text(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
