@@ -158,7 +158,7 @@ def train_round(
     metrics["version"] = version
     seconds["publish"] = time.perf_counter()
     marks = list(seconds.items())  # time of each stage: the wall clock between its mark and the previous one
-    metrics.update({f"seconds/{k}": round(t - marks[i][1], 2) for i, (k, t) in enumerate(marks) if i})
+    metrics.update({f"seconds/{k}": round(t - marks[i - 1][1], 2) for i, (k, t) in enumerate(marks) if i})
     metrics["seconds/round"] = round(marks[-1][1] - marks[0][1], 2)
     return metrics
 

@@ -118,3 +118,42 @@ def test_trainer_thread_trains_on_new_votes_and_hot_swaps(loop_cfg):
     assert policy.version == "v0001" == store.live_adapter()["version"]
     *_, last = service.chat(service.voter("after"), "Hello again")
     assert last["adapter_version"] == "v0001"
+
+
+def test_workbench_loads_once_and_each_round_starts_from_the_live_adapter(loop_cfg, monkeypatch):
+    from rlhf_live import trainer as trainer_mod
+
+    store = Store.from_config(loop_cfg)
+    _vote(Service(Policy.from_config(loop_cfg), store, loop_cfg))
+    loads = []
+    real_load = trainer_mod.load_base
+    monkeypatch.setattr(trainer_mod, "load_base", lambda *a, **k: (loads.append(1), real_load(*a, **k))[1])
+    bench = trainer_mod.Workbench(loop_cfg)
+    first = run_round(loop_cfg, store, bench=bench)
+    second = run_round(loop_cfg, store, bench=bench)
+    assert (first["version"], second["version"]) == ("v0001", "v0002") and len(loads) == 2  # reward + policy copy
+    assert {"seconds/reward_fit", "seconds/ppo_updates", "seconds/round"} <= second.keys()
+    assert second["seconds/round"] >= second["seconds/ppo_updates"] > 0
+    # The PPO copy holds exactly one adapter (the previous round's was taken out, not stacked).
+    copy = bench.policy_copy(store.adapter("v0002")["path"])
+    assert list(copy.peft_config) == ["default"]
+    v2 = Policy.from_config(loop_cfg, adapter_path=store.adapter("v0002")["path"])
+    for (name, p), (name2, p2) in zip(
+        sorted((n, p) for n, p in copy.named_parameters() if "lora_" in n),
+        sorted((n, p) for n, p in v2.model.named_parameters() if "lora_" in n),
+    ):
+        assert name == name2 and torch.equal(p.detach(), p2.detach())
+
+
+def test_ppo_prompt_pool_never_holds_excluded_prompts(loop_cfg):
+    import random
+
+    from rlhf_live.ppo import load_seed_prompts
+    from rlhf_live.trainer import _prompt_pool
+
+    store = Store.from_config(loop_cfg)
+    seeds = load_seed_prompts()
+    excluded = frozenset(p[-1]["content"] for p in seeds[:50])
+    loop_cfg.ppo_batch_size, loop_cfg.ppo_updates_per_round = 64, 4  # asks for more than the store has
+    pool = _prompt_pool(store, loop_cfg, random.Random(0), excluded)
+    assert len(pool) == 256 and not {p[-1]["content"] for p in pool} & excluded
