@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 
 from .policy import BASE, Answer, GenerationSettings, Policy
 
-FLUENCY_MARGINS = {"distinct2": 0.05, "eos_rate": 0.10}
-"""How much lower than the base's a version's distinct-2 and EOS rate may be and still count as fluent."""
+FLUENCY_MARGINS = {"distinct2": 0.05, "eos_rate": 0.10, "answered_rate": 0.05}
+"""How much lower than the base's a version's distinct-2, EOS rate and share of non-blank answers may be and still
+count as fluent (an empty answer ends with EOS and has perfect distinct-2: only the last one catches it)."""
 
 
 def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -34,13 +35,14 @@ def distinct_n(text: str, n: int = 2) -> float:
 
 
 def answer_stats(answers: Sequence[Answer]) -> dict:
-    """Mean words and tokens per answer, EOS rate and mean per-answer distinct-2 (repetition shows as a drop)."""
+    """Mean words and tokens per answer, EOS rate, share of non-blank answers and mean per-answer distinct-2."""
     n = max(1, len(answers))
     return {
         "answer_words": sum(len(a.text.split()) for a in answers) / n,
         "answer_tokens": sum(len(a.token_ids) for a in answers) / n,
         "eos_rate": sum(a.finish_reason == "eos" for a in answers) / n,
         "distinct2": sum(distinct_n(a.text) for a in answers) / n,
+        "answered_rate": sum(bool(a.text.split()) for a in answers) / n,
     }
 
 

@@ -2,7 +2,8 @@
 
 Knows text rules and how to load one from a SPEC (a built-in name, `keyword:WORD`, `module:function` or
 `path/to/file.py:function`); knows nothing of models, SQL or Gradio. A rater gets `(prompt_messages, answer_a,
-answer_b)` and returns "A", "B" or "tie", exactly what a person's Compare vote records.
+answer_b)` and returns "A", "B" or "tie", exactly what a person's Compare vote records; a blank answer loses to any
+other, whatever the rule (a length rule would otherwise teach the model to say nothing).
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class Rater:
         self._seen: list[float] = []
 
     def __call__(self, prompt: list[dict], a: str, b: str) -> str:
+        if not (a.split() and b.split()):  # nobody prefers no answer, whatever their taste
+            return "tie" if not (a.split() or b.split()) else "A" if a.split() else "B"
         choice = self._choose(prompt, a, b)
         if choice not in CHOICES:
             raise RaterError(f"Rater {self.name!r} returned {choice!r}; a rater must return 'A', 'B' or 'tie'.")
@@ -112,9 +115,11 @@ class Rater:
         return self._score is not None
 
     def thumb(self, prompt: list[dict], answer: str) -> str | None:
-        """'up' above the median score of the answers seen so far, 'down' below it, None when equal."""
+        """'up' above the median score of the answers seen so far, 'down' below it or blank, None when equal."""
         if self._score is None:
             raise RaterError(f"Rater {self.name!r} has no pointwise score: thumbs come from its A/B choices.")
+        if not answer.split():
+            return "down"
         s = float(self._score(prompt, answer))
         self._seen.append(s)
         median = statistics.median(self._seen)

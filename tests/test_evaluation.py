@@ -22,12 +22,14 @@ def test_distinct_2_and_answer_stats():
     assert distinct_n("a b a b") == pytest.approx(2 / 3)  # (a b), (b a), (a b)
     assert distinct_n("word") == 1.0
     answers = [Answer("a b a b", [1, 2, 3, 4], "eos"), Answer("one two three", [5, 6], "length")]
+    answers.append(Answer(" ", [7], "eos"))
     stats = answer_stats(answers)
     assert stats == {
-        "answer_words": 3.5,
-        "answer_tokens": 3.0,
-        "eos_rate": 0.5,
-        "distinct2": pytest.approx((2 / 3 + 1) / 2),
+        "answer_words": 7 / 3,
+        "answer_tokens": 7 / 3,
+        "eos_rate": 2 / 3,
+        "distinct2": pytest.approx((2 / 3 + 1 + 1) / 3),
+        "answered_rate": 2 / 3,
     }
 
 
@@ -42,6 +44,18 @@ def test_base_against_itself_ties_and_has_zero_kl(tiny_cfg):
     shown_second = sum(s["outcome"] == 1.0 for s in result["samples"])
     assert result["win_rate"] == shown_second / 6 and result["ties"] == 0
     assert result["fluent"] and len(result["samples"]) == 6
+
+
+def test_a_version_that_answers_nothing_is_not_fluent(tiny_cfg, monkeypatch):
+    policy = Policy.from_config(tiny_cfg)
+    settings = GenerationSettings.from_config(tiny_cfg, max_new_tokens=6, seed=0)
+    evaluator = Evaluator(policy, load_rater("concise"), PROMPTS, settings)
+    monkeypatch.setattr(policy, "generate_many", lambda prompts, *a, **k: [Answer("", [0], "eos") for _ in prompts])
+    result = evaluator.evaluate()
+    # Blank answers end with EOS and never repeat themselves: only the answered rate shows the collapse.
+    assert result["answered_rate"] == 0.0 and result["eos_rate"] == 1.0 and result["distinct2"] == 1.0
+    assert not result["fluent"]
+    assert result["win_rate"] == sum(not s["base"].split() for s in result["samples"]) / 12  # blank loses, or ties
 
 
 def test_kl_to_base_is_zero_for_a_fresh_lora_and_positive_once_it_moves(tiny_cfg, tmp_path):

@@ -67,6 +67,15 @@ def test_thumbs_from_the_pointwise_score_are_relative_to_the_median_seen():
     assert rater.thumbs_for(P, "a", "a b c d e f g", "A") == ("up", "down")
 
 
+@pytest.mark.parametrize("spec", [*BUILT_IN, "keyword:you", "tests.test_raters:always_b"])
+def test_a_blank_answer_loses_whatever_the_rule(spec):
+    rater = load_rater(spec)
+    assert rater(P, "", "Sure, here you go.") == "B" and rater(P, "Yes.", " \n") == "A"
+    assert rater(P, "", "  ") == "tie"
+    if rater.pointwise:
+        assert rater.thumb(P, "") == "down"
+
+
 def test_thumbs_of_a_pairwise_only_rater_follow_its_choice():
     rater = load_rater("tests.test_raters:always_b")
     assert not rater.pointwise

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from rlhf_live.adapters import check_folder
+from rlhf_live.config import Config
 from rlhf_live.policy import Policy
 from rlhf_live.service import Service
 from rlhf_live.store import Store
-from rlhf_live.trainer import Trainer, TrainingRejected, run_round
+from rlhf_live.trainer import Trainer, TrainingRejected, gate, run_round
 
 
 @pytest.fixture
@@ -76,14 +77,25 @@ def test_kl_gate_keeps_a_drifting_version_as_candidate(loop_cfg):
     assert store.adapter("v0001")["status"] == "candidate" and store.live_adapter() is None
 
 
+def test_gate_refuses_drift_and_answers_that_collapsed_to_nothing():
+    cfg = Config(max_kl_per_answer=20.0, min_answer_tokens=4.0)
+    gate(cfg, {"ppo/kl": 19.9, "ppo/answer_tokens_last": 4.0})  # at both limits: goes live
+    with pytest.raises(TrainingRejected, match="KL"):
+        gate(cfg, {"ppo/kl": 20.1, "ppo/answer_tokens_last": 30.0})
+    with pytest.raises(TrainingRejected, match=r"answers shrank to 0\.2 tokens"):
+        gate(cfg, {"ppo/kl": 19.6, "ppo/answer_tokens_last": 0.2})
+
+
 def test_nan_rewards_leave_serving_untouched(loop_cfg, monkeypatch):
-    from rlhf_live import reward
+    from rlhf_live import reward, reward_probe
 
     store = Store.from_config(loop_cfg)
     policy = Policy.from_config(loop_cfg)
     service = Service(policy, store, loop_cfg)
     _vote(service)
-    monkeypatch.setattr(reward.RewardModel, "score", lambda self, p, a, **k: torch.full((len(a),), float("nan")))
+    nan_scores = lambda self, p, a, **k: torch.full((len(a),), float("nan"))  # noqa: E731
+    monkeypatch.setattr(reward.RewardModel, "score", nan_scores)
+    monkeypatch.setattr(reward_probe.ProbeRewardModel, "score", nan_scores)
     trainer = Trainer(loop_cfg, store, policy)
     trainer.start()
     try:
