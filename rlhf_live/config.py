@@ -153,7 +153,19 @@ class Config:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% slower); off on small models."""
 
+    # --- direct learners (DPO / KTO through TRL) ----------------------------------------------------
+    direct_beta: float = 0.1
+    """DPO/KTO beta: the implicit reward is beta * log(pi / pi_ref); larger keeps the policy nearer the base."""
+    direct_lr: float = 1e-4
+    """AdamW learning rate of the policy LoRA in a DPO/KTO round (constant within the round)."""
+    direct_epochs: float = 1.0
+    """Passes over all votes so far in one DPO/KTO round (each round continues from the live adapter)."""
+    direct_batch_size: int = 8
+    """Pairs (DPO) or labelled answers (KTO) per optimizer step; KTO needs at least 2."""
+
     # --- trainer (the live loop) ------------------------------------------------------------------
+    learner: str = "ppo"
+    """What a round trains: 'ppo' (reward model + PPO, RLHF), 'dpo' (A/B choices) or 'kto' (thumbs and A/B)."""
     train_min_new_votes: int = 8
     """Start a training round once this many new votes (thumbs writes and A/B choices) have arrived."""
     train_check_s: float = 30.0
@@ -169,7 +181,9 @@ class Config:
     max_kl_per_answer: float = 20.0
     """Gate: a round whose mean KL to the base exceeds this (nats per answer) is not made live."""
     min_answer_tokens: float = 4.0
-    """Gate: a round whose last PPO answers average fewer tokens than this is not made live (silence as reward hack)."""
+    """Gate: a round whose sampled answers average fewer tokens than this is not made live (silence as reward hack)."""
+    gate_prompts: int = 16
+    """Prompts sampled after a DPO/KTO round to measure its KL to the base and answer length for the gate."""
 
     # --- app -------------------------------------------------------------------------------------
     data_dir: str = field(default_factory=_default_data_dir)

@@ -318,6 +318,23 @@ class PPOTrainer:
         parts = [self.forward(*chunk, **kwargs) for chunk in chunks]
         return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
 
+    @torch.no_grad()
+    def drift(self, prompts: list[list[dict]]) -> dict:
+        """Sample answers and measure them, no update: KL to the reference per answer, tokens, EOS rate (the gate's)."""
+        batch = self.rollout(prompts)
+        args = (batch["query"], batch["query_mask"], batch["responses"], batch["response_mask"])
+        if args[2].shape[1] == 0:
+            return {"kl": 0.0, "answer_tokens": 0.0, "eos_rate": float(batch["has_eos"].float().mean())}
+        logprobs, _, _ = self._forward_micro(*args, values=False)
+        with self.model.disable_adapter():
+            ref_logprobs, _, _ = self._forward_micro(*args, values=False)
+        mask_f = batch["response_mask"].float()
+        return {
+            "kl": float(((logprobs - ref_logprobs) * mask_f).sum(1).mean()),  # k1, the estimate PPO's gate reads
+            "answer_tokens": float(mask_f.sum(1).mean()),
+            "eos_rate": float(batch["has_eos"].float().mean()),
+        }
+
     # the whole update -----------------------------------------------------------------------------------------
     def step(self, prompts: list[list[dict]]) -> dict:
         """One PPO update: rollout -> score -> KL-shaped rewards -> GAE -> epochs of minibatches; metrics dict."""

@@ -237,7 +237,8 @@ class Service:
                     "win_rate_vs_earlier": vs_earlier,
                     "votes_vs_earlier": n_earlier,
                     "reward_accuracy": metrics.get("reward/accuracy"),
-                    "kl": metrics.get("ppo/kl"),
+                    "learner": metrics.get("learner", "ppo"),  # versions from before learners were PPO's
+                    "kl": metrics.get("sample/kl", metrics.get("ppo/kl")),
                     "ppo_score": metrics.get("ppo/score"),
                 }
             )

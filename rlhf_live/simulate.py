@@ -18,9 +18,8 @@ from pathlib import Path
 from .config import Config
 from .evaluation import Evaluator
 from .policy import GenerationSettings, Policy
-from .ppo import PPODivergence, load_seed_prompts
+from .ppo import load_seed_prompts
 from .raters import Rater, load_rater
-from .reward import RewardDataError
 from .service import Service
 from .store import Store
 
@@ -64,7 +63,7 @@ def simulate(
     thumbs: bool = False,
 ) -> dict:
     """Run `votes` simulated votes with a training round every `round_every`; the learning curve as a dict."""
-    from .trainer import Trainer, TrainingRejected  # heavy: only when simulating
+    from .trainer import ROUND_FAILURES, Trainer, TrainingRejected  # heavy: only when simulating
 
     if votes < 1 or round_every < 1:
         raise ValueError("--votes and --round-every must be at least 1.")
@@ -104,7 +103,7 @@ def simulate(
                 metrics = trainer.run_once()
             except TrainingRejected as exc:
                 status, metrics = "rejected", {"error": str(exc)}
-            except (RewardDataError, PPODivergence) as exc:
+            except ROUND_FAILURES as exc:
                 status, metrics = "failed", {"error": str(exc)}
             seconds["training"] += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -117,6 +116,7 @@ def simulate(
     last = history[-1]
     summary = {
         "rater": rater.name,
+        "learner": cfg.learner,
         "votes": votes,
         "round_every": round_every,
         "rounds": len(history) - 1,
@@ -146,6 +146,8 @@ def _entry(n: int, votes: int, counts: dict, result: dict, metrics: dict, second
         "ppo_score_first": metrics.get("ppo/score_first"),
         "ppo_score_last": metrics.get("ppo/score_last"),
         "ppo_kl": metrics.get("ppo/kl"),
+        "train_loss_first": next((v for k, v in metrics.items() if k.endswith("/loss_first")), None),
+        "train_loss_last": next((v for k, v in metrics.items() if k.endswith("/loss_last")), None),
         "error": metrics.get("error", ""),
         "round_seconds": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("seconds/")},
         "seconds": round(time.perf_counter() - start, 1),

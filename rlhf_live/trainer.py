@@ -19,6 +19,7 @@ import torch
 
 from .adapters import AdapterRegistry
 from .config import Config
+from .direct import LEARNERS, DirectDivergence, train_direct
 from .models import load_base, prepare_cpu_4bit, resolve
 from .policy import BASE, Policy, attach_adapter
 from .ppo import PPODivergence, PPOTrainer, load_seed_prompts
@@ -31,6 +32,10 @@ Progress = Callable[[str, str], None]
 
 class TrainingRejected(RuntimeError):
     """A round finished but its result failed a guardrail, so it was not made live; the message says which."""
+
+
+ROUND_FAILURES = (RewardDataError, TrainingRejected, PPODivergence, DirectDivergence)
+"""Failures a round expects and explains in one sentence (recorded without a traceback type name)."""
 
 
 def _prompt_pool(store: Store, cfg: Config, rng: random.Random, exclude: frozenset[str]) -> list[list[dict]]:
@@ -101,6 +106,8 @@ def train_round(
     bench: Workbench | None = None,
 ) -> dict:
     """One round on the store's feedback; publishes a candidate version and returns its metrics."""
+    if cfg.learner not in LEARNERS:
+        raise ValueError(f"learner must be one of {', '.join(LEARNERS)}, not {cfg.learner!r}")
     say = progress or (lambda stage, detail: None)
     wait = pause or (lambda: None)
     bench = bench or Workbench(cfg)
@@ -111,50 +118,77 @@ def train_round(
     watermark = store.watermark()
     seconds = {"start": time.perf_counter()}
 
-    # 1. Reward model: re-fit on the full history (votes are few; a fresh fit avoids drifting on old data).
-    say("fitting reward model", "loading")
-    pairs, ties, pointwise = store.preference_pairs(), store.ties(), store.pointwise_labels()
-    reward_model = bench.new_reward_model()
-    seconds["reward_load"] = time.perf_counter()
-    reward_metrics = reward_model.fit(
-        pairs, ties=ties, pointwise=pointwise, progress=lambda *a: (wait(), say("fitting reward model", _fmt(a)))
-    )
-
-    seconds["reward_fit"] = time.perf_counter()
-
-    # 2. PPO on a training copy of the live policy; the reference is the same model with the adapter disabled.
-    say("PPO", "loading policy copy")
     live = store.live_adapter()
     live_path = live["path"] if live and Path(live["path"]).is_dir() else None
-    policy_model = bench.policy_copy(live_path)
-    tokenizer = bench.tokenizer
-
-    def reward_fn(prompts, texts):
-        return reward_model.score(prompts, texts, normalise=True)
-
-    ppo = PPOTrainer(policy_model, tokenizer, cfg, reward_fn)
-    if live_path:
-        ppo.load_value_head(live_path)
+    pairs, ties, pointwise = store.preference_pairs(), store.ties(), store.pointwise_labels()
     pool = _prompt_pool(store, cfg, rng, bench.exclude_prompts)
-    seconds["ppo_load"] = time.perf_counter()
-    updates = []
-    for i in range(cfg.ppo_updates_per_round):
-        wait()
-        say("PPO", f"update {i + 1}/{cfg.ppo_updates_per_round}")
-        batch = [pool[rng.randrange(len(pool))] for _ in range(cfg.ppo_batch_size)]
-        updates.append(ppo.step(batch))
-    ppo_metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[-1]}
-    ppo_metrics["score_first"], ppo_metrics["score_last"] = updates[0]["score"], updates[-1]["score"]
-    ppo_metrics["answer_tokens_last"] = updates[-1]["answer_tokens"]
-    seconds["ppo_updates"] = time.perf_counter()
+    metrics: dict = {"learner": cfg.learner}
+    if cfg.learner == "ppo":
+        # 1. Reward model: re-fit on the full history (votes are few; a fresh fit avoids drifting on old data).
+        say("fitting reward model", "loading")
+        reward_model = bench.new_reward_model()
+        seconds["reward_load"] = time.perf_counter()
+        reward_metrics = reward_model.fit(
+            pairs, ties=ties, pointwise=pointwise, progress=lambda *a: (wait(), say("fitting reward model", _fmt(a)))
+        )
+        seconds["reward_fit"] = time.perf_counter()
+
+        # 2. PPO on a training copy of the live policy; the reference is the same model with the adapter disabled.
+        say("PPO", "loading policy copy")
+        policy_model = bench.policy_copy(live_path)
+
+        def reward_fn(prompts, texts):
+            return reward_model.score(prompts, texts, normalise=True)
+
+        learner = PPOTrainer(policy_model, bench.tokenizer, cfg, reward_fn)
+        if live_path:
+            learner.load_value_head(live_path)
+        seconds["ppo_load"] = time.perf_counter()
+        updates = []
+        for i in range(cfg.ppo_updates_per_round):
+            wait()
+            say("PPO", f"update {i + 1}/{cfg.ppo_updates_per_round}")
+            batch = [pool[rng.randrange(len(pool))] for _ in range(cfg.ppo_batch_size)]
+            updates.append(learner.step(batch))
+        ppo_metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[-1]}
+        ppo_metrics["score_first"], ppo_metrics["score_last"] = updates[0]["score"], updates[-1]["score"]
+        metrics.update({f"reward/{k}": v for k, v in reward_metrics.items()})
+        metrics.update({f"ppo/{k}": v for k, v in ppo_metrics.items()})
+        # The gate reads the rollouts PPO sampled anyway: mean KL over the round, length of the last update's.
+        metrics.update({"sample/kl": ppo_metrics["kl"], "sample/answer_tokens": updates[-1]["answer_tokens"]})
+        seconds["ppo_updates"] = time.perf_counter()
+        save = learner.save_adapter
+    else:
+        # 1-2. A direct learner on the same training copy; TRL's reference pass disables the adapter (the base).
+        say(cfg.learner.upper(), "loading policy copy")
+        policy_model = bench.policy_copy(live_path)
+        seconds["load"] = time.perf_counter()
+        direct_metrics = train_direct(
+            cfg.learner,
+            policy_model,
+            bench.tokenizer,
+            cfg,
+            pairs,
+            pointwise,
+            seed=cfg.seed + watermark,
+            say=lambda detail: say(cfg.learner.upper(), detail),
+            pause=wait,
+        )
+        metrics.update({f"{cfg.learner}/{k}": v for k, v in direct_metrics.items()})
+        seconds["train"] = time.perf_counter()
+        # What the gate needs, measured as PPO measures it: sampled answers, KL to the base, their length.
+        say("evaluating", "sampling answers for the gate")
+        sampler = PPOTrainer(policy_model, bench.tokenizer, cfg, reward_fn=None)
+        drift = sampler.drift([pool[rng.randrange(len(pool))] for _ in range(cfg.gate_prompts)])
+        metrics.update({f"sample/{k}": v for k, v in drift.items()})
+        seconds["sample"] = time.perf_counter()
+        save = sampler.save_adapter
 
     # 3. Publish atomically as a candidate; the caller decides whether it goes live.
     say("evaluating", "publishing")
-    metrics = {f"reward/{k}": v for k, v in reward_metrics.items()}
-    metrics.update({f"ppo/{k}": v for k, v in ppo_metrics.items()})
     metrics.update({"watermark": watermark, "parent": live["version"] if live else BASE})
     version = store.next_version()
-    path = registry.publish(version, ppo.save_adapter, meta={"parent": metrics["parent"], "metrics": metrics})
+    path = registry.publish(version, save, meta={"parent": metrics["parent"], "metrics": metrics})
     store.add_adapter(version, str(path), parent=live["version"] if live else None, status="candidate", metrics=metrics)
     metrics["version"] = version
     seconds["publish"] = time.perf_counter()
@@ -175,7 +209,7 @@ def _fmt(args: tuple) -> str:
 
 def gate(cfg: Config, metrics: dict) -> None:
     """Refuse to make a round live when it drifted too far from the base or its answers collapsed (TrainingRejected)."""
-    kl = metrics.get("ppo/kl")
+    kl = metrics.get("sample/kl")
     if kl is not None and kl > cfg.max_kl_per_answer:
         raise TrainingRejected(
             f"mean KL to the base model {kl:.2f} nats per answer is over the gate of {cfg.max_kl_per_answer}: "
@@ -183,7 +217,7 @@ def gate(cfg: Config, metrics: dict) -> None:
         )
     # A reward model fitted on "shorter won" votes scores an empty answer highest; its KL can stay under the gate
     # (measured: 19.6 nats, 0 words, bench/RESULTS.md ## Simulated raters), so length is gated on its own.
-    tokens = metrics.get("ppo/answer_tokens_last")
+    tokens = metrics.get("sample/answer_tokens")
     if tokens is not None and tokens < cfg.min_answer_tokens:
         raise TrainingRejected(
             f"answers shrank to {tokens:.1f} tokens on average (gate: {cfg.min_answer_tokens}): "
@@ -201,7 +235,7 @@ def run_round(cfg: Config, store: Store, **kwargs) -> dict:
         if old:
             store.set_adapter_status(old["version"], "retired")
         store.set_adapter_status(metrics["version"], "live")
-    except (RewardDataError, TrainingRejected, PPODivergence) as exc:
+    except ROUND_FAILURES as exc:
         store.finish_run(run_id, "failed", error=str(exc))
         raise
     except BaseException as exc:

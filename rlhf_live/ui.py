@@ -505,6 +505,11 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
     return demo
 
 
+def _learner(version: dict) -> str:
+    """Which learner made a version (versions from before the choice existed were PPO's)."""
+    return ((version.get("metrics") or {}) if isinstance(version.get("metrics"), dict) else {}).get("learner", "ppo")
+
+
 def _dashboard(service: Service):
     """Everything the Training and Data tabs show, from one status read."""
     status = service.status()
@@ -534,8 +539,12 @@ def _dashboard(service: Service):
         lines.append(f"**Next round** after {votes_left} more vote{'s' if votes_left != 1 else ''}.")
     frame = lambda rows: pd.DataFrame(rows or [], columns=["round", "value", "metric"])  # noqa: E731
     versions = pd.DataFrame(
-        [{k: v.get(k) for k in ("version", "status", "parent", "created")} for v in status["versions"]] or [],
-        columns=["version", "status", "parent", "created"],
+        [
+            {**{k: v.get(k) for k in ("version", "status", "parent", "created")}, "learner": _learner(v)}
+            for v in status["versions"]
+        ]
+        or [],
+        columns=["version", "status", "learner", "parent", "created"],
     )
     board_rows = service.leaderboard()
     board = pd.DataFrame(board_rows or [], columns=["version", "rating", "lower", "upper", "battles", "win_rate"])

@@ -324,7 +324,7 @@ def test_learning_curve_counts_compare_votes_between_versions(tiny_cfg, tmp_path
     assert row["version"] == "v0001" and row["round"] == 1
     assert (row["win_rate_vs_base"], row["votes_vs_base"]) == (pytest.approx(2 / 3), 3)
     assert (row["win_rate_vs_earlier"], row["votes_vs_earlier"]) == (pytest.approx(2 / 3), 3)
-    assert (row["reward_accuracy"], row["kl"]) == (0.75, 1.5)
+    assert (row["reward_accuracy"], row["kl"], row["learner"]) == (0.75, 1.5, "ppo")
     store.close()
 
 

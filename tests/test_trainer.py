@@ -79,11 +79,11 @@ def test_kl_gate_keeps_a_drifting_version_as_candidate(loop_cfg):
 
 def test_gate_refuses_drift_and_answers_that_collapsed_to_nothing():
     cfg = Config(max_kl_per_answer=20.0, min_answer_tokens=4.0)
-    gate(cfg, {"ppo/kl": 19.9, "ppo/answer_tokens_last": 4.0})  # at both limits: goes live
+    gate(cfg, {"sample/kl": 19.9, "sample/answer_tokens": 4.0})  # at both limits: goes live
     with pytest.raises(TrainingRejected, match="KL"):
-        gate(cfg, {"ppo/kl": 20.1, "ppo/answer_tokens_last": 30.0})
+        gate(cfg, {"sample/kl": 20.1, "sample/answer_tokens": 30.0})
     with pytest.raises(TrainingRejected, match=r"answers shrank to 0\.2 tokens"):
-        gate(cfg, {"ppo/kl": 19.6, "ppo/answer_tokens_last": 0.2})
+        gate(cfg, {"sample/kl": 19.6, "sample/answer_tokens": 0.2})
 
 
 def test_nan_rewards_leave_serving_untouched(loop_cfg, monkeypatch):

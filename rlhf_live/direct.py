@@ -1,0 +1,172 @@
+"""Direct learners: DPO and KTO train the policy LoRA on votes themselves, through TRL's trainers, no reward model.
+
+Knows how the store's vote views become TRL datasets (A/B choices -> chosen/rejected for DPO; thumbs, both-bad and
+A/B choices -> desirable/undesirable for KTO), the TRL settings of one CPU-or-CUDA round and the reference (the
+base: the adapter disabled, the same leash PPO has); knows nothing of SQL, serving or Gradio.
+DPO: Rafailov et al. 2023, arXiv 2305.18290; online/iterative use on the live model's own answers: Guo et al. 2024,
+arXiv 2402.04792. KTO: Ethayarajh et al. 2024, arXiv 2402.01306.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+
+from .config import Config
+
+LEARNERS = ("ppo", "dpo", "kto")
+"""What Config.learner may name: `ppo` (reward model + PPO, ppo.py) or one of the direct learners here."""
+
+
+class DirectDivergence(RuntimeError):
+    """A DPO/KTO round produced NaN/inf loss or weights; the trained copy is thrown away, serving is untouched."""
+
+
+def _context(cfg: Config, prompt: list[dict], tokenizer) -> list[dict]:
+    """The serving system prompt + the conversation, oldest turns dropped to fit ppo_max_prompt_tokens."""
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    turns = [m for m in prompt if m["role"] != "system"]
+
+    def length(ts: list[dict]) -> int:
+        ids = tokenizer.apply_chat_template(system + ts, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return len(ids)
+
+    while len(turns) > 1 and length(turns) > cfg.ppo_max_prompt_tokens:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+    return system + turns
+
+
+def dpo_examples(cfg: Config, tokenizer, pairs: list[dict]) -> list[dict]:
+    """A/B choices as TRL's conversational preference rows; ties and both-bad are not in `pairs` (nothing to learn)."""
+    return [
+        {
+            "prompt": _context(cfg, p["prompt"], tokenizer),
+            "chosen": [{"role": "assistant", "content": p["chosen"]}],
+            "rejected": [{"role": "assistant", "content": p["rejected"]}],
+        }
+        for p in pairs
+        if p["chosen"] != p["rejected"]
+    ]
+
+
+def kto_examples(cfg: Config, tokenizer, pairs: list[dict], pointwise: list[dict]) -> list[dict]:
+    """Thumbs (both-bad = two downs) and A/B choices (winner desirable, loser not) as TRL's unpaired rows."""
+    rows = [(p["prompt"], p["completion"], bool(p["label"])) for p in pointwise]
+    for p in pairs:
+        rows += [(p["prompt"], p["chosen"], True), (p["prompt"], p["rejected"], False)]
+    return [
+        {
+            "prompt": _context(cfg, prompt, tokenizer),
+            "completion": [{"role": "assistant", "content": text}],
+            "label": label,
+        }
+        for prompt, text, label in rows
+    ]
+
+
+class _Progress(TrainerCallback):
+    """Reports each optimizer step and yields to serving between steps (the trainer's pause)."""
+
+    def __init__(self, say: Callable[[str], None], pause: Callable[[], None]):
+        self.say, self.pause = say, pause
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.pause()
+        self.say(f"step {state.global_step}/{state.max_steps}")
+
+
+def train_direct(
+    learner: str,
+    model,
+    tokenizer,
+    cfg: Config,
+    pairs: list[dict],
+    pointwise: list[dict],
+    *,
+    seed: int = 0,
+    say: Callable[[str], None] = lambda detail: None,
+    pause: Callable[[], None] = lambda: None,
+) -> dict:
+    """Train the PeftModel's active LoRA in place with TRL's DPOTrainer / KTOTrainer; flat metrics of the run."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings the Hub on start; this app runs offline
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # heavy import, only when a direct learner runs
+
+    if learner == "dpo":
+        examples, trainer_cls, config_cls = dpo_examples(cfg, tokenizer, pairs), DPOTrainer, DPOConfig
+        extra = {"loss_type": ["sigmoid"]}
+    elif learner == "kto":
+        examples, trainer_cls, config_cls = kto_examples(cfg, tokenizer, pairs, pointwise), KTOTrainer, KTOConfig
+        extra = {"loss_type": "kto"}
+    else:
+        raise ValueError(f"train_direct knows 'dpo' and 'kto', not {learner!r}")
+    need = 1 if learner == "dpo" else 2  # KTO's KL baseline pairs each answer with another row's prompt
+    if len(examples) < need:
+        from .reward import RewardDataError
+
+        kind = "A/B choices" if learner == "dpo" else "thumbs or A/B choices"
+        raise RewardDataError(f"{learner.upper()} needs {kind} to learn from: {len(examples)} so far.")
+
+    import datasets
+
+    datasets.disable_progress_bars()  # a round reports through `say`, not through bars on the app's stderr
+
+    batch = max(2, min(cfg.direct_batch_size, len(examples)))
+    steps = max(1, math.ceil(cfg.direct_epochs * len(examples) / batch))
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    with tempfile.TemporaryDirectory(prefix=f"rlhf-live-{learner}-") as tmp:
+        args = config_cls(
+            output_dir=tmp,  # TRL writes nothing here with save_strategy="no"; it only wants a folder
+            use_cpu=on_cpu,
+            bf16=False,  # the base computes in its own dtype; the LoRA trains in float32
+            beta=cfg.direct_beta,
+            learning_rate=cfg.direct_lr,
+            lr_scheduler_type="constant",  # a round is a few steps: no decay to zero within it
+            per_device_train_batch_size=batch,
+            max_steps=steps,
+            max_length=cfg.ppo_max_prompt_tokens + cfg.max_new_tokens,
+            activation_checkpointing=cfg.gradient_checkpointing,
+            save_strategy="no",
+            report_to="none",
+            logging_steps=1,
+            disable_tqdm=True,
+            seed=seed,
+            **extra,
+        )
+        trainer = trainer_cls(
+            model=model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(examples),
+            processing_class=tokenizer,
+            callbacks=[_Progress(say, pause)],
+        )
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout (simulate's JSON goes there)
+        # TRL copies the adapter into a "ref" adapter for the reference; without it, TRL's reference pass disables
+        # the adapter (trl/trainer/utils.py use_adapter): the base, the same leash PPO and the KL gate use.
+        if "ref" in getattr(model, "peft_config", {}):
+            model.delete_adapter("ref")
+        model.set_adapter("default")
+        trainer.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    # transformers' Trainer drops NaN/inf losses from its logs (logging_nan_inf_filter): check the weights too.
+    if not logs or not all(math.isfinite(r["loss"]) for r in logs) or not all(torch.isfinite(p).all() for p in params):
+        raise DirectDivergence(f"{learner.upper()} produced a non-finite loss or weight; the round is thrown away.")
+    mean = lambda key: sum(r.get(key, 0.0) for r in logs) / len(logs)  # noqa: E731
+    metrics = {
+        "examples": float(len(examples)),
+        "steps": float(len(logs)),
+        "loss_first": logs[0]["loss"],
+        "loss_last": logs[-1]["loss"],
+        "loss": mean("loss"),
+    }
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl"):
+        if any(key in r for r in logs):
+            metrics[key.replace("rewards/", "reward_")] = logs[-1].get(key, float("nan"))
+    return metrics

@@ -1,0 +1,151 @@
+"""DPO and KTO on the tiny model: rows from votes, the loss falls, a loadable version, failures change nothing."""
+
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rlhf_live.direct import DirectDivergence, dpo_examples, kto_examples, train_direct
+from rlhf_live.policy import BASE, Policy, attach_adapter
+from rlhf_live.reward import RewardDataError
+from rlhf_live.service import Service
+from rlhf_live.store import Store
+from rlhf_live.trainer import Trainer, run_round
+
+P = [{"role": "user", "content": "Tell me about apples."}]
+
+
+@pytest.fixture
+def direct_cfg(tiny_cfg):
+    tiny_cfg.ppo_max_new_tokens, tiny_cfg.gate_prompts, tiny_cfg.direct_batch_size = 6, 2, 2
+    tiny_cfg.train_check_s, tiny_cfg.train_min_new_votes = 0.2, 1
+    return tiny_cfg
+
+
+def _tiny_policy_copy(cfg):
+    from rlhf_live.models import load_base
+
+    base, tokenizer = load_base(cfg, cfg.model)
+    return attach_adapter(base, cfg, None, trainable=True), tokenizer
+
+
+def _vote(service: Service, *, pairs: bool = True, thumbs: bool = True) -> None:
+    voter = service.voter("tester")
+    for i in range(4):
+        if pairs:
+            *_, pair = service.compare(voter, f"Tell me about apples number {i}")
+            service.choose(voter, pair["pair_id"], "A" if i % 2 else "B")
+            *_, pair = service.compare(voter, f"A tie {i}")
+            service.choose(voter, pair["pair_id"], "tie")
+        if thumbs:
+            *_, last = service.chat(voter, f"What is the weather like {i}?")
+            service.feedback(voter, last["response_id"], "up" if i % 2 else "down")
+
+
+def test_votes_become_trl_rows(direct_cfg):
+    _, tokenizer = _tiny_policy_copy(direct_cfg)
+    pairs = [{"prompt": P, "chosen": "Red.", "rejected": "Apples are a fruit that grows on trees."}]
+    pairs.append({"prompt": P, "chosen": "Same.", "rejected": "Same."})  # nothing to learn: dropped
+    (row,) = dpo_examples(direct_cfg, tokenizer, pairs)
+    system = {"role": "system", "content": direct_cfg.system_prompt}
+    assert row == {
+        "prompt": [system, *P],
+        "chosen": [{"role": "assistant", "content": "Red."}],
+        "rejected": [{"role": "assistant", "content": "Apples are a fruit that grows on trees."}],
+    }
+    thumbs = [{"prompt": P, "completion": "Green.", "label": False}]
+    rows = kto_examples(direct_cfg, tokenizer, pairs[:1], thumbs)
+    assert [(r["completion"][0]["content"], r["label"]) for r in rows] == [
+        ("Green.", False),
+        ("Red.", True),
+        ("Apples are a fruit that grows on trees.", False),
+    ]
+    # A conversation longer than the prompt budget loses its oldest turns, never the question.
+    long = [{"role": "user", "content": "old " * 300}, {"role": "assistant", "content": "ok"}, *P]
+    (row,) = dpo_examples(direct_cfg, tokenizer, [{**pairs[0], "prompt": long}])
+    assert row["prompt"] == [system, *P]
+
+
+def test_dpo_loss_falls_on_separable_pairs(direct_cfg):
+    direct_cfg.direct_epochs, direct_cfg.direct_lr, direct_cfg.direct_batch_size = 8, 3e-3, 4
+    model, tokenizer = _tiny_policy_copy(direct_cfg)
+    prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(8)]
+    pairs = [{"prompt": p, "chosen": "Thank you very much.", "rejected": "It is sunny and warm."} for p in prompts]
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    metrics = train_direct("dpo", model, tokenizer, direct_cfg, pairs, [], seed=0)
+    assert metrics["loss_first"] == pytest.approx(0.6931, abs=1e-3)  # ln 2: the policy starts as the reference
+    assert metrics["loss_last"] < 0.8 * metrics["loss_first"]  # measured: 0.693 -> 0.490
+    assert metrics["reward_accuracies"] == 1.0 and metrics["steps"] == 16
+    after = [p for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the PeftModel passed in was trained
+    assert set(model.peft_config) == {"default"}  # TRL's reference copy is gone: the reference is the base
+
+
+def test_kto_learns_from_thumbs_alone(direct_cfg):
+    store = Store.from_config(direct_cfg)
+    _vote(Service(Policy.from_config(direct_cfg), store, direct_cfg), pairs=False)
+    direct_cfg.learner = "kto"
+    assert store.preference_pairs() == []
+    metrics = run_round(direct_cfg, store)
+    assert metrics["learner"] == "kto" and metrics["kto/examples"] == 4.0
+    with pytest.raises(RewardDataError, match="DPO needs A/B choices"):
+        run_round(replace(direct_cfg, learner="dpo"), store)
+
+
+@pytest.mark.parametrize("learner", ["dpo", "kto"])
+def test_a_round_publishes_a_version_serving_loads(direct_cfg, learner):
+    store = Store.from_config(direct_cfg)
+    policy = Policy.from_config(direct_cfg)
+    _vote(Service(policy, store, direct_cfg))
+    cfg = replace(direct_cfg, learner=learner)
+    metrics = run_round(cfg, store)
+    assert metrics["learner"] == learner and metrics[f"{learner}/examples"] == (4.0 if learner == "dpo" else 12.0)
+    for key in ("sample/kl", "sample/answer_tokens", "sample/eos_rate", f"{learner}/loss_first", "seconds/train"):
+        assert key in metrics, key
+    row = store.live_adapter()
+    assert row["version"] == "v0001" and row["metrics"]["learner"] == learner
+    policy.swap(row["path"], row["version"])
+    assert policy.version == "v0001"
+    # The next round continues from the live version.
+    assert run_round(cfg, store)["parent"] == "v0001"
+
+
+def test_a_learner_that_yields_nan_leaves_serving_untouched(direct_cfg):
+    store = Store.from_config(direct_cfg)
+    policy = Policy.from_config(direct_cfg)
+    service = Service(policy, store, direct_cfg)
+    _vote(service)
+    cfg = replace(direct_cfg, learner="dpo", direct_beta=float("nan"))  # NaN loss, NaN gradients
+    with pytest.raises(DirectDivergence, match="non-finite"):
+        run_round(cfg, store)
+    assert store.runs(1)[0]["status"] == "failed" and store.live_adapter() is None
+    trainer = Trainer(cfg, store, policy)
+    trainer.start()
+    try:
+        trainer.request_round()
+        deadline = time.time() + 120
+        while not trainer.status()["last_error"] and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        trainer.stop()
+    assert "DirectDivergence" in trainer.status()["last_error"] and policy.version == BASE
+    *_, last = service.chat(service.voter("after"), "Hello?")
+    assert last["response_id"]
+
+
+def test_an_unknown_learner_is_a_clear_error(direct_cfg):
+    store = Store.from_config(direct_cfg)
+    with pytest.raises(ValueError, match="learner must be one of ppo, dpo, kto, not 'sft'"):
+        run_round(replace(direct_cfg, learner="sft"), store)
+
+
+def test_simulate_with_a_direct_learner(direct_cfg, tmp_path):
+    from rlhf_live.simulate import simulate
+
+    cfg = replace(direct_cfg, learner="dpo")
+    result = simulate(cfg, "concise", 4, round_every=2, eval_prompts=2, out=tmp_path / "out")
+    assert result["learner"] == "dpo"
+    assert [e["status"] for e in result["history"]] == ["base", "live", "live"]
+    assert result["history"][1]["train_loss_first"] == pytest.approx(0.6931, abs=1e-3)
+    assert Store.from_config(cfg).live_adapter()["metrics"]["learner"] == "dpo"
