@@ -2,12 +2,14 @@
 
     python bench/learning.py                                  # every built-in rater, 200 votes, a round every 40
     python bench/learning.py --raters concise,structured --votes 120 --jobs 2
+    python bench/learning.py --learners ppo,dpo,kto --votes 100 --round-every 20 --out bench/learners
 
 Each rater runs `rlhf-live simulate` in its own process and data dir (the same seed, prompts and settings for all),
 so `--jobs 2` runs two at once (one thread each: on 2 cores that finishes sooner, but times are then not the
 single-run times the 30-minute goal is about). Prints a table; writes bench/learning.json and
 bench/learning/<rater>/{result.json,samples.json,curve.png}. Extra arguments after `--` go to every simulate run
-(e.g. `-- --ppo-lr 3e-4`).
+(e.g. `-- --ppo-lr 3e-4`). With `--learners`, every rater runs once per learner (same seed, prompts and votes
+schedule) into OUT/<learner>/<rater>/, and OUT/learners.png has one panel per rater with a curve per learner.
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ HERE = Path(__file__).resolve().parent
 RATERS = "concise,verbose,polite,structured,cheerful,keyword:example"
 
 
-def run_one(rater: str, args: argparse.Namespace, extra: list[str]) -> dict:
+def run_one(rater: str, learner: str | None, args: argparse.Namespace, extra: list[str]) -> dict:
     """One simulate run in a fresh data dir; its summary (or the error)."""
-    name = rater.replace(":", "_")
+    name = rater.replace(":", "_") if learner is None else f"{learner}/{rater.replace(':', '_')}"
     out = Path(args.out) / name
     data = Path(args.work) / name
     subprocess.run(["rm", "-rf", str(data)], check=True)
     cmd = [sys.executable, "-m", "rlhf_live", "simulate", "--rater", rater, "--votes", str(args.votes)]
     cmd += ["--round-every", str(args.round_every), "--eval-prompts", str(args.eval_prompts)]
     cmd += ["--seed", str(args.seed), "--data-dir", str(data), "--out", str(out), *extra]
+    cmd += ["--learner", learner] if learner else []
     env = dict(os.environ)
     if args.jobs > 1:
         env["OMP_NUM_THREADS"] = "1"
@@ -42,28 +45,51 @@ def run_one(rater: str, args: argparse.Namespace, extra: list[str]) -> dict:
     with open(out / "log.txt", "w") as log:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     if proc.returncode != 0:
-        return {"rater": rater, "error": f"exit {proc.returncode}; see {out / 'log.txt'}", "seconds": time.time() - t0}
+        error = f"exit {proc.returncode}; see {out / 'log.txt'}"
+        return {"rater": rater, "learner": learner or "ppo", "error": error, "seconds": time.time() - t0}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def table(results: list[dict]) -> str:
     head = (
-        "| rater | informative votes | win-rate vs base [95%] | KL | words (base) | EOS rate (base) "
-        "| distinct-2 (base) | fluent | minutes |\n|---|---:|---|---:|---:|---:|---:|---|---:|"
+        "| rater | learner | informative votes | win-rate vs base [95%] | KL | words (base) | EOS rate (base) "
+        "| distinct-2 (base) | fluent | minutes |\n|---|---|---:|---|---:|---:|---:|---:|---|---:|"
     )
     rows = [head]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['rater']} | error: {r['error']} |||||||")
+            rows.append(f"| {r['rater']} | {r['learner']} | error: {r['error']} |||||||")
             continue
         b, (lo, hi) = r["base"], r["win_rate_ci"]
         rows.append(
-            f"| {r['rater']} | {r['informative_votes']}/{r['votes']} | {r['win_rate']:.2f} [{lo:.2f}, {hi:.2f}] "
+            f"| {r['rater']} | {r.get('learner', 'ppo')} | {r['informative_votes']}/{r['votes']} "
+            f"| {r['win_rate']:.2f} [{lo:.2f}, {hi:.2f}] "
             f"| {r['kl']:.1f} | {r['answer_words']:.0f} ({b['answer_words']:.0f}) | {r['eos_rate']:.2f} "
             f"({b['eos_rate']:.2f}) | {r['distinct2']:.2f} ({b['distinct2']:.2f}) | {r['fluent']} "
             f"| {r['seconds'] / 60:.1f} |"
         )
     return "\n".join(rows)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """One panel per rater: win-rate vs base against votes, a curve per learner."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    raters = list(dict.fromkeys(r["rater"] for r in results))
+    fig, axes = plt.subplots(1, len(raters), figsize=(4 * len(raters), 3.4), squeeze=False, sharey=True)
+    for ax, rater in zip(axes[0], raters):
+        for r in (r for r in results if r["rater"] == rater and "history" in r):
+            votes = [e["votes"] for e in r["history"]]
+            ax.plot(votes, [e["win_rate"] for e in r["history"]], marker="o", label=r.get("learner", "ppo"))
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.set(title=rater, xlabel="votes", ylim=(0, 1))
+    axes[0][0].set_ylabel("win-rate vs base")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def main() -> None:
@@ -74,16 +100,22 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with one thread when > 1)")
+    parser.add_argument("--learners", default="", help="e.g. ppo,dpo,kto: every rater once per learner")
     parser.add_argument("--out", default=str(HERE / "learning"))
     parser.add_argument("--work", default="/tmp/rlhf-live-bench-learning", help="data dirs of the runs")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     raters = [r for r in args.raters.split(",") if r]
+    learners = [x for x in args.learners.split(",") if x] or [None]
+    runs = [(r, x) for r in raters for x in learners]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda r: run_one(r, args, extra), raters))
+        results = list(pool.map(lambda run: run_one(*run, args, extra), runs))
     print(table(results))
-    summary = {"args": vars(args), "extra": extra, "results": [{k: v for k, v in r.items()} for r in results]}
-    (HERE / "learning.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary = {"args": vars(args), "extra": extra, "results": results}
+    name = "learners" if args.learners else "learning"
+    (HERE / f"{name}.json").write_text(json.dumps(summary, indent=2, default=str))
+    if args.learners:
+        plot(results, Path(args.out) / "learners.png")
 
 
 if __name__ == "__main__":
