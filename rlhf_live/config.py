@@ -182,6 +182,8 @@ class Config:
     """Gate: a round whose mean KL to the base exceeds this (nats per answer) is not made live."""
     min_answer_tokens: float = 4.0
     """Gate: a round whose sampled answers average fewer tokens than this is not made live (silence as reward hack)."""
+    min_distinct2: float = 0.7
+    """Gate: a round whose sampled answers' mean distinct-2 falls below this (repeating themselves) is not made live."""
     gate_prompts: int = 16
     """Prompts sampled after a DPO/KTO round to measure its KL to the base and answer length for the gate."""
 

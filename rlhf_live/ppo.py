@@ -320,11 +320,11 @@ class PPOTrainer:
 
     @torch.no_grad()
     def drift(self, prompts: list[list[dict]]) -> dict:
-        """Sample answers and measure them, no update: KL to the reference per answer, tokens, EOS rate (the gate's)."""
+        """Sample answers and measure them, no update: KL to the reference per answer, tokens, EOS rate, the answers."""
         batch = self.rollout(prompts)
         args = (batch["query"], batch["query_mask"], batch["responses"], batch["response_mask"])
         if args[2].shape[1] == 0:
-            return {"kl": 0.0, "answer_tokens": 0.0, "eos_rate": float(batch["has_eos"].float().mean())}
+            return {"kl": 0.0, "answer_tokens": 0.0, "eos_rate": float(batch["has_eos"].float().mean()), "answers": []}
         logprobs, _, _ = self._forward_micro(*args, values=False)
         with self.model.disable_adapter():
             ref_logprobs, _, _ = self._forward_micro(*args, values=False)
@@ -333,6 +333,7 @@ class PPOTrainer:
             "kl": float(((logprobs - ref_logprobs) * mask_f).sum(1).mean()),  # k1, the estimate PPO's gate reads
             "answer_tokens": float(mask_f.sum(1).mean()),
             "eos_rate": float(batch["has_eos"].float().mean()),
+            "answers": batch["answers"],
         }
 
     # the whole update -----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 from .adapters import AdapterRegistry
 from .config import Config
 from .direct import LEARNERS, DirectDivergence, train_direct
+from .evaluation import distinct_n
 from .models import load_base, prepare_cpu_4bit, resolve
 from .policy import BASE, Policy, attach_adapter
 from .ppo import PPODivergence, PPOTrainer, load_seed_prompts
@@ -137,7 +138,10 @@ def train_round(
         say("PPO", "loading policy copy")
         policy_model = bench.policy_copy(live_path)
 
+        last_answers: list[str] = []
+
         def reward_fn(prompts, texts):
+            last_answers[:] = texts
             return reward_model.score(prompts, texts, normalise=True)
 
         learner = PPOTrainer(policy_model, bench.tokenizer, cfg, reward_fn)
@@ -156,6 +160,7 @@ def train_round(
         metrics.update({f"ppo/{k}": v for k, v in ppo_metrics.items()})
         # The gate reads the rollouts PPO sampled anyway: mean KL over the round, length of the last update's.
         metrics.update({"sample/kl": ppo_metrics["kl"], "sample/answer_tokens": updates[-1]["answer_tokens"]})
+        metrics["sample/distinct2"] = _mean_distinct2(last_answers)
         seconds["ppo_updates"] = time.perf_counter()
         save = learner.save_adapter
     else:
@@ -180,6 +185,7 @@ def train_round(
         say("evaluating", "sampling answers for the gate")
         sampler = PPOTrainer(policy_model, bench.tokenizer, cfg, reward_fn=None)
         drift = sampler.drift([pool[rng.randrange(len(pool))] for _ in range(cfg.gate_prompts)])
+        metrics["sample/distinct2"] = _mean_distinct2(drift.pop("answers"))
         metrics.update({f"sample/{k}": v for k, v in drift.items()})
         seconds["sample"] = time.perf_counter()
         save = sampler.save_adapter
@@ -198,6 +204,11 @@ def train_round(
     return metrics
 
 
+def _mean_distinct2(answers: list[str]) -> float:
+    """Mean per-answer distinct-2 of sampled answers (1.0 for none): the gate's degeneracy signal."""
+    return sum(distinct_n(a) for a in answers) / len(answers) if answers else 1.0
+
+
 def _fmt(args: tuple) -> str:
     """Reward-fit progress as 'step 3/46, loss 0.69' (whatever the reward model reports)."""
     info = args[0] if len(args) == 1 and isinstance(args[0], dict) else {}
@@ -208,7 +219,7 @@ def _fmt(args: tuple) -> str:
 
 
 def gate(cfg: Config, metrics: dict) -> None:
-    """Refuse to make a round live when it drifted too far from the base or its answers collapsed (TrainingRejected)."""
+    """Refuse to make a round live when it drifted too far, or its answers collapsed or repeat (TrainingRejected)."""
     kl = metrics.get("sample/kl")
     if kl is not None and kl > cfg.max_kl_per_answer:
         raise TrainingRejected(
@@ -221,6 +232,14 @@ def gate(cfg: Config, metrics: dict) -> None:
     if tokens is not None and tokens < cfg.min_answer_tokens:
         raise TrainingRejected(
             f"answers shrank to {tokens:.1f} tokens on average (gate: {cfg.min_answer_tokens}): "
+            "the version stays a candidate."
+        )
+    # Reward hacking by repetition ("I'm so glad! I'm so glad! ...") kept KL near the gate while distinct-2 fell
+    # from 0.93 to 0.62 (bench/RESULTS.md ## Simulated raters, cheerful): a degenerate round is refused on its own.
+    distinct2 = metrics.get("sample/distinct2")
+    if distinct2 is not None and distinct2 < cfg.min_distinct2:
+        raise TrainingRejected(
+            f"answers repeat themselves: mean distinct-2 {distinct2:.2f} is under the gate of {cfg.min_distinct2}: "
             "the version stays a candidate."
         )
 

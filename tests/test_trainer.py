@@ -11,7 +11,7 @@ from rlhf_live.config import Config
 from rlhf_live.policy import Policy
 from rlhf_live.service import Service
 from rlhf_live.store import Store
-from rlhf_live.trainer import Trainer, TrainingRejected, gate, run_round
+from rlhf_live.trainer import Trainer, TrainingRejected, _mean_distinct2, gate, run_round
 
 
 @pytest.fixture
@@ -84,6 +84,18 @@ def test_gate_refuses_drift_and_answers_that_collapsed_to_nothing():
         gate(cfg, {"sample/kl": 20.1, "sample/answer_tokens": 30.0})
     with pytest.raises(TrainingRejected, match=r"answers shrank to 0\.2 tokens"):
         gate(cfg, {"sample/kl": 19.6, "sample/answer_tokens": 0.2})
+
+
+def test_gate_refuses_answers_that_repeat_themselves():
+    cfg = Config(min_distinct2=0.7)
+    looping = "I'm so glad of you! " * 12  # an answer the cheerful benchmark run went live with
+    fresh = "The tallest mountain in the world is Mount Everest, on the border of Nepal and China."
+    gate(cfg, {"sample/distinct2": _mean_distinct2([fresh, fresh])})
+    assert _mean_distinct2([looping]) < 0.3 and _mean_distinct2([]) == 1.0
+    with pytest.raises(TrainingRejected, match=r"repeat themselves: mean distinct-2 0\.\d\d"):
+        gate(
+            cfg, {"sample/kl": 5.0, "sample/answer_tokens": 60.0, "sample/distinct2": _mean_distinct2([looping, fresh])}
+        )
 
 
 def test_nan_rewards_leave_serving_untouched(loop_cfg, monkeypatch):
