@@ -46,6 +46,14 @@ class Config:
     """On CPU, NF4 linears run as plain ones with the same values (serving and training copies); off: NF4, unpacked."""
     device: str = "auto"
     """'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'."""
+    engine: str = "auto"
+    """What samples served answers: 'llamacpp' (the served NF4 weights + LoRA in llama.cpp), 'torch', or 'auto'."""
+    engine_threads: int = 0
+    """CPU threads of the llama.cpp engine; 0 = all cores."""
+    engine_parallel: int = 4
+    """Answers llama.cpp decodes at once (slots, batched together when they share an adapter)."""
+    engine_weights: str = "f16"
+    """GGUF type of the served base in llama.cpp: f16 (NF4's values to f16 rounding), bf16/f32 (exact), q8_0."""
     adapter: str = ""
     """Adapter folder to serve at start; empty serves the live version from the data dir, or a fresh LoRA."""
     lora_r: int = 16

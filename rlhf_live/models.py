@@ -133,6 +133,14 @@ def resolve(name: str, cache_dir: str | Path) -> str:
     return name
 
 
+def source_gguf(cfg: Config) -> Path | None:
+    """The GGUF file the base comes from (the embedded default or --model x.gguf); None for hub ids and folders."""
+    if cfg.model == DEFAULT_MODEL:
+        return _embedded_gguf(Path(cfg.cache_dir).expanduser())
+    path = Path(cfg.model).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def load_tokenizer(source: str):
     """Tokenizer with a pad token (EOS when it has none) and left padding for batched generation."""
     try:

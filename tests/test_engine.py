@@ -1,0 +1,225 @@
+"""The llama.cpp engine serves the policy that was trained: same next-token distributions, streams, swaps, cancels."""
+
+import dataclasses
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_live import gguf_export
+from rlhf_live.config import Config
+from rlhf_live.engine import EngineError, LlamaCppEngine
+from rlhf_live.gguf_export import GGUFExportError, write_gguf_lora
+from rlhf_live.models import load_base, prepare_cpu_4bit
+from rlhf_live.policy import BASE, AdapterError, GenerationSettings, Policy, attach_adapter, start_engine
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the tallest mountain in the world?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}],
+]
+
+
+def _random_lora(cfg: Config, folder, seed: int):
+    """A LoRA on every linear of the real model with B != 0, as training leaves it, saved as an adapter folder."""
+    base, _ = load_base(cfg)
+    prepare_cpu_4bit(base, cfg)
+    model = attach_adapter(base, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    cfg = Config(engine="torch")
+    return _random_lora(cfg, root / "v0001", 1), _random_lora(cfg, root / "v0002", 2)
+
+
+@pytest.fixture(scope="module")
+def served(adapters):
+    policy = Policy.from_config(Config(engine="llamacpp", max_new_tokens=24), adapters[0], "v0001")
+    assert policy.engine_name == "llamacpp"
+    return policy
+
+
+def _torch_logprobs(policy, ids, version) -> np.ndarray:
+    with torch.inference_mode():
+        out = policy.model(input_ids=torch.tensor([ids]), adapter_names=[policy._peft_name(version)])
+    return torch.log_softmax(out.logits[0, -1].float(), -1).numpy()
+
+
+def _engine_logprobs(engine, ids, version, n_vocab) -> np.ndarray:
+    lp = np.full(n_vocab, -np.inf)
+    for token, value in engine.next_logprobs(ids, None if version == BASE else version, n_vocab).items():
+        lp[token] = value
+    return lp
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    """KL(p || q) over the tokens q gives a finite log-prob (llama.cpp returns all of them)."""
+    keep = np.isfinite(q)
+    return float((np.exp(p[keep]) * (p[keep] - q[keep])).sum())
+
+
+def _contexts(policy) -> list[list[int]]:
+    """Prompt ids, and the same prompts with a few answer tokens: positions inside an answer count too."""
+    settings = GenerationSettings(max_new_tokens=6, temperature=0.0)
+    out = []
+    for messages in PROMPTS:
+        ids = policy.build_prompt(messages, settings)[0]
+        out += [ids, ids + policy.generate(messages, settings)[0].token_ids]
+    return out
+
+
+@pytest.mark.slow
+def test_llamacpp_serves_the_trained_policy(served, adapters, tmp_path):
+    n_vocab = len(served.tokenizer)
+    mismatch, effect = [], []
+    for ids in _contexts(served):
+        for version in ("v0001", BASE):
+            mismatch.append(
+                _kl(_torch_logprobs(served, ids, version), _engine_logprobs(served.engine, ids, version, n_vocab))
+            )
+        effect.append(_kl(_torch_logprobs(served, ids, "v0001"), _torch_logprobs(served, ids, BASE)))
+    # What llama.cpp samples from is what was trained (NF4 values in f16, LoRA at run time), far within what the
+    # adapter itself changes: measured 0.001-0.002 nats against an adapter effect of ~0.1-0.6.
+    assert max(mismatch) < 0.01, mismatch
+    assert np.mean(effect) > 20 * np.mean(mismatch), (effect, mismatch)
+
+    # The same adapter converted without llama.cpp's q/k row permutation is measurably a different policy.
+    config = served.model.config.to_dict()
+    unpermuted = tmp_path / "unpermuted.gguf"
+    original = gguf_export.PERMUTED_QK
+    gguf_export.PERMUTED_QK = set()
+    try:
+        write_gguf_lora(adapters[0], config, unpermuted)
+    finally:
+        gguf_export.PERMUTED_QK = original
+    wrong = LlamaCppEngine(served.engine.model, threads=1, parallel=1, n_ctx=512)
+    wrong.set_adapters({"v0001": unpermuted})
+    ids = _contexts(served)[0]
+    bad = _kl(_torch_logprobs(served, ids, "v0001"), _engine_logprobs(wrong, ids, "v0001", n_vocab))
+    assert bad > 5 * max(mismatch), (bad, mismatch)
+
+
+@pytest.mark.slow
+def test_llamacpp_streams_two_versions_at_once_like_torch(served):
+    settings = GenerationSettings(max_new_tokens=12, temperature=0.0)
+    stream = served.stream(PROMPTS[0], settings, n=2, versions=["v0001", BASE])
+    steps = list(stream)
+    assert len(steps) >= 2 and steps[-1] == tuple(a.text for a in stream.answers)
+    engine = served.engine
+    served.engine = None  # the torch reference on the same weights
+    try:
+        reference = served.generate(PROMPTS[0], settings, n=2, versions=["v0001", BASE])
+    finally:
+        served.engine = engine
+    for got, want in zip(stream.answers, reference):
+        assert got.adapter_version == want.adapter_version
+        assert got.finish_reason in ("eos", "length") and 0 < len(got.token_ids) <= 12
+        assert got.text == served.tokenizer.decode(got.token_ids, skip_special_tokens=True)
+        assert got.token_ids[:1] == want.token_ids[:1]  # greedy: the same first token
+
+
+@pytest.mark.slow
+def test_llamacpp_cancel_stops_an_answer(served):
+    stream = served.stream(PROMPTS[1], GenerationSettings(max_new_tokens=200, temperature=1.0, seed=0))
+    for i, _ in enumerate(stream):
+        if i == 2:
+            stream.cancel()
+    answer = stream.answers[0]
+    assert answer.finish_reason in ("cancelled", "eos") and len(answer.token_ids) < 200
+    assert served.generating == 0
+
+
+@pytest.mark.slow
+def test_llamacpp_swap_serves_the_new_adapter_and_survives_a_corrupt_folder(served, adapters, tmp_path):
+    n_vocab = len(served.tokenizer)
+    ids = _contexts(served)[0]
+    before = _engine_logprobs(served.engine, ids, "v0001", n_vocab)
+    corrupt = tmp_path / "v0009"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError):
+        served.swap(corrupt, "v0009")
+    assert served.version == "v0001"
+    np.testing.assert_allclose(_engine_logprobs(served.engine, ids, "v0001", n_vocab), before, atol=1e-4)
+
+    served.load_for_comparison(adapters[0], "v0001-old")  # an older version kept for A/B answers
+    served.swap(adapters[1], "v0002")
+    now = _engine_logprobs(served.engine, ids, "v0002", n_vocab)
+    assert _kl(_torch_logprobs(served, ids, "v0002"), now) < 0.01
+    assert _kl(now, before) > 0.01  # a different adapter is served
+    old = _engine_logprobs(served.engine, ids, "v0001-old", n_vocab)
+    np.testing.assert_allclose(old, before, atol=1e-3)
+
+    served.swap(None, "v0003")  # a fresh LoRA samples as the base
+    fresh = served.generate(PROMPTS[2], GenerationSettings(max_new_tokens=8, temperature=0.0))[0]
+    base = served.generate(PROMPTS[2], GenerationSettings(max_new_tokens=8, temperature=0.0), versions=[BASE])[0]
+    assert fresh.adapter_version == "v0003" and fresh.token_ids == base.token_ids
+
+
+@pytest.mark.slow
+def test_llamacpp_answers_concurrent_chats(served):
+    settings = GenerationSettings(max_new_tokens=16, temperature=0.7, seed=1)
+    results = [None] * 4
+
+    def chat(i):
+        results[i] = served.generate(PROMPTS[i % len(PROMPTS)], settings)[0]
+
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(r is not None and r.token_ids and r.finish_reason in ("eos", "length") for r in results)
+
+
+def test_engine_choice(tiny_cfg):
+    base, _ = load_base(tiny_cfg)
+    model = attach_adapter(base, tiny_cfg)
+    assert start_engine(Config(engine="torch"), model) is None
+    assert start_engine(dataclasses.replace(tiny_cfg, engine="auto"), model) is None  # a folder, not a GGUF: torch
+    with pytest.raises(EngineError, match="not from a GGUF file"):
+        start_engine(dataclasses.replace(tiny_cfg, engine="llamacpp"), model)
+    with pytest.raises(ValueError, match="engine must be"):
+        start_engine(Config(engine="vllm"), model)
+
+
+def test_lora_gguf_names_shapes_alpha_and_refusals(tiny_cfg, tmp_path):
+    import gguf
+
+    base, _ = load_base(tiny_cfg)
+    model = attach_adapter(base, tiny_cfg)
+    model.save_pretrained(tmp_path / "v0001")
+    config = model.config.to_dict()
+    out = write_gguf_lora(tmp_path / "v0001", config, tmp_path / "v0001.gguf")
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.lora.alpha"].contents() == tiny_cfg.lora_alpha
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
+    hidden, r = config["hidden_size"], tiny_cfg.lora_r
+    kv = hidden // config["num_attention_heads"] * config["num_key_value_heads"]
+    assert shapes["blk.0.attn_q.weight.lora_a"] == (hidden, r)  # ggml order: (in, rank)
+    assert shapes["blk.1.attn_k.weight.lora_b"] == (r, kv)  # (rank, out)
+    assert len(shapes) == 2 * 7 * config["num_hidden_layers"]
+
+    cfg_json = tmp_path / "v0001" / "adapter_config.json"
+    cfg_json.write_text(json.dumps({**json.loads(cfg_json.read_text()), "use_dora": True}))
+    with pytest.raises(GGUFExportError, match="DoRA"):
+        write_gguf_lora(tmp_path / "v0001", config, tmp_path / "dora.gguf")
+
+
+def test_permutation_matches_llamacpp_rope_layout():
+    # Two heads of 4 rows: HF's rotate-half order (x0 x1 | y0 y1) becomes llama.cpp's interleaved (x0 y0 x1 y1).
+    rows = np.arange(8)[:, None]
+    assert gguf_export._permute(rows, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
