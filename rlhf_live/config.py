@@ -46,8 +46,9 @@ class Config:
     """On CPU, NF4 linears run as plain ones with the same values (serving and training copies); off: NF4, unpacked."""
     device: str = "auto"
     """'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'."""
-    engine: str = "auto"
-    """What samples served answers: 'llamacpp' (the served NF4 weights + LoRA in llama.cpp), 'torch', or 'auto'."""
+    engine: str = "torch"
+    """What samples answers: 'torch', 'llamacpp' (the same NF4 weights + LoRA in llama.cpp) or 'auto' (llama.cpp on
+    CPU when it can run)."""
     engine_threads: int = 0
     """CPU threads of the llama.cpp engine; 0 = all cores."""
     engine_parallel: int = 4
