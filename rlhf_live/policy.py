@@ -378,18 +378,22 @@ class Policy:
                     errors.append(value)
                 elif kind == "done":
                     running -= 1
-            if errors:
-                raise errors[0]
-            for a in answers:
-                a.text = self.tokenizer.decode(a.token_ids, skip_special_tokens=True)
-                if not a.finish_reason:
-                    a.finish_reason = "cancelled" if cancel.is_set() else "length"
-            yield tuple(a.text for a in answers)
+            yield self._finish(answers, errors, cancel)
         finally:
             cancel.set()
             for t in threads:
                 t.join()
             self._lock.release_read()
+
+    def _finish(self, answers: list[Answer], errors: list[BaseException], cancel: threading.Event) -> tuple:
+        """Raise a generation error, else the final texts and finish reasons of every answer."""
+        if errors:
+            raise errors[0]
+        for a in answers:
+            a.text = self.tokenizer.decode(a.token_ids, skip_special_tokens=True)
+            if not a.finish_reason:
+                a.finish_reason = "cancelled" if cancel.is_set() else "length"
+        return tuple(a.text for a in answers)
 
     def _run_torch(self, prompt_ids, settings, answers, names, cancel) -> Iterator[tuple[str, ...]]:
         n = len(answers)
@@ -440,13 +444,7 @@ class Policy:
                         answers[i].text = text
                 yield tuple(a.text for a in answers)
             thread.join()
-            if errors:
-                raise errors[0]
-            for a in answers:
-                a.text = self.tokenizer.decode(a.token_ids, skip_special_tokens=True)
-                if not a.finish_reason:
-                    a.finish_reason = "cancelled" if cancel.is_set() else "length"
-            yield tuple(a.text for a in answers)
+            yield self._finish(answers, errors, cancel)
         finally:
             cancel.set()
             thread.join()
