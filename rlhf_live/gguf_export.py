@@ -157,8 +157,12 @@ def _key(*parts: object) -> str:
 def cached_model_gguf(state_dict: dict, base_config: dict, template: Path, cache_dir: str | Path, qtype: str) -> Path:
     """The served base as GGUF in `cache_dir`, written once per source file, weight type and quantization."""
     stat = template.stat()
-    # NF4 of the same source weights is deterministic, so the source file and settings name the result.
-    key = _key(template.resolve(), stat.st_size, stat.st_mtime_ns, qtype, base_config.get("quantization_config"))
+    # NF4 of the same source weights is deterministic, so the source file, the quantization and the dtype the
+    # weights are held in (bf16 or fp32 compute) name the result.
+    dtypes = sorted({str(v.dtype) for v in state_dict.values()})
+    key = _key(
+        template.resolve(), stat.st_size, stat.st_mtime_ns, qtype, base_config.get("quantization_config"), dtypes
+    )
     out = Path(cache_dir).expanduser() / "gguf" / f"{template.stem}-served-{qtype}-{key}.gguf"
     return out if out.is_file() else write_gguf_model(state_dict, base_config, template, out, qtype)
 

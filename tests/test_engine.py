@@ -223,3 +223,20 @@ def test_permutation_matches_llamacpp_rope_layout():
     # Two heads of 4 rows: HF's rotate-half order (x0 x1 | y0 y1) becomes llama.cpp's interleaved (x0 y0 x1 y1).
     rows = np.arange(8)[:, None]
     assert gguf_export._permute(rows, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_served_gguf_cache_is_keyed_by_what_the_weights_are(monkeypatch, tmp_path):
+    template = tmp_path / "base.gguf"
+    template.write_bytes(b"GGUF")
+    monkeypatch.setattr(gguf_export, "write_gguf_model", lambda sd, config, tpl, out, qtype: out)
+    bf16 = {"w": torch.zeros(2, dtype=torch.bfloat16)}
+    fp32 = {"w": torch.zeros(2, dtype=torch.float32)}
+    nf4 = {"quantization_config": {"load_in_4bit": True}}
+    paths = {
+        gguf_export.cached_model_gguf(bf16, {}, template, tmp_path, "f16"),
+        gguf_export.cached_model_gguf(fp32, {}, template, tmp_path, "f16"),  # fp32 compute: other values
+        gguf_export.cached_model_gguf(bf16, nf4, template, tmp_path, "f16"),
+        gguf_export.cached_model_gguf(bf16, {}, template, tmp_path, "q8_0"),
+    }
+    assert len(paths) == 4
+    assert gguf_export.cached_model_gguf(bf16, {}, template, tmp_path, "f16") in paths  # same inputs, same file
