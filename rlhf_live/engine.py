@@ -61,7 +61,7 @@ class _Server:
         self.ids = {version: i for i, version in enumerate(adapters)}
 
     def lora(self, version: str | None) -> list[dict]:
-        """Every adapter with its scale: 1 for `version`, 0 for the rest (None or unknown = the base)."""
+        """Every adapter with its scale: 1 for `version`, 0 for the rest (None = the base; unknown is an error)."""
         if version is not None and version not in self.ids:
             raise EngineError(f"Adapter {version!r} is not loaded in llama.cpp.")
         return [{"id": i, "scale": 1.0 if v == version else 0.0} for v, i in self.ids.items()]

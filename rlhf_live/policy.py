@@ -332,9 +332,6 @@ class Policy:
         s.prompt_tokens, s.dropped_messages = len(prompt_ids), dropped
         return s
 
-    def _check_version(self, version: str) -> None:
-        self._peft_name(version)  # raises InvalidRequest for a version that is not loaded
-
     def _peft_name(self, version: str) -> str:
         if version == BASE:
             return _PEFT_BASE
@@ -472,7 +469,7 @@ class Policy:
             prompts = [self.build_prompt(c, settings)[0] for c in conversations]
             answers = [Answer(adapter_version=v) for v in versions]
             for v in versions:
-                self._check_version(v)
+                self._peft_name(v)  # InvalidRequest for a version that is not loaded, as on the torch path
             self._lock.acquire_read()
             for _ in self._run_engine(prompts, settings, answers, threading.Event()):
                 pass
