@@ -168,13 +168,26 @@ class Config:
     direct_lr: float = 3e-4
     """AdamW learning rate of the policy LoRA in a DPO/KTO round (constant; = ppo_lr: at 1e-4 a round moved KL 1.2)."""
     direct_epochs: float = 1.0
-    """Passes over all votes so far in one DPO/KTO round (each round continues from the live adapter)."""
+    """Passes over a round's examples in DPO/KTO (each round continues from the live adapter)."""
+    direct_votes: str = "new"
+    """Votes a DPO/KTO round trains on: 'new' (since the live version's round: online, each vote used once) or 'all'."""
     direct_batch_size: int = 8
     """Pairs (DPO) or labelled answers (KTO) per optimizer step; KTO needs at least 2."""
 
+    # --- rm-dpo: DPO on the policy's own samples ranked by the reward model -------------------------
+    rm_dpo_prompts: int = 32
+    """Prompts sampled per rm-dpo round (users' contexts, topped up from the seed prompts)."""
+    rm_dpo_samples: int = 8
+    """Answers sampled per prompt; the reward model's best and worst of them become one DPO pair."""
+    rm_dpo_temperature: float = 1.0
+    """Sampling temperature of those answers (higher explores more: rare preferred answers get found)."""
+    rm_dpo_min_confidence: float = 0.6
+    """Keep a pair only when the reward model gives its best answer at least this probability of beating its worst."""
+
     # --- trainer (the live loop) ------------------------------------------------------------------
     learner: str = "ppo"
-    """What a round trains: 'ppo' (reward model + PPO, RLHF), 'dpo' (A/B choices) or 'kto' (thumbs and A/B)."""
+    """What a round trains: 'ppo' (reward model + PPO, RLHF), 'dpo' (A/B choices), 'kto' (thumbs and A/B) or 'rm-dpo'
+    (DPO on A/B choices plus reward-model-ranked pairs of the policy's own samples)."""
     train_min_new_votes: int = 8
     """Start a training round once this many new votes (thumbs writes and A/B choices) have arrived."""
     train_check_s: float = 30.0

@@ -1,10 +1,13 @@
-"""Direct learners: DPO and KTO train the policy LoRA on votes themselves, through TRL's trainers, no reward model.
+"""Direct learners: DPO and KTO train the policy LoRA through TRL's trainers, on votes or on reward-ranked samples.
 
 Knows how the store's vote views become TRL datasets (A/B choices -> chosen/rejected for DPO; thumbs, both-bad and
-A/B choices -> desirable/undesirable for KTO), the TRL settings of one CPU-or-CUDA round and the reference (the
-base: the adapter disabled, the same leash PPO has); knows nothing of SQL, serving or Gradio.
+A/B choices -> desirable/undesirable for KTO), how a reward model turns the policy's own samples into more pairs
+(best vs worst of N per prompt, `reward_ranked_pairs`), the TRL settings of one CPU-or-CUDA round and the reference
+(the base: the adapter disabled, the same leash PPO has); knows nothing of SQL, serving or Gradio, and takes the
+sampler and the reward model as plain callables.
 DPO: Rafailov et al. 2023, arXiv 2305.18290; online/iterative use on the live model's own answers: Guo et al. 2024,
-arXiv 2402.04792. KTO: Ethayarajh et al. 2024, arXiv 2402.01306.
+arXiv 2402.04792. KTO: Ethayarajh et al. 2024, arXiv 2402.01306. Reward-ranked best-vs-worst pairs of N samples,
+iterated: Xiong et al. 2024, arXiv 2312.11456; Dong et al. 2024 ("RLHF Workflow"), arXiv 2405.07863.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from transformers import PrinterCallback, TrainerCallback
 
 from .config import Config
 
-LEARNERS = ("ppo", "dpo", "kto")
-"""What Config.learner may name: `ppo` (reward model + PPO, ppo.py) or one of the direct learners here."""
+LEARNERS = ("ppo", "dpo", "kto", "rm-dpo")
+"""What Config.learner may name: `ppo` (reward model + PPO, ppo.py) or one of the direct learners here; `rm-dpo` is
+DPO on the votes plus the policy's own samples ranked by the reward model."""
 
 
 class DirectDivergence(RuntimeError):
@@ -71,6 +75,42 @@ def kto_examples(cfg: Config, tokenizer, pairs: list[dict], pointwise: list[dict
     ]
 
 
+def reward_ranked_pairs(
+    prompts: list[list[dict]],
+    sample: Callable[[list[list[dict]]], list[str]],
+    score: Callable[[list[list[dict]], list[str]], torch.Tensor],
+    n: int,
+    min_confidence: float,
+) -> tuple[list[dict], dict]:
+    """Best vs worst of `n` sampled answers per prompt, by the reward model; (DPO pairs, metrics).
+
+    A pair is kept only when the reward model gives the best answer at least `min_confidence` probability of beating
+    the worst (Bradley-Terry: sigmoid of the score gap), so a reward model that has learned nothing yet adds nothing.
+    The chosen answer is never blank (nobody prefers silence; a length-loving reward model might).
+    """
+    repeated = [p for p in prompts for _ in range(n)]  # (P * n,) prompt i's samples at i*n .. i*n+n-1
+    answers = sample(repeated)
+    scores = score(repeated, answers).float().view(len(prompts), n)  # (P, n) raw scores
+    pairs, gaps = [], []
+    margin = math.log(min_confidence / (1 - min_confidence))  # logit: the score gap for that probability
+    for i, prompt in enumerate(prompts):
+        texts = answers[i * n : (i + 1) * n]
+        row = scores[i].clone()
+        row[[not t.split() for t in texts]] = -math.inf  # blank answers cannot be chosen
+        best, worst = int(row.argmax()), int(scores[i].argmin())
+        gap = float(scores[i, best] - scores[i, worst])
+        if math.isfinite(gap) and gap >= margin and texts[best] != texts[worst]:
+            pairs.append({"prompt": prompt, "chosen": texts[best], "rejected": texts[worst]})
+            gaps.append(gap)
+    metrics = {
+        "samples": float(len(answers)),
+        "pairs": float(len(pairs)),
+        "pair_gap": sum(gaps) / len(gaps) if gaps else 0.0,
+        "sample_spread": float((scores.max(1).values - scores.min(1).values).mean()),
+    }
+    return pairs, metrics
+
+
 class _Progress(TrainerCallback):
     """Reports each optimizer step and yields to serving between steps (the trainer's pause)."""
 
@@ -98,20 +138,20 @@ def train_direct(
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings the Hub on start; this app runs offline
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # heavy import, only when a direct learner runs
 
-    if learner == "dpo":
+    if learner in ("dpo", "rm-dpo"):
         examples, trainer_cls, config_cls = dpo_examples(cfg, tokenizer, pairs), DPOTrainer, DPOConfig
         extra = {"loss_type": ["sigmoid"]}
     elif learner == "kto":
         examples, trainer_cls, config_cls = kto_examples(cfg, tokenizer, pairs, pointwise), KTOTrainer, KTOConfig
         extra = {"loss_type": "kto"}
     else:
-        raise ValueError(f"train_direct knows 'dpo' and 'kto', not {learner!r}")
-    need = 1 if learner == "dpo" else 2  # KTO's KL baseline pairs each answer with another row's prompt
+        raise ValueError(f"train_direct knows 'dpo', 'rm-dpo' and 'kto', not {learner!r}")
+    need = 2 if learner == "kto" else 1  # KTO's KL baseline pairs each answer with another row's prompt
     if len(examples) < need:
         from .reward import RewardDataError
 
-        kind = "A/B choices" if learner == "dpo" else "thumbs or A/B choices"
-        raise RewardDataError(f"{learner.upper()} needs {kind} to learn from: {len(examples)} so far.")
+        kind = {"dpo": "A/B choices", "kto": "thumbs or A/B choices"}.get(learner, "pairs the reward model is sure of")
+        raise RewardDataError(f"{learner.upper()} needs {kind} to learn from: {len(examples)} in this round.")
 
     import datasets
 

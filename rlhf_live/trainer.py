@@ -13,13 +13,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .adapters import AdapterRegistry
 from .config import Config
-from .direct import LEARNERS, DirectDivergence, train_direct
+from .direct import LEARNERS, DirectDivergence, reward_ranked_pairs, train_direct
 from .evaluation import distinct_n
 from .models import load_base, prepare_cpu_4bit, resolve
 from .policy import BASE, Policy, attach_adapter
@@ -124,7 +125,8 @@ def train_round(
     pairs, ties, pointwise = store.preference_pairs(), store.ties(), store.pointwise_labels()
     pool = _prompt_pool(store, cfg, rng, bench.exclude_prompts)
     metrics: dict = {"learner": cfg.learner}
-    if cfg.learner == "ppo":
+    reward_model = None
+    if cfg.learner in ("ppo", "rm-dpo"):
         # 1. Reward model: re-fit on the full history (votes are few; a fresh fit avoids drifting on old data).
         say("fitting reward model", "loading")
         reward_model = bench.new_reward_model()
@@ -132,8 +134,10 @@ def train_round(
         reward_metrics = reward_model.fit(
             pairs, ties=ties, pointwise=pointwise, progress=lambda *a: (wait(), say("fitting reward model", _fmt(a)))
         )
+        metrics.update({f"reward/{k}": v for k, v in reward_metrics.items()})
         seconds["reward_fit"] = time.perf_counter()
 
+    if cfg.learner == "ppo":
         # 2. PPO on a training copy of the live policy; the reference is the same model with the adapter disabled.
         say("PPO", "loading policy copy")
         policy_model = bench.policy_copy(live_path)
@@ -156,7 +160,6 @@ def train_round(
             updates.append(learner.step(batch))
         ppo_metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[-1]}
         ppo_metrics["score_first"], ppo_metrics["score_last"] = updates[0]["score"], updates[-1]["score"]
-        metrics.update({f"reward/{k}": v for k, v in reward_metrics.items()})
         metrics.update({f"ppo/{k}": v for k, v in ppo_metrics.items()})
         # The gate reads the rollouts PPO sampled anyway: mean KL over the round, length of the last update's.
         metrics.update({"sample/kl": ppo_metrics["kl"], "sample/answer_tokens": updates[-1]["answer_tokens"]})
@@ -165,18 +168,29 @@ def train_round(
         save = learner.save_adapter
     else:
         # 1-2. A direct learner on the same training copy; TRL's reference pass disables the adapter (the base).
-        say(cfg.learner.upper(), "loading policy copy")
+        name = cfg.learner.upper()
+        say(name, "loading policy copy")
         policy_model = bench.policy_copy(live_path)
         seconds["load"] = time.perf_counter()
+        if cfg.direct_votes not in ("new", "all"):
+            raise ValueError(f"direct_votes must be 'new' or 'all', not {cfg.direct_votes!r}")
+        since = 0 if cfg.direct_votes == "all" or not live else int((live.get("metrics") or {}).get("watermark", 0))
+        examples = [p for p in pairs if p["seq"] > since]
+        if reward_model is not None:
+            say(name, f"sampling {cfg.rm_dpo_samples} answers for {cfg.rm_dpo_prompts} prompts")
+            ranked, rank_metrics = _ranked_pairs(cfg, policy_model, bench.tokenizer, reward_model, pool, rng)
+            metrics.update({f"{cfg.learner}/{k}": v for k, v in rank_metrics.items()})
+            examples += ranked
+            seconds["sample_pairs"] = time.perf_counter()
         direct_metrics = train_direct(
             cfg.learner,
             policy_model,
             bench.tokenizer,
             cfg,
-            pairs,
-            pointwise,
+            examples,
+            [p for p in pointwise if p["seq"] > since],
             seed=cfg.seed + watermark,
-            say=lambda detail: say(cfg.learner.upper(), detail),
+            say=lambda detail: say(name, detail),
             pause=wait,
         )
         metrics.update({f"{cfg.learner}/{k}": v for k, v in direct_metrics.items()})
@@ -202,6 +216,18 @@ def train_round(
     metrics.update({f"seconds/{k}": round(t - marks[i - 1][1], 2) for i, (k, t) in enumerate(marks) if i})
     metrics["seconds/round"] = round(marks[-1][1] - marks[0][1], 2)
     return metrics
+
+
+def _ranked_pairs(cfg: Config, policy_model, tokenizer, reward_model, pool: list, rng: random.Random):
+    """rm-dpo's pairs: the live policy's own samples for fresh prompts, best vs worst by the reward model."""
+    sampler = PPOTrainer(policy_model, tokenizer, replace(cfg, ppo_temperature=cfg.rm_dpo_temperature), None)
+    prompts = rng.sample(pool, min(cfg.rm_dpo_prompts, len(pool)))
+    chunk = 64  # answers per generate() call: ~190 tok/s on 2 CPU cores at 64, ~90 at 8 (bench/RESULTS.md)
+
+    def sample(repeated: list[list[dict]]) -> list[str]:
+        return [a for i in range(0, len(repeated), chunk) for a in sampler.rollout(repeated[i : i + chunk])["answers"]]
+
+    return reward_ranked_pairs(prompts, sample, reward_model.score, cfg.rm_dpo_samples, cfg.rm_dpo_min_confidence)
 
 
 def _mean_distinct2(answers: list[str]) -> float:

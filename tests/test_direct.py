@@ -107,7 +107,10 @@ def test_a_round_publishes_a_version_serving_loads(direct_cfg, learner):
     assert row["version"] == "v0001" and row["metrics"]["learner"] == learner
     policy.swap(row["path"], row["version"])
     assert policy.version == "v0001"
-    # The next round continues from the live version.
+    # The next round continues from the live version, on the votes that came after it (each vote used once).
+    with pytest.raises(RewardDataError, match="to learn from: 0 in this round"):
+        run_round(cfg, store)
+    _vote(Service(policy, store, direct_cfg))
     assert run_round(cfg, store)["parent"] == "v0001"
 
 
@@ -136,7 +139,7 @@ def test_a_learner_that_yields_nan_leaves_serving_untouched(direct_cfg):
 
 def test_an_unknown_learner_is_a_clear_error(direct_cfg):
     store = Store.from_config(direct_cfg)
-    with pytest.raises(ValueError, match="learner must be one of ppo, dpo, kto, not 'sft'"):
+    with pytest.raises(ValueError, match="learner must be one of ppo, dpo, kto, rm-dpo, not 'sft'"):
         run_round(replace(direct_cfg, learner="sft"), store)
 
 
@@ -151,3 +154,57 @@ def test_simulate_with_a_direct_learner(direct_cfg, tmp_path):
     assert [e["status"] for e in result["history"]] == ["base", "live", "live"]
     assert result["history"][1]["train_loss_first"] == pytest.approx(0.6931, abs=1e-3)
     assert Store.from_config(cfg).live_adapter()["metrics"]["learner"] == "dpo"
+
+
+def test_reward_ranked_pairs_are_best_vs_worst_when_the_reward_model_is_sure():
+    from rlhf_live.direct import reward_ranked_pairs
+
+    prompts = [[{"role": "user", "content": q}] for q in ("One?", "Two?", "Three?")]
+    texts = {"One?": ["bad", "good", "ok"], "Two?": ["", "x", "y"], "Three?": ["same", "same", "same"]}
+    value = {"bad": -2.0, "good": 2.0, "ok": 0.0, "": 5.0, "x": 0.0, "y": 0.3, "same": 1.0}
+    calls = []
+
+    def sample(repeated):
+        calls.append(len(repeated))
+        seen: dict[str, int] = {}
+        out = []
+        for p in repeated:
+            q = p[-1]["content"]
+            out.append(texts[q][seen.get(q, 0)])
+            seen[q] = seen.get(q, 0) + 1
+        return out
+
+    def score(ps, answers):
+        return torch.tensor([value[a] for a in answers])
+
+    pairs, metrics = reward_ranked_pairs(prompts, sample, score, 3, min_confidence=0.6)
+    assert calls == [9]
+    # "Two?": the blank answer scores highest but is never chosen; y beats the blank by -4.7: not sure -> no pair.
+    # "Three?": all answers equal: no pair.
+    assert [(p["prompt"][-1]["content"], p["chosen"], p["rejected"]) for p in pairs] == [("One?", "good", "bad")]
+    assert metrics["pairs"] == 1.0 and metrics["samples"] == 9.0 and metrics["pair_gap"] == 4.0
+    # A reward model that is unsure (gap 0.3 < logit(0.6) = 0.405) adds nothing; a lower bar takes the pair.
+    value.update({"bad": -0.1, "good": 0.1})
+    assert reward_ranked_pairs(prompts[:1], sample, score, 3, min_confidence=0.6)[0] == []
+    assert len(reward_ranked_pairs(prompts[:1], sample, score, 3, min_confidence=0.5)[0]) == 1
+
+
+def test_an_rm_dpo_round_trains_on_votes_and_ranked_samples(direct_cfg):
+    store = Store.from_config(direct_cfg)
+    policy = Policy.from_config(direct_cfg)
+    _vote(Service(policy, store, direct_cfg), thumbs=False)
+    cfg = replace(direct_cfg, learner="rm-dpo", rm_dpo_prompts=3, rm_dpo_samples=2, rm_dpo_min_confidence=0.5)
+    metrics = run_round(cfg, store)
+    assert metrics["learner"] == "rm-dpo" and metrics["rm-dpo/samples"] == 6.0
+    assert metrics["rm-dpo/examples"] == 4.0 + metrics["rm-dpo/pairs"]  # the 4 A/B votes + the ranked pairs
+    assert "reward/accuracy" in metrics and "seconds/sample_pairs" in metrics
+    row = store.live_adapter()
+    assert row["version"] == "v0001" and row["metrics"]["learner"] == "rm-dpo"
+    policy.swap(row["path"], row["version"])
+    # The next round has no new votes: it learns from ranked samples alone (or says it has nothing to learn from).
+    try:
+        second = run_round(cfg, store)
+    except RewardDataError as exc:
+        assert "pairs the reward model is sure of" in str(exc)
+    else:
+        assert second["rm-dpo/examples"] == second["rm-dpo/pairs"] > 0 and second["parent"] == "v0001"
