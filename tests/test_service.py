@@ -305,7 +305,7 @@ def test_votes_through_the_service_appear_in_exports_with_exact_text(service, tm
 
 
 def test_learning_curve_counts_compare_votes_between_versions(tiny_cfg, tmp_path):
-    from rlhf_live.ui import _dashboard
+    from rlhf_live.ui import dashboard as _dashboard
 
     store = Store(tiny_cfg.db_path)
     policy = Policy.from_config(tiny_cfg)
@@ -329,7 +329,7 @@ def test_learning_curve_counts_compare_votes_between_versions(tiny_cfg, tmp_path
 
 
 def test_dashboard_says_how_many_votes_start_the_first_round(tiny_cfg):
-    from rlhf_live.ui import _dashboard
+    from rlhf_live.ui import dashboard as _dashboard
 
     class Idle:
         def status(self):

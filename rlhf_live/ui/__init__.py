@@ -1,0 +1,76 @@
+"""The Gradio app: one module per tab (chat, compare, training, data), the HTTP API (api) and this composition.
+
+This package is the only place that imports gradio; every request goes to `Service`. `build` puts the tabs together
+and does the shared wiring (browser state, queue limits, the dashboard refresh, the API); `serve` starts it all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import gradio as gr
+
+from ..config import Config
+from ..policy import Policy
+from ..service import Service
+from ..store import Store
+from .api import add_api
+from .chat import ChatTab
+from .common import PRIVATE
+from .compare import CompareTab
+from .data import DataTab
+from .training import TrainingTab, dashboard
+
+CSS_FILE = Path(__file__).resolve().parents[2] / "assets" / "style.css"
+INTRO = (
+    "# rlhf-live\nChat with a small model that learns from your votes: 👍/👎 its answers, or pick the better of two "
+    "in **Compare**. A trainer turns votes into a reward model and improves the model with PPO."
+)
+
+__all__ = ["build", "dashboard", "serve"]
+
+
+def build(service: Service, cfg: Config) -> gr.Blocks:
+    """The whole app around a Service."""
+    generate = {"concurrency_limit": cfg.generation_concurrency, "concurrency_id": "generate"}
+    with gr.Blocks(title="rlhf-live") as demo:
+        # A stable secret (derived from the DB's salt) keeps browsers' saved conversations readable after a restart.
+        secret = hashlib.sha256(f"browser-state:{service.store.voter_salt()}".encode()).hexdigest()[:32]
+        empty = {"id": "", "conversation_id": "", "leaf": ""}
+        client = gr.BrowserState(empty, storage_key="rlhf_live_client", secret=secret)
+        gr.Markdown(INTRO)
+        with gr.Tabs() as tabs:
+            chat = ChatTab(service, cfg, client, generate)
+            CompareTab(service, cfg, chat, tabs, generate)
+            training = TrainingTab(service, cfg)
+            data = DataTab(service)
+        demo.load(chat.load, [client], [client, chat.state, chat.chatbot], **PRIVATE)
+        # Fresh numbers on load, on Refresh and whenever a dashboard tab is opened.
+        refresh = lambda: dashboard(service)  # noqa: E731
+        outputs = [*training.outputs, data.summary]
+        for event in (demo.load, training.refresh.click, training.tab.select, data.tab.select):
+            event(refresh, None, outputs, **PRIVATE)
+        add_api(service, generate)
+    return demo
+
+
+def serve(cfg: Config) -> None:
+    """Load the policy and store, start the trainer (unless --no-train) and run the app until interrupted."""
+    store = Store.from_config(cfg)
+    live = store.live_adapter()
+    adapter = cfg.adapter or (live["path"] if live and Path(live["path"]).is_dir() else None)
+    policy = Policy.from_config(
+        cfg, adapter_path=adapter, version=(live["version"] if live and not cfg.adapter else None)
+    )
+    trainer = None
+    if cfg.train:
+        from ..trainer import Trainer  # torch-heavy: only when training
+
+        trainer = Trainer(cfg, store, policy)
+        trainer.start()
+    service = Service(policy, store, cfg, trainer)
+    demo = build(service, cfg)
+    demo.queue(default_concurrency_limit=cfg.generation_concurrency)
+    css = CSS_FILE.read_text() if CSS_FILE.is_file() else None
+    demo.launch(server_name=cfg.host, server_port=cfg.port, css=css, theme=gr.themes.Soft())

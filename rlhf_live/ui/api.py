@@ -1,0 +1,51 @@
+"""The named HTTP API (`/chat`, `/feedback`, `/compare`, `/choose`, `/status`) for gradio_client and scripts.
+
+Knows the endpoints' names, arguments and result shapes (DESIGN's public contract); every request goes to Service.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+
+from ..service import Service
+from .common import UserError, voter_of
+
+
+def add_api(service: Service, generate: dict) -> None:
+    """Register the five endpoints inside the current gr.Blocks."""
+
+    def api_chat(message: str, conversation_id: str = "", request: gr.Request = None) -> dict:
+        """Answer `message` in a new ("") or existing conversation of this client; returns ids and text."""
+        with UserError():
+            *_, last = service.chat(voter_of(service, None, request), message, conversation_id or "")
+        return {k: last[k] for k in ("conversation_id", "response_id", "text", "adapter_version")}
+
+    def api_feedback(response_id: str, value: str, reason: str = "", request: gr.Request = None) -> dict:
+        """Thumb an answer: value is up, down or clear."""
+        with UserError():
+            out = service.feedback(voter_of(service, None, request), response_id, value, reason)
+        return {"ok": out["ok"]}
+
+    def api_compare(message: str, conversation_id: str = "", request: gr.Request = None) -> dict:
+        """Two answers of the live model to `message`; vote with /choose."""
+        with UserError():
+            *_, last = service.compare(voter_of(service, None, request), message, conversation_id or "")
+        return {"pair_id": last["pair_id"], "a": last["a"], "b": last["b"]}
+
+    def api_choose(pair_id: str, choice: str, reason: str = "", request: gr.Request = None) -> dict:
+        """Pick the better answer of a pair: A, B, tie or both_bad (once per pair)."""
+        with UserError():
+            out = service.choose(voter_of(service, None, request), pair_id, choice, reason)
+        return {"ok": out["ok"], "a_version": out["a_version"], "b_version": out["b_version"]}
+
+    def api_status() -> dict:
+        """Trainer state, live version, counts and last run metrics."""
+        return json.loads(json.dumps(service.status(), default=str))
+
+    gr.api(api_chat, api_name="chat", **generate)
+    gr.api(api_feedback, api_name="feedback")
+    gr.api(api_compare, api_name="compare", **generate)
+    gr.api(api_choose, api_name="choose")
+    gr.api(api_status, api_name="status")

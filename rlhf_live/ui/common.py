@@ -1,0 +1,76 @@
+"""What every tab shares: showing text safely, turning service errors into toasts, who the voter is, settings.
+
+Knows Gradio's request and error types and the Service's error classes; knows no tab's layout.
+"""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from ..config import Config
+from ..policy import GenerationSettings
+from ..service import USER_ERRORS, Service
+
+LIKE = {"up": "Like", "down": "Dislike"}
+"""Store thumbs -> the Chatbot's feedback labels."""
+PRIVATE = {"api_visibility": "private"}
+"""UI handlers stay off the API page (still reachable through the queue protocol: permissions live in handlers)."""
+
+
+def show(text: str) -> str:
+    """Escape HTML so what people and the model write is shown as text, never run as markup."""
+    return html.escape(text or "", quote=False)
+
+
+def answer_md(text: str, version: str | None) -> str:
+    """An answer as Markdown, with the version that wrote it underneath once it is finished."""
+    tag = f"\n\n<sub>written by {html.escape(version)}</sub>" if version else ""
+    return show(text) + tag
+
+
+class UserError:
+    """Turn a service error into the gr.Error a person reads (use as `with UserError():` inside handlers)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if exc is not None and isinstance(exc, USER_ERRORS):
+            raise gr.Error(str(exc)) from None
+        return False
+
+
+def voter_of(service: Service, client: dict | None, request: gr.Request) -> str:
+    """Browser tabs carry a random id in localStorage (survives reloads); API clients use their session."""
+    key = (client or {}).get("id") or request.session_hash or ""
+    return service.voter(key, getattr(request, "username", None))
+
+
+def settings_from(cfg: Config, system_prompt, temperature, top_p, max_new_tokens) -> GenerationSettings:
+    """Generation settings from the Chat tab's Settings controls."""
+    return GenerationSettings.from_config(
+        cfg,
+        system_prompt=system_prompt,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        max_new_tokens=int(max_new_tokens),
+    )
+
+
+def chat_view(turns: list[dict]) -> tuple[list[dict], list[str | None]]:
+    """Store turns -> Chatbot messages and the thumbs of each assistant message."""
+    messages, thumbs = [], []
+    for t in turns:
+        if t["role"] == "user":
+            messages.append({"role": "user", "content": show(t["content"])})
+        elif t["role"] == "assistant":
+            messages.append({"role": "assistant", "content": answer_md(t["content"], t.get("adapter_version"))})
+            thumbs.append(LIKE.get(t.get("feedback") or ""))
+    return messages, thumbs
+
+
+def chat_state(conversation_id: str = "", ids: list[str] | None = None, leaf: str | None = None) -> dict:
+    """The Chat tab's per-browser state: the conversation, the id of each shown message, the current leaf."""
+    return {"conversation_id": conversation_id, "ids": list(ids or []), "leaf": leaf}
