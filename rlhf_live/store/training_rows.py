@@ -1,0 +1,159 @@
+"""Training rows after a watermark: A/B pairs, ties, thumbs as labels, version battles, prompts.
+
+Knows how votes and the message tree become rows a reward model, PPO, DPO or KTO can use; knows nothing of
+tensors, tokens or how the rows are used.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from .base import Database, InvalidInput
+from .conversations import MessageTree
+
+
+class TrainingRows(Database):
+    """Rows for training, each with the watermark `seq` of the vote it came from."""
+
+    def watermark(self) -> int:
+        """Increases with every thumb write and every choice: train on what came after the last round's value."""
+        return self.db().conn.execute("SELECT value FROM counters WHERE name = 'watermark'").fetchone()[0]
+
+    def _comparison_rows(self, conn: sqlite3.Connection, choices: tuple[str, ...], since: int, limit_ids=None):
+        marks = ",".join("?" * len(choices))
+        rows = self._rows(
+            conn,
+            "SELECT c.id, c.conversation_id, c.a_id, c.b_id, c.choice, c.seq, c.origin, c.a_source, c.b_source,"
+            " a.content AS a_text, b.content AS b_text FROM comparisons c"
+            " JOIN messages a ON a.id = c.a_id JOIN messages b ON b.id = c.b_id"
+            f" WHERE c.choice IN ({marks}) AND c.seq > ? ORDER BY c.seq",
+            (*choices, since),
+        )
+        return rows
+
+    def _tree_for(self, conn: sqlite3.Connection, rows: list[dict], everything: bool) -> MessageTree:
+        return MessageTree(conn, None if everything else [r["conversation_id"] for r in rows])
+
+    def preference_pairs(self, since: int = 0) -> list[dict]:
+        """A/B choices (A or B) after `since`: {prompt, chosen, rejected, conversation_id, comparison_id, seq, ...}."""
+        with self._read() as conn:
+            rows = self._comparison_rows(conn, ("A", "B"), since)
+            tree = self._tree_for(conn, rows, since <= 0)
+        out = []
+        for r in rows:
+            a_wins = r["choice"] == "A"
+            out.append(
+                {
+                    "prompt": tree.context(r["a_id"]),
+                    "chosen": r["a_text"] if a_wins else r["b_text"],
+                    "rejected": r["b_text"] if a_wins else r["a_text"],
+                    "conversation_id": r["conversation_id"],
+                    "comparison_id": r["id"],
+                    "seq": r["seq"],
+                    "origin": r["origin"],
+                    "chosen_source": r["a_source"] if a_wins else r["b_source"],
+                    "rejected_source": r["b_source"] if a_wins else r["a_source"],
+                }
+            )
+        return out
+
+    def ties(self, since: int = 0) -> list[dict]:
+        """Tie choices after watermark `since`: {prompt, a, b, conversation_id, comparison_id, seq}."""
+        with self._read() as conn:
+            rows = self._comparison_rows(conn, ("tie",), since)
+            tree = self._tree_for(conn, rows, since <= 0)
+        return [
+            {
+                "prompt": tree.context(r["a_id"]),
+                "a": r["a_text"],
+                "b": r["b_text"],
+                "conversation_id": r["conversation_id"],
+                "comparison_id": r["id"],
+                "seq": r["seq"],
+                "origin": r["origin"],
+            }
+            for r in rows
+        ]
+
+    def version_battles(self) -> list[dict]:
+        """A/B/tie choices between two different sources, not imported: {comparison_id, a_source, b_source, choice}."""
+        with self._read() as conn:
+            return self._rows(
+                conn,
+                "SELECT id AS comparison_id, a_source, b_source, choice, seq, chosen_at FROM comparisons"
+                " WHERE choice IN ('A', 'B', 'tie') AND a_source != b_source AND origin != 'import' ORDER BY seq",
+            )
+
+    def pointwise_labels(self, since: int = 0) -> list[dict]:
+        """Thumbs (final non-cleared value per answer and voter) and both_bad as two thumbs-down, after `since`.
+
+        Rows: {prompt, completion, label, conversation_id, response_id, seq}. A thumb changed after `since` comes
+        back with its new value; one cleared after `since` does not come back (its old label is simply stale).
+        """
+        with self._read() as conn:
+            thumbs = self._rows(
+                conn,
+                "SELECT f.response_id, f.value, f.seq, m.content, m.conversation_id FROM feedback f"
+                " JOIN messages m ON m.id = f.response_id WHERE f.value != 'cleared' AND f.seq > ? ORDER BY f.seq",
+                (since,),
+            )
+            both_bad = self._comparison_rows(conn, ("both_bad",), since)
+            tree = MessageTree(
+                conn,
+                None if since <= 0 else [r["conversation_id"] for r in thumbs + both_bad],
+            )
+        out = [
+            {
+                "prompt": tree.context(t["response_id"]),
+                "completion": t["content"],
+                "label": t["value"] == "up",
+                "conversation_id": t["conversation_id"],
+                "response_id": t["response_id"],
+                "seq": t["seq"],
+            }
+            for t in thumbs
+        ]
+        for r in both_bad:
+            for mid, text in ((r["a_id"], r["a_text"]), (r["b_id"], r["b_text"])):
+                out.append(
+                    {
+                        "prompt": tree.context(mid),
+                        "completion": text,
+                        "label": False,
+                        "conversation_id": r["conversation_id"],
+                        "response_id": mid,
+                        "seq": r["seq"],
+                    }
+                )
+        out.sort(key=lambda row: row["seq"])
+        return out
+
+    def prompts(self, limit: int = 200) -> list[list[dict]]:
+        """Up to `limit` recent distinct contexts that end with a user turn (newest first), for PPO rollouts."""
+        if not isinstance(limit, int) or limit < 1:
+            raise InvalidInput("limit must be a positive integer.")
+        out: list[list[dict]] = []
+        seen: set[str] = set()
+        conn = self.db().conn
+        with self._read():
+            # Walk user turns newest first in batches until `limit` distinct contexts are found.
+            offset, batch = 0, max(limit * 2, 100)
+            while len(out) < limit:
+                rows = conn.execute(
+                    "SELECT id, conversation_id FROM messages WHERE role = 'user' ORDER BY rowid DESC LIMIT ? OFFSET ?",
+                    (batch, offset),
+                ).fetchall()
+                if not rows:
+                    break
+                offset += len(rows)
+                tree = MessageTree(conn, [conv for _, conv in rows])
+                for mid, _ in rows:
+                    messages = [*tree.context(mid), dict(tree.path(mid)[-1])]
+                    key = json.dumps(messages, ensure_ascii=False)
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(messages)
+                        if len(out) == limit:
+                            break
+        return out

@@ -1,0 +1,145 @@
+"""Adapter versions and training runs: which version is live, its parent and metrics; every round's outcome.
+
+Knows the `adapters` and `training_runs` tables and the status rules (one live version at a time); knows nothing of
+the adapter files on disk (adapters.py) or of training.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from .base import ADAPTER_STATUSES, Database, InvalidInput, _loads, _now
+
+
+class Versions(Database):
+    """Adapter versions and training runs."""
+
+    def add_adapter(
+        self, version: str, path: str, *, parent: str | None = None, status: str = "candidate", metrics=None
+    ) -> None:
+        """Register an adapter version (published on disk at `path`); status 'live' retires the previous live one."""
+        version = self._id(version, "adapter version")
+        if status not in ADAPTER_STATUSES:
+            raise InvalidInput(f"An adapter's status is one of {', '.join(ADAPTER_STATUSES)}, not {status!r}.")
+        metrics_json = self._metrics(metrics)
+        now = _now()
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM adapters WHERE version = ?", (version,)).fetchone():
+                raise InvalidInput(f"Adapter version '{version}' already exists.")
+            if status == "live":
+                conn.execute("UPDATE adapters SET status = 'retired', updated = ? WHERE status = 'live'", (now,))
+            conn.execute(
+                "INSERT INTO adapters (version, path, parent, status, metrics, created, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (version, str(path), parent, status, metrics_json, now, now),
+            )
+
+    @staticmethod
+    def _metrics(metrics) -> str:
+        if metrics is None:
+            return "{}"
+        if not isinstance(metrics, dict):
+            raise InvalidInput("Metrics must be a dict.")
+        try:
+            return json.dumps(metrics, sort_keys=True)
+        except (TypeError, ValueError):
+            raise InvalidInput("Metrics must be JSON-serialisable.") from None
+
+    def set_adapter_status(self, version: str, status: str) -> None:
+        """Change a version's status; making one live retires the previous live version in the same transaction."""
+        version = self._id(version, "adapter version")
+        if status not in ADAPTER_STATUSES:
+            raise InvalidInput(f"An adapter's status is one of {', '.join(ADAPTER_STATUSES)}, not {status!r}.")
+        now = _now()
+        with self._write() as conn:
+            self._one(
+                conn,
+                "SELECT version FROM adapters WHERE version = ?",
+                (version,),
+                f"No adapter version '{version}' exists.",
+            )
+            if status == "live":
+                conn.execute(
+                    "UPDATE adapters SET status = 'retired', updated = ? WHERE status = 'live' AND version != ?",
+                    (now, version),
+                )
+            conn.execute("UPDATE adapters SET status = ?, updated = ? WHERE version = ?", (status, now, version))
+
+    def set_adapter_metrics(self, version: str, metrics: dict) -> None:
+        """Merge `metrics` into a version's metrics (e.g. win-rates measured after publishing)."""
+        with self._write() as conn:
+            row = self._one(
+                conn,
+                "SELECT metrics FROM adapters WHERE version = ?",
+                (version,),
+                f"No adapter version '{version}' exists.",
+            )
+            merged = {**_loads(row["metrics"]), **(metrics or {})}
+            conn.execute(
+                "UPDATE adapters SET metrics = ?, updated = ? WHERE version = ?",
+                (self._metrics(merged), _now(), version),
+            )
+
+    @staticmethod
+    def _decode_adapter(row: dict) -> dict:
+        row["metrics"] = _loads(row["metrics"])
+        return row
+
+    def adapters(self) -> list[dict]:
+        """Every adapter version, oldest first (metrics decoded)."""
+        with self._read() as conn:
+            rows = self._rows(conn, "SELECT * FROM adapters ORDER BY created, version")
+        return [self._decode_adapter(r) for r in rows]
+
+    def adapter(self, version: str) -> dict:
+        """One adapter version's row."""
+        with self._read() as conn:
+            row = self._one(
+                conn, "SELECT * FROM adapters WHERE version = ?", (version,), f"No adapter version '{version}' exists."
+            )
+        return self._decode_adapter(row)
+
+    def live_adapter(self) -> dict | None:
+        """The live version's row, or None while the base model (no adapter) serves."""
+        with self._read() as conn:
+            rows = self._rows(conn, "SELECT * FROM adapters WHERE status = 'live'")
+        return self._decode_adapter(rows[0]) if rows else None
+
+    def next_version(self) -> str:
+        """The next free version name: 'v0001', 'v0002', ..."""
+        versions = [r[0] for r in self.db().conn.execute("SELECT version FROM adapters")]
+        numbers = [int(m.group(1)) for v in versions if (m := re.fullmatch(r"v(\d+)", v))]
+        return f"v{max(numbers, default=0) + 1:04d}"
+
+    def start_run(self, kind: str) -> int:
+        """Record a training run as 'running'; return its id."""
+        if not isinstance(kind, str) or not kind:
+            raise InvalidInput("A training run needs a kind (e.g. 'reward', 'ppo', 'round').")
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO training_runs (kind, status, started) VALUES (?, 'running', ?)", (kind, _now())
+            )
+            return cursor.lastrowid
+
+    def finish_run(self, run_id: int, status: str, metrics: dict | None = None, error: str = "") -> None:
+        """Close a run with its final status (e.g. 'ok', 'failed', 'cancelled'), metrics and error text."""
+        if not isinstance(status, str) or not status:
+            raise InvalidInput("A finished run needs a status such as 'ok' or 'failed'.")
+        metrics_json = self._metrics(metrics)
+        with self._write() as conn:
+            self._one(
+                conn, "SELECT id FROM training_runs WHERE id = ?", (run_id,), f"No training run {run_id!r} exists."
+            )
+            conn.execute(
+                "UPDATE training_runs SET status = ?, finished = ?, metrics = ?, error = ? WHERE id = ?",
+                (status, _now(), metrics_json, error or "", run_id),
+            )
+
+    def runs(self, limit: int = 20) -> list[dict]:
+        """The latest training runs, newest first (metrics decoded)."""
+        with self._read() as conn:
+            rows = self._rows(conn, "SELECT * FROM training_runs ORDER BY id DESC LIMIT ?", (limit,))
+        for r in rows:
+            r["metrics"] = _loads(r["metrics"])
+        return rows

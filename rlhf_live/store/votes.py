@@ -1,0 +1,143 @@
+"""Votes: thumbs on answers (one row per answer and voter, every change kept as an event) and A/B comparisons.
+
+Knows the `feedback`, `feedback_events` and `comparisons` tables, who may vote on what (the session that was shown
+the answer or the pair) and that each vote advances the watermark; knows nothing of training.
+"""
+
+from __future__ import annotations
+
+from .base import CHOICES, VOTE_VALUES, AlreadyVoted, Database, Forbidden, InvalidInput, _new_id, _now
+
+
+class Votes(Database):
+    """Thumbs and A/B comparisons."""
+
+    def record_feedback(
+        self, response_id: str, voter: str, value: str, reason: str = "", *, session_id: str | None = None
+    ) -> dict:
+        """Set `voter`'s thumb on an answer to up/down/clear (one row per answer and voter, updated in place)."""
+        rid = self._id(response_id, "answer")
+        voter = self._voter(voter)
+        if value not in VOTE_VALUES:
+            raise InvalidInput(f"A vote is 'up', 'down' or 'clear', not {value!r}.")
+        stored = VOTE_VALUES[value]
+        reason = self._reason(reason)
+        with self._write() as conn:
+            msg = self._one(
+                conn,
+                "SELECT m.role, c.session_id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+                " WHERE m.id = ?",
+                (rid,),
+                f"No answer with id '{rid}' exists.",
+            )
+            if msg["role"] != "assistant":
+                raise InvalidInput("Only answers can be voted on; this message was written by the user.")
+            if session_id is not None and msg["session_id"] != session_id:
+                raise Forbidden("This answer belongs to another session's conversation.")
+            seq, now = self._bump(conn), _now()
+            conn.execute(
+                "INSERT INTO feedback (response_id, voter, value, reason, seq, created, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (response_id, voter) DO UPDATE SET"
+                " value = excluded.value, reason = excluded.reason, seq = excluded.seq, updated = excluded.updated",
+                (rid, voter, stored, reason, seq, now, now),
+            )
+            conn.execute(
+                "INSERT INTO feedback_events (response_id, voter, value, reason, seq, created)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (rid, voter, stored, reason, seq, now),
+            )
+            return self._rows(conn, "SELECT * FROM feedback WHERE response_id = ? AND voter = ?", (rid, voter))[0]
+
+    def feedback_value(self, response_id: str, voter: str) -> str | None:
+        """'up', 'down', or None (never voted, or cleared)."""
+        row = (
+            self.db()
+            .conn.execute("SELECT value FROM feedback WHERE response_id = ? AND voter = ?", (response_id, voter))
+            .fetchone()
+        )
+        return row[0] if row and row[0] != "cleared" else None
+
+    def feedback_history(self, response_id: str, voter: str | None = None) -> list[dict]:
+        """Every thumb write on an answer (oldest first), optionally of one voter."""
+        sql = "SELECT * FROM feedback_events WHERE response_id = ?"
+        params: list = [response_id]
+        if voter is not None:
+            sql, params = sql + " AND voter = ?", [*params, voter]
+        with self._read() as conn:
+            return self._rows(conn, sql + " ORDER BY seq", params)
+
+    # --- A/B comparisons --------------------------------------------------------------------------
+
+    def new_comparison(
+        self,
+        conversation_id: str,
+        a_id: str,
+        b_id: str,
+        *,
+        a_source: str,
+        b_source: str,
+        voter: str,
+        origin: str = "live",
+    ) -> str:
+        """Record that `voter` is shown answers A and B (siblings in one conversation); return the pair id."""
+        cid = self._id(conversation_id, "conversation")
+        a_id, b_id = self._id(a_id, "answer A"), self._id(b_id, "answer B")
+        voter = self._voter(voter)
+        if a_id == b_id:
+            raise InvalidInput("A comparison needs two different answers.")
+        if not isinstance(a_source, str) or not isinstance(b_source, str):
+            raise InvalidInput("a_source and b_source must be strings (e.g. adapter versions).")
+        pid = _new_id()
+        with self._write() as conn:
+            self._one(
+                conn, "SELECT id FROM conversations WHERE id = ?", (cid,), f"No conversation with id '{cid}' exists."
+            )
+            parents = set()
+            for mid in (a_id, b_id):
+                row = self._one(
+                    conn,
+                    "SELECT conversation_id, parent_id, role FROM messages WHERE id = ?",
+                    (mid,),
+                    f"No answer with id '{mid}' exists.",
+                )
+                if row["role"] != "assistant" or row["conversation_id"] != cid:
+                    raise InvalidInput(f"Message '{mid}' is not an answer in conversation '{cid}'.")
+                parents.add(row["parent_id"])
+            if len(parents) != 1:
+                raise InvalidInput("The two answers of a comparison must reply to the same message.")
+            conn.execute(
+                "INSERT INTO comparisons (id, conversation_id, a_id, b_id, a_source, b_source, voter, origin, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (pid, cid, a_id, b_id, a_source, b_source, voter, origin, _now()),
+            )
+        return pid
+
+    def comparison(self, pair_id: str) -> dict:
+        """One comparison row."""
+        pid = self._id(pair_id, "comparison")
+        with self._read() as conn:
+            return self._one(
+                conn, "SELECT * FROM comparisons WHERE id = ?", (pid,), f"No comparison with id '{pid}' exists."
+            )
+
+    def choose(self, pair_id: str, voter: str, choice: str, reason: str = "") -> dict:
+        """Record the choice A, B, tie or both_bad; the pair then locks (AlreadyVoted on a second vote)."""
+        pid = self._id(pair_id, "comparison")
+        voter = self._voter(voter)
+        if choice not in CHOICES:
+            raise InvalidInput(f"The choice is one of {', '.join(CHOICES)}, not {choice!r}.")
+        reason = self._reason(reason)
+        with self._write() as conn:
+            row = self._one(
+                conn, "SELECT * FROM comparisons WHERE id = ?", (pid,), f"No comparison with id '{pid}' exists."
+            )
+            if row["voter"] != voter:
+                raise Forbidden("This comparison was shown to another session.")
+            if row["choice"] is not None:
+                raise AlreadyVoted(f"This comparison already has its answer ({row['choice']}); it cannot change.")
+            seq = self._bump(conn)
+            conn.execute(
+                "UPDATE comparisons SET choice = ?, reason = ?, seq = ?, chosen_at = ? WHERE id = ?",
+                (choice, reason, seq, _now(), pid),
+            )
+            return self._rows(conn, "SELECT * FROM comparisons WHERE id = ?", (pid,))[0]
