@@ -13,7 +13,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -99,6 +99,29 @@ class Workbench:
         return self._policy
 
 
+@dataclass
+class _Round:
+    """What every stage of one round shares: settings, models, the prompt pool, progress and the metrics so far."""
+
+    cfg: Config
+    bench: Workbench
+    rng: random.Random
+    pool: list[list[dict]]
+    live: dict | None
+    say: Progress
+    wait: Callable[[], None]
+    metrics: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=lambda: {"start": time.perf_counter()})
+
+    @property
+    def live_path(self) -> str | None:
+        return self.live["path"] if self.live and Path(self.live["path"]).is_dir() else None
+
+    def mark(self, stage: str) -> None:
+        """The wall clock at the end of `stage` (its time is the gap to the previous mark)."""
+        self.seconds[stage] = time.perf_counter()
+
+
 def train_round(
     cfg: Config,
     store: Store,
@@ -110,112 +133,112 @@ def train_round(
     """One round on the store's feedback; publishes a candidate version and returns its metrics."""
     if cfg.learner not in LEARNERS:
         raise ValueError(f"learner must be one of {', '.join(LEARNERS)}, not {cfg.learner!r}")
-    say = progress or (lambda stage, detail: None)
-    wait = pause or (lambda: None)
+    if cfg.direct_votes not in ("new", "all"):
+        raise ValueError(f"direct_votes must be 'new' or 'all', not {cfg.direct_votes!r}")
     bench = bench or Workbench(cfg)
     registry = AdapterRegistry(cfg.adapters_dir)
     registry.clean_partial()
-    rng = random.Random(cfg.seed + store.watermark())
-    torch.manual_seed(cfg.seed + store.watermark())
     watermark = store.watermark()
-    seconds = {"start": time.perf_counter()}
-
-    live = store.live_adapter()
-    live_path = live["path"] if live and Path(live["path"]).is_dir() else None
-    pairs, ties, pointwise = store.preference_pairs(), store.ties(), store.pointwise_labels()
+    rng = random.Random(cfg.seed + watermark)
+    torch.manual_seed(cfg.seed + watermark)
     pool = _prompt_pool(store, cfg, rng, bench.exclude_prompts)
-    metrics: dict = {"learner": cfg.learner}
-    reward_model = None
-    if cfg.learner in ("ppo", "rm-dpo"):
-        # 1. Reward model: re-fit on the full history (votes are few; a fresh fit avoids drifting on old data).
-        say("fitting reward model", "loading")
-        reward_model = bench.new_reward_model()
-        seconds["reward_load"] = time.perf_counter()
-        reward_metrics = reward_model.fit(
-            pairs, ties=ties, pointwise=pointwise, progress=lambda *a: (wait(), say("fitting reward model", _fmt(a)))
-        )
-        metrics.update({f"reward/{k}": v for k, v in reward_metrics.items()})
-        seconds["reward_fit"] = time.perf_counter()
+    say, wait = progress or (lambda stage, detail: None), pause or (lambda: None)
+    r = _Round(cfg, bench, rng, pool, store.live_adapter(), say, wait, metrics={"learner": cfg.learner})
+    pairs, ties, pointwise = store.preference_pairs(), store.ties(), store.pointwise_labels()
 
+    # 1. Reward model (PPO, rm-dpo): re-fit on every vote (they are few; a fresh fit avoids drifting on old data).
+    reward_model = _fit_reward(r, pairs, ties, pointwise) if cfg.learner in ("ppo", "rm-dpo") else None
+    # 2. The learner on a training copy of the live policy; the reference is the same model, adapter disabled.
     if cfg.learner == "ppo":
-        # 2. PPO on a training copy of the live policy; the reference is the same model with the adapter disabled.
-        say("PPO", "loading policy copy")
-        policy_model = bench.policy_copy(live_path)
-
-        last_answers: list[str] = []
-
-        def reward_fn(prompts, texts):
-            last_answers[:] = texts
-            return reward_model.score(prompts, texts, normalise=True)
-
-        learner = PPOTrainer(policy_model, bench.tokenizer, cfg, reward_fn)
-        if live_path:
-            learner.load_value_head(live_path)
-        seconds["ppo_load"] = time.perf_counter()
-        updates = []
-        for i in range(cfg.ppo_updates_per_round):
-            wait()
-            say("PPO", f"update {i + 1}/{cfg.ppo_updates_per_round}")
-            batch = [pool[rng.randrange(len(pool))] for _ in range(cfg.ppo_batch_size)]
-            updates.append(learner.step(batch))
-        ppo_metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[-1]}
-        ppo_metrics["score_first"], ppo_metrics["score_last"] = updates[0]["score"], updates[-1]["score"]
-        metrics.update({f"ppo/{k}": v for k, v in ppo_metrics.items()})
-        # The gate reads the rollouts PPO sampled anyway: mean KL over the round, length of the last update's.
-        metrics.update({"sample/kl": ppo_metrics["kl"], "sample/answer_tokens": updates[-1]["answer_tokens"]})
-        metrics["sample/distinct2"] = _mean_distinct2(last_answers)
-        seconds["ppo_updates"] = time.perf_counter()
-        save = learner.save_adapter
+        save = _ppo(r, reward_model)
     else:
-        # 1-2. A direct learner on the same training copy; TRL's reference pass disables the adapter (the base).
-        name = cfg.learner.upper()
-        say(name, "loading policy copy")
-        policy_model = bench.policy_copy(live_path)
-        seconds["load"] = time.perf_counter()
-        if cfg.direct_votes not in ("new", "all"):
-            raise ValueError(f"direct_votes must be 'new' or 'all', not {cfg.direct_votes!r}")
-        since = 0 if cfg.direct_votes == "all" or not live else int((live.get("metrics") or {}).get("watermark", 0))
-        examples = [p for p in pairs if p["seq"] > since]
-        if reward_model is not None:
-            say(name, f"sampling {cfg.rm_dpo_samples} answers for {cfg.rm_dpo_prompts} prompts")
-            ranked, rank_metrics = _ranked_pairs(cfg, policy_model, bench.tokenizer, reward_model, pool, rng)
-            metrics.update({f"{cfg.learner}/{k}": v for k, v in rank_metrics.items()})
-            examples += ranked
-            seconds["sample_pairs"] = time.perf_counter()
-        direct_metrics = train_direct(
-            cfg.learner,
-            policy_model,
-            bench.tokenizer,
-            cfg,
-            examples,
-            [p for p in pointwise if p["seq"] > since],
-            seed=cfg.seed + watermark,
-            say=lambda detail: say(name, detail),
-            pause=wait,
-        )
-        metrics.update({f"{cfg.learner}/{k}": v for k, v in direct_metrics.items()})
-        seconds["train"] = time.perf_counter()
-        # What the gate needs, measured as PPO measures it: sampled answers, KL to the base, their length.
-        say("evaluating", "sampling answers for the gate")
-        sampler = PPOTrainer(policy_model, bench.tokenizer, cfg, reward_fn=None)
-        drift = sampler.drift([pool[rng.randrange(len(pool))] for _ in range(cfg.gate_prompts)])
-        metrics["sample/distinct2"] = _mean_distinct2(drift.pop("answers"))
-        metrics.update({f"sample/{k}": v for k, v in drift.items()})
-        seconds["sample"] = time.perf_counter()
-        save = sampler.save_adapter
+        since = 0 if cfg.direct_votes == "all" or not r.live else int((r.live.get("metrics") or {}).get("watermark", 0))
+        new_pairs, new_labels = [p for p in pairs if p["seq"] > since], [p for p in pointwise if p["seq"] > since]
+        save = _direct(r, new_pairs, new_labels, reward_model, seed=cfg.seed + watermark)
 
     # 3. Publish atomically as a candidate; the caller decides whether it goes live.
     say("evaluating", "publishing")
+    metrics, live = r.metrics, r.live
     metrics.update({"watermark": watermark, "parent": live["version"] if live else BASE})
     version = store.next_version()
     path = registry.publish(version, save, meta={"parent": metrics["parent"], "metrics": metrics})
     store.add_adapter(version, str(path), parent=live["version"] if live else None, status="candidate", metrics=metrics)
     metrics["version"] = version
-    seconds["publish"] = time.perf_counter()
-    marks = list(seconds.items())  # time of each stage: the wall clock between its mark and the previous one
+    r.mark("publish")
+    marks = list(r.seconds.items())  # time of each stage: the wall clock between its mark and the previous one
     metrics.update({f"seconds/{k}": round(t - marks[i - 1][1], 2) for i, (k, t) in enumerate(marks) if i})
     metrics["seconds/round"] = round(marks[-1][1] - marks[0][1], 2)
     return metrics
+
+
+def _fit_reward(r: _Round, pairs: list, ties: list, pointwise: list) -> RewardModel:
+    """The round's reward model, fitted on every vote so far."""
+    r.say("fitting reward model", "loading")
+    reward_model = r.bench.new_reward_model()
+    r.mark("reward_load")
+    progress = lambda *a: (r.wait(), r.say("fitting reward model", _fmt(a)))  # noqa: E731
+    fit = reward_model.fit(pairs, ties=ties, pointwise=pointwise, progress=progress)
+    r.metrics.update({f"reward/{k}": v for k, v in fit.items()})
+    r.mark("reward_fit")
+    return reward_model
+
+
+def _ppo(r: _Round, reward_model: RewardModel) -> Callable[[Path], None]:
+    """PPO updates against the reward model; returns the function that saves the trained adapter."""
+    cfg = r.cfg
+    r.say("PPO", "loading policy copy")
+    policy_model = r.bench.policy_copy(r.live_path)
+    last_answers: list[str] = []
+
+    def reward_fn(prompts, texts):
+        last_answers[:] = texts
+        return reward_model.score(prompts, texts, normalise=True)
+
+    learner = PPOTrainer(policy_model, r.bench.tokenizer, cfg, reward_fn)
+    if r.live_path:
+        learner.load_value_head(r.live_path)
+    r.mark("ppo_load")
+    updates = []
+    for i in range(cfg.ppo_updates_per_round):
+        r.wait()
+        r.say("PPO", f"update {i + 1}/{cfg.ppo_updates_per_round}")
+        updates.append(learner.step([r.pool[r.rng.randrange(len(r.pool))] for _ in range(cfg.ppo_batch_size)]))
+    ppo_metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[-1]}
+    ppo_metrics["score_first"], ppo_metrics["score_last"] = updates[0]["score"], updates[-1]["score"]
+    r.metrics.update({f"ppo/{k}": v for k, v in ppo_metrics.items()})
+    # The gate reads the rollouts PPO sampled anyway: mean KL over the round, length of the last update's.
+    r.metrics.update({"sample/kl": ppo_metrics["kl"], "sample/answer_tokens": updates[-1]["answer_tokens"]})
+    r.metrics["sample/distinct2"] = _mean_distinct2(last_answers)
+    r.mark("ppo_updates")
+    return learner.save_adapter
+
+
+def _direct(r: _Round, pairs: list, pointwise: list, reward_model: RewardModel | None, seed: int):
+    """DPO/KTO (through TRL) on the round's votes, plus reward-ranked pairs for rm-dpo; returns the save function."""
+    cfg, name = r.cfg, r.cfg.learner.upper()
+    r.say(name, "loading policy copy")
+    policy_model = r.bench.policy_copy(r.live_path)
+    r.mark("load")
+    if reward_model is not None:
+        r.say(name, f"sampling {cfg.rm_dpo_samples} answers for {cfg.rm_dpo_prompts} prompts")
+        ranked, rank_metrics = _ranked_pairs(cfg, policy_model, r.bench.tokenizer, reward_model, r.pool, r.rng)
+        r.metrics.update({f"{cfg.learner}/{k}": v for k, v in rank_metrics.items()})
+        pairs = pairs + ranked
+        r.mark("sample_pairs")
+    say = lambda detail: r.say(name, detail)  # noqa: E731
+    trained = train_direct(
+        cfg.learner, policy_model, r.bench.tokenizer, cfg, pairs, pointwise, seed=seed, say=say, pause=r.wait
+    )
+    r.metrics.update({f"{cfg.learner}/{k}": v for k, v in trained.items()})
+    r.mark("train")
+    # What the gate needs, measured as PPO measures it: sampled answers, KL to the base, their length.
+    r.say("evaluating", "sampling answers for the gate")
+    sampler = PPOTrainer(policy_model, r.bench.tokenizer, cfg, reward_fn=None)
+    drift = sampler.drift([r.pool[r.rng.randrange(len(r.pool))] for _ in range(cfg.gate_prompts)])
+    r.metrics["sample/distinct2"] = _mean_distinct2(drift.pop("answers"))
+    r.metrics.update({f"sample/{k}": v for k, v in drift.items()})
+    r.mark("sample")
+    return sampler.save_adapter
 
 
 def _ranked_pairs(cfg: Config, policy_model, tokenizer, reward_model, pool: list, rng: random.Random):
