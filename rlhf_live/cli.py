@@ -10,6 +10,7 @@ import json
 import sys
 
 from . import config as config_mod
+from .logs import quiet_libraries
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         args = _parser().parse_args(["serve", *(argv or [])])
     cfg = config_mod.from_args(args)
+    quiet_libraries()
     try:
         return _run(args, cfg)
     except KeyboardInterrupt:

@@ -1,0 +1,61 @@
+"""Library noise a user cannot act on goes, once, to the debug log; our own messages and real problems stay visible.
+
+Knows which library warnings are noise here (deprecations inside transformers/peft/torch, bitsandbytes' note that
+the hub `kernels` package is missing, weight-loading progress bars); knows nothing of the app. `quiet_libraries()`
+runs first thing in the CLI, before those libraries are imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+log = logging.getLogger("rlhf_live.libraries")
+NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+"""Loggers whose warnings are about optional speed-ups or internals (e.g. bitsandbytes' CPU kernel from the hub)."""
+_seen: set[tuple[str, str]] = set()
+
+
+def _once(kind: str, message: str) -> None:
+    if (kind, message) not in _seen:
+        _seen.add((kind, message))
+        log.debug("%s: %s", kind, message)
+
+
+class _ToDebug(logging.Filter):
+    """Drops a noisy library's warnings from its own handlers after logging them once at debug level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        _once(record.name, record.getMessage())
+        return False
+
+
+_previous = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Deprecation notices raised inside libraries go to the debug log once; every other warning shows as before."""
+    inside_library = f"{os.sep}site-packages{os.sep}" in str(filename)
+    if inside_library and issubclass(category, (DeprecationWarning, FutureWarning, PendingDeprecationWarning)):
+        _once(category.__name__, str(message))
+        return
+    _previous(message, category, filename, lineno, file, line)
+
+
+def quiet_libraries(progress_bars: bool = False) -> None:
+    """Route library noise to the debug log (`RLHF_LIVE_LOG=debug` shows it); hide weight-loading bars unless asked."""
+    level = os.environ.get("RLHF_LIVE_LOG", "").upper()
+    if level:
+        logging.basicConfig(level=getattr(logging, level, logging.INFO))
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ToDebug) for f in logger.filters):
+            logger.addFilter(_ToDebug())
+    global _previous
+    if warnings.showwarning is not _show_warning:
+        _previous, warnings.showwarning = warnings.showwarning, _show_warning
+    if not progress_bars:  # read by huggingface_hub (and transformers' bars through it) when first imported
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
