@@ -229,6 +229,19 @@ def _split(examples: list[_Example], eval_fraction: float, seed: int) -> tuple[l
     return [e for e in examples if e.group not in held], [e for e in examples if e.group in held]
 
 
+def split_counts(train: list[_Example], held: list[_Example]) -> dict:
+    """How many examples of each kind were trained on and held out."""
+    kinds = [e.kind for e in train]
+    return {
+        "n_train": len(train),
+        "n_eval": len(held),
+        "n_train_pairs": kinds.count(PAIR),
+        "n_train_ties": kinds.count(TIE),
+        "n_train_thumbs": kinds.count(POINT),
+        "n_eval_pairs": sum(e.kind == PAIR for e in held),
+    }
+
+
 def _length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Indices in batches of similar length: shuffle, sort within mega-batches of 16 batches, shuffle batches.
 
@@ -293,14 +306,15 @@ class RewardModel:
     """Scores (conversation, answer) with one float; `fit` learns it from A/B choices, ties and thumbs."""
 
     def __init__(self, model: PeftModel, head: torch.nn.Linear, tokenizer, cfg: Config):
-        self.model = model
+        self._setup(model, tokenizer, cfg, next(head.parameters()).device)
         self.head = head
-        self.tokenizer = tokenizer
-        self.cfg = cfg
-        self.device = next(head.parameters()).device
+        self._backbone = model.get_base_model().get_decoder()  # LoRA layers are injected in place: it sees them
+
+    def _setup(self, model, tokenizer, cfg: Config, device: torch.device) -> None:
+        """What every reward model holds: the LM, its tokenizer, settings, device, normalisation, prompt cache."""
+        self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.norm_mean: float | None = None
         self.norm_std: float | None = None
-        self._backbone = model.get_base_model().get_decoder()  # LoRA layers are injected in place: it sees them
         self._prompt_cache: dict[str, list[int]] = {}
 
     @classmethod
@@ -449,18 +463,22 @@ class RewardModel:
         eval_fraction: float = 0.1,
         progress: Callable[[dict], None] | None = None,
     ) -> dict:
-        """Train on A/B pairs, ties and thumbs (continuing from the current weights); metrics of the held-out part.
+        """Train on A/B pairs, ties and thumbs; metrics of the held-out part (split by conversation).
 
-        `progress(info)` is called after every step with {step, steps, epoch, loss} (and eval results when there
-        were some); it may block, e.g. to let serving go first.
+        `progress(info)` is called after every step with {step, steps, ...} (and eval results when there were some);
+        it may block, e.g. to let serving go first.
         """
         start = time.time()
-        cfg = self.cfg
         if not 0 <= eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-        pairs, ties, pointwise = list(pairs or ()), list(ties or ()), list(pointwise or ())
-        examples, counts = _collect(pairs, ties, pointwise)
-        train, held = _split(examples, eval_fraction, cfg.seed)
+        examples, counts = _collect(list(pairs or ()), list(ties or ()), list(pointwise or ()))
+        train, held = _split(examples, eval_fraction, self.cfg.seed)
+        metrics = self._fit(examples, train, held, counts, eval_fraction, progress or (lambda info: None))
+        return {**metrics, **split_counts(train, held), **counts, "seconds": round(time.time() - start, 2)}
+
+    def _fit(self, examples, train, held, counts: dict, eval_fraction: float, progress) -> dict:
+        """The LoRA reward model's training loop (continuing from the current weights), with early stopping."""
+        cfg = self.cfg
         counts.update(self._encode_examples(examples))
         warning = ""
         if eval_fraction > 0 and not held:
@@ -536,19 +554,11 @@ class RewardModel:
         random.Random(cfg.seed).shuffle(sample)
         sample = sample[: cfg.reward_norm_samples]
         norm = self.set_normalisation([p for p, _ in sample], [a for _, a in sample])
-        kinds = [e.kind for e in train]
         return {
             "train_loss": best["train_loss"],
             "train_loss_first": first_interval_loss,
             "eval_loss": best["eval_loss"] if held else None,
             "accuracy": best["accuracy"] if held else None,
-            "n_train": len(train),
-            "n_eval": len(held),
-            "n_train_pairs": kinds.count(PAIR),
-            "n_train_ties": kinds.count(TIE),
-            "n_train_thumbs": kinds.count(POINT),
-            "n_eval_pairs": sum(e.kind == PAIR for e in held),
-            **counts,
             "epochs": round(step / steps_per_epoch, 3),
             "steps": step,
             "best_step": best["step"],
@@ -557,7 +567,6 @@ class RewardModel:
             "norm_std": norm["std"],
             "history": history,
             "warning": warning,
-            "seconds": round(time.time() - start, 2),
         }
 
     # --- inference ---------------------------------------------------------------------------------------
@@ -572,6 +581,10 @@ class RewardModel:
                 out[idx] = self._rewards([seqs[i] for i in idx])[:, 0].float().cpu()  # the quality head only
         return out
 
+    def _raw_scores(self, prompts: list[list[dict]], answers: list[str], batch_size: int) -> torch.Tensor:
+        """Unnormalised rewards (B,) of non-empty inputs."""
+        return self._score_ids([self.encode(p, a)[0] for p, a in zip(prompts, answers)], batch_size)
+
     def score(
         self, prompts: list[list[dict]], answers: list[str], *, normalise: bool = False, batch_size: int = 8
     ) -> torch.Tensor:
@@ -580,7 +593,7 @@ class RewardModel:
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers: one answer per prompt")
         if not answers:
             return torch.empty(0, dtype=torch.float32)
-        r = self._score_ids([self.encode(p, a)[0] for p, a in zip(prompts, answers)], batch_size)
+        r = self._raw_scores(prompts, answers, batch_size)
         if normalise:
             if self.norm_mean is None or self.norm_std is None:
                 raise RuntimeError("No normalisation statistics: call fit() or set_normalisation() first.")

@@ -22,15 +22,14 @@ What it does not know: where votes come from, PPO, or how to save itself (a roun
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .config import Config
 from .models import load_base, prepare_cpu_4bit
-from .reward import PAIR, POINT, TIE, RewardDataError, RewardModel, _collect, _split
+from .reward import PAIR, TIE, RewardDataError, RewardModel
 
 DEPTHS = (1 / 3, 1 / 2, 2 / 3)
 """Fractions of the depth whose hidden states are mean-pooled over the answer (the final norm's output is added)."""
@@ -42,13 +41,7 @@ class ProbeRewardModel(RewardModel):
     """Scores (conversation, answer) with a linear head on frozen LM features; same interface as RewardModel."""
 
     def __init__(self, base, tokenizer, cfg: Config):
-        self.model = base
-        self.tokenizer = tokenizer
-        self.cfg = cfg
-        self.device = next(base.parameters()).device
-        self.norm_mean: float | None = None
-        self.norm_std: float | None = None
-        self._prompt_cache: dict[str, list[int]] = {}
+        self._setup(base, tokenizer, cfg, next(base.parameters()).device)
         self._decoder = base.get_decoder()
         n_layers = len(self._decoder.layers)
         self._layers = sorted({max(0, min(n_layers - 1, round(d * n_layers) - 1)) for d in DEPTHS})
@@ -121,22 +114,11 @@ class ProbeRewardModel(RewardModel):
     def _standardised(self, feats: torch.Tensor) -> torch.Tensor:
         return (feats - self.feat_mean) / self.feat_std
 
-    # --- scoring: RewardModel.accuracy and set_normalisation call this -------------------------------------
-    def score(
-        self, prompts: list[list[dict]], answers: list[str], *, normalise: bool = False, batch_size: int = 8
-    ) -> torch.Tensor:
-        """Reward (B,) float32 on CPU of each answer to its conversation; normalised to the stored mean/std if asked."""
-        if len(prompts) != len(answers):
-            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers: one answer per prompt")
-        if not answers:
-            return torch.empty(0, dtype=torch.float32)
+    # --- scoring: RewardModel.score, accuracy and set_normalisation call this ---------------------------
+    def _raw_scores(self, prompts: list[list[dict]], answers: list[str], batch_size: int) -> torch.Tensor:
+        """Unnormalised rewards (B,) float32 on CPU: the linear head on the standardised features."""
         with torch.no_grad():
-            r = self.head(self._standardised(self.features(prompts, answers, batch_size)))[:, 0]
-        if normalise:
-            if self.norm_mean is None or self.norm_std is None:
-                raise RuntimeError("No normalisation statistics: call fit() or set_normalisation() first.")
-            r = (r - self.norm_mean) / self.norm_std
-        return r
+            return self.head(self._standardised(self.features(prompts, answers, batch_size)))[:, 0]
 
     # --- training ----------------------------------------------------------------------------------------
     def _objective(self, x: torch.Tensor, examples: list, index: list[list[int]]) -> Callable[[], torch.Tensor]:
@@ -194,23 +176,9 @@ class ProbeRewardModel(RewardModel):
         ]
         return sum(right) / len(right) if right else None
 
-    def fit(
-        self,
-        pairs: Iterable = (),
-        *,
-        ties: Iterable = (),
-        pointwise: Iterable = (),
-        eval_fraction: float = 0.1,
-        progress: Callable[[dict], None] | None = None,
-    ) -> dict:
+    def _fit(self, examples: list, train: list, held: list, counts: dict, eval_fraction: float, progress) -> dict:
         """Fit the head on A/B pairs, ties and thumbs (from scratch: the problem is convex); held-out metrics."""
-        start = time.time()
-        if not 0 <= eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-        examples, counts = _collect(list(pairs or ()), list(ties or ()), list(pointwise or ()))
-        train, held = _split(examples, eval_fraction, self.cfg.seed)
-        say = progress or (lambda info: None)
-        say({"step": 0, "steps": 2, "stage": "features"})
+        progress({"step": 0, "steps": 2, "stage": "features"})
         prompts = [e.prompt for e in examples for _ in e.answers]
         answers = [a for e in examples for a in e.answers]
         feats = self.features(prompts, answers)  # (S, F)
@@ -227,33 +195,25 @@ class ProbeRewardModel(RewardModel):
         eval_loss = accuracy = None
         if held:
             self._fit_head(x, train, [index[id(e)] for e in train])
-            eval_loss = float(self._objective(x, held, [index[id(e)] for e in held])())
+            with torch.no_grad():
+                eval_loss = float(self._objective(x, held, [index[id(e)] for e in held])())
             accuracy = self._pair_accuracy(x, held, [index[id(e)] for e in held])
-        say({"step": 1, "steps": 2, "stage": "fit"})
+        progress({"step": 1, "steps": 2, "stage": "fit"})
         train_loss = self._fit_head(x, examples, [index[id(e)] for e in examples])
-        say({"step": 2, "steps": 2, "loss": train_loss})
+        progress({"step": 2, "steps": 2, "loss": train_loss})
         sample = [(e.prompt, a) for e in examples for a in e.answers]
         random.Random(self.cfg.seed).shuffle(sample)
         sample = sample[: self.cfg.reward_norm_samples]
         norm = self.set_normalisation([p for p, _ in sample], [a for _, a in sample])
-        kinds = [e.kind for e in train]
         return {
             "kind": "probe",
             "train_loss": train_loss,
             "eval_loss": eval_loss,
             "accuracy": accuracy,
-            "n_train": len(train),
-            "n_eval": len(held),
-            "n_train_pairs": kinds.count(PAIR),
-            "n_train_ties": kinds.count(TIE),
-            "n_train_thumbs": kinds.count(POINT),
-            "n_eval_pairs": sum(e.kind == PAIR for e in held),
-            **counts,
             "norm_mean": norm["mean"],
             "norm_std": norm["std"],
             "n_features": self.n_features,
             "warning": "" if held or not eval_fraction else "Too few conversations to hold any out: no accuracy.",
-            "seconds": round(time.time() - start, 2),
         }
 
 

@@ -79,13 +79,7 @@ class Service:
         )
 
     def chat(
-        self,
-        voter: str,
-        message: str,
-        conversation_id: str = "",
-        *,
-        parent_id: str | None = None,
-        settings: GenerationSettings | None = None,
+        self, voter: str, message: str, conversation_id: str = "", *, parent_id: str | None = None, settings=None
     ) -> Iterator[dict]:
         """Stream one answer: dicts with the text so far; the last one has response_id (the answer is stored)."""
         cid, user_id, prompt, settings = self._start_turn(voter, message, conversation_id, parent_id, settings)

@@ -199,6 +199,12 @@ class Database:
             raise UnknownId(missing)
         return rows[0]
 
+    def _get(self, conn: sqlite3.Connection, table: str, value, what: str, key: str = "id", columns: str = "*") -> dict:
+        """The row of `table` whose `key` is `value`; UnknownId "No {what} '{value}' exists." when there is none."""
+        return self._one(
+            conn, f"SELECT {columns} FROM {table} WHERE {key} = ?", (value,), f"No {what} '{value}' exists."
+        )
+
     @staticmethod
     def _bump(conn: sqlite3.Connection, by: int = 1) -> int:
         """Advance the watermark by `by` inside the caller's transaction; return the new value."""

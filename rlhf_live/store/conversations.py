@@ -78,12 +78,7 @@ class Conversations(Database):
         """The conversation row plus its `messages` (oldest first); Forbidden if it belongs to another session."""
         cid = self._id(conversation_id, "conversation")
         with self._read() as conn:
-            row = self._one(
-                conn,
-                "SELECT * FROM conversations WHERE id = ?",
-                (cid,),
-                f"No conversation with id '{cid}' exists.",
-            )
+            row = self._get(conn, "conversations", cid, "conversation with id")
             if session_id is not None and row["session_id"] != session_id:
                 raise Forbidden("This conversation belongs to another session; start a new one.")
             row["messages"] = [
@@ -124,17 +119,10 @@ class Conversations(Database):
             raise InvalidInput(f"n_tokens must be a non-negative integer, not {n_tokens!r}.")
         mid = _new_id()
         with self._write() as conn:
-            self._one(
-                conn, "SELECT id FROM conversations WHERE id = ?", (cid,), f"No conversation with id '{cid}' exists."
-            )
+            self._get(conn, "conversations", cid, "conversation with id", columns="id")
             if parent_id is not None:
                 pid = self._id(parent_id, "parent message")
-                parent = self._one(
-                    conn,
-                    "SELECT conversation_id FROM messages WHERE id = ?",
-                    (pid,),
-                    f"No message with id '{pid}' exists.",
-                )
+                parent = self._get(conn, "messages", pid, "message with id", columns="conversation_id")
                 if parent["conversation_id"] != cid:
                     raise InvalidInput(f"Message '{pid}' belongs to another conversation.")
             conn.execute(
@@ -148,14 +136,12 @@ class Conversations(Database):
         """One message row (settings decoded)."""
         mid = self._id(message_id, "message")
         with self._read() as conn:
-            row = self._one(conn, "SELECT * FROM messages WHERE id = ?", (mid,), f"No message with id '{mid}' exists.")
+            row = self._get(conn, "messages", mid, "message with id")
         return self._decode_message(row)
 
     def context(self, message_id: str) -> list[dict]:
         """[{role, content}] the model saw before `message_id`: system prompt (if non-empty), then the parent chain."""
         mid = self._id(message_id, "message")
         with self._read() as conn:
-            row = self._one(
-                conn, "SELECT conversation_id FROM messages WHERE id = ?", (mid,), f"No message with id '{mid}' exists."
-            )
+            row = self._get(conn, "messages", mid, "message with id", columns="conversation_id")
             return MessageTree(conn, [row["conversation_id"]]).context(mid)

@@ -53,12 +53,7 @@ class Versions(Database):
             raise InvalidInput(f"An adapter's status is one of {', '.join(ADAPTER_STATUSES)}, not {status!r}.")
         now = _now()
         with self._write() as conn:
-            self._one(
-                conn,
-                "SELECT version FROM adapters WHERE version = ?",
-                (version,),
-                f"No adapter version '{version}' exists.",
-            )
+            self._get(conn, "adapters", version, "adapter version", key="version", columns="version")
             if status == "live":
                 conn.execute(
                     "UPDATE adapters SET status = 'retired', updated = ? WHERE status = 'live' AND version != ?",
@@ -69,12 +64,7 @@ class Versions(Database):
     def set_adapter_metrics(self, version: str, metrics: dict) -> None:
         """Merge `metrics` into a version's metrics (e.g. win-rates measured after publishing)."""
         with self._write() as conn:
-            row = self._one(
-                conn,
-                "SELECT metrics FROM adapters WHERE version = ?",
-                (version,),
-                f"No adapter version '{version}' exists.",
-            )
+            row = self._get(conn, "adapters", version, "adapter version", key="version", columns="metrics")
             merged = {**_loads(row["metrics"]), **(metrics or {})}
             conn.execute(
                 "UPDATE adapters SET metrics = ?, updated = ? WHERE version = ?",
@@ -95,9 +85,7 @@ class Versions(Database):
     def adapter(self, version: str) -> dict:
         """One adapter version's row."""
         with self._read() as conn:
-            row = self._one(
-                conn, "SELECT * FROM adapters WHERE version = ?", (version,), f"No adapter version '{version}' exists."
-            )
+            row = self._get(conn, "adapters", version, "adapter version", key="version")
         return self._decode_adapter(row)
 
     def live_adapter(self) -> dict | None:

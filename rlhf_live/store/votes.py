@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from .base import CHOICES, VOTE_VALUES, AlreadyVoted, Database, Forbidden, InvalidInput, _new_id, _now
 
+ANSWER_OWNER = (
+    "SELECT m.role, c.session_id FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ?"
+)
+
 
 class Votes(Database):
     """Thumbs and A/B comparisons."""
@@ -23,13 +27,7 @@ class Votes(Database):
         stored = VOTE_VALUES[value]
         reason = self._reason(reason)
         with self._write() as conn:
-            msg = self._one(
-                conn,
-                "SELECT m.role, c.session_id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
-                " WHERE m.id = ?",
-                (rid,),
-                f"No answer with id '{rid}' exists.",
-            )
+            msg = self._one(conn, ANSWER_OWNER, (rid,), f"No answer with id '{rid}' exists.")
             if msg["role"] != "assistant":
                 raise InvalidInput("Only answers can be voted on; this message was written by the user.")
             if session_id is not None and msg["session_id"] != session_id:
@@ -89,17 +87,10 @@ class Votes(Database):
             raise InvalidInput("a_source and b_source must be strings (e.g. adapter versions).")
         pid = _new_id()
         with self._write() as conn:
-            self._one(
-                conn, "SELECT id FROM conversations WHERE id = ?", (cid,), f"No conversation with id '{cid}' exists."
-            )
+            self._get(conn, "conversations", cid, "conversation with id", columns="id")
             parents = set()
             for mid in (a_id, b_id):
-                row = self._one(
-                    conn,
-                    "SELECT conversation_id, parent_id, role FROM messages WHERE id = ?",
-                    (mid,),
-                    f"No answer with id '{mid}' exists.",
-                )
+                row = self._get(conn, "messages", mid, "answer with id", columns="conversation_id, parent_id, role")
                 if row["role"] != "assistant" or row["conversation_id"] != cid:
                     raise InvalidInput(f"Message '{mid}' is not an answer in conversation '{cid}'.")
                 parents.add(row["parent_id"])
@@ -116,9 +107,7 @@ class Votes(Database):
         """One comparison row."""
         pid = self._id(pair_id, "comparison")
         with self._read() as conn:
-            return self._one(
-                conn, "SELECT * FROM comparisons WHERE id = ?", (pid,), f"No comparison with id '{pid}' exists."
-            )
+            return self._get(conn, "comparisons", pid, "comparison with id")
 
     def choose(self, pair_id: str, voter: str, choice: str, reason: str = "") -> dict:
         """Record the choice A, B, tie or both_bad; the pair then locks (AlreadyVoted on a second vote)."""
@@ -128,9 +117,7 @@ class Votes(Database):
             raise InvalidInput(f"The choice is one of {', '.join(CHOICES)}, not {choice!r}.")
         reason = self._reason(reason)
         with self._write() as conn:
-            row = self._one(
-                conn, "SELECT * FROM comparisons WHERE id = ?", (pid,), f"No comparison with id '{pid}' exists."
-            )
+            row = self._get(conn, "comparisons", pid, "comparison with id")
             if row["voter"] != voter:
                 raise Forbidden("This comparison was shown to another session.")
             if row["choice"] is not None:
