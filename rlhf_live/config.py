@@ -93,6 +93,9 @@ class Config:
     """'probe': a linear head on the frozen base's features (seconds; tens to hundreds of votes); 'lora': LoRA."""
     reward_probe_l2: float = 0.01
     """L2 penalty on the probe head's weights (features are standardised; larger: smoother, less fit to few votes)."""
+    reward_ensemble: int = 8
+    """Probe heads kept: the fit on all votes + fits on bootstrap resamples; their spread drives Compare's pair pick
+    and rm-dpo's confidence (1 = no uncertainty)."""
     reward_lora_r: int = 16
     """LoRA rank of the reward model's own adapter."""
     reward_lora_alpha: int = 32
@@ -220,6 +223,9 @@ class Config:
     """Run the background trainer while serving (--no-train serves and collects only)."""
     admin_token: str = ""
     """Token that unlocks the admin controls (train now, roll back); empty hides them."""
+    compare_candidates: int = 2
+    """Answers sampled for a Compare of two live samples; above 2 the reward model picks the two worth a vote
+    (double Thompson sampling over its ensemble: informative votes on rare behaviour are found sooner)."""
     generation_concurrency: int = 2
     """How many answers are generated at once; more requests queue."""
 

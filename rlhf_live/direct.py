@@ -81,31 +81,43 @@ def reward_ranked_pairs(
     score: Callable[[list[list[dict]], list[str]], torch.Tensor],
     n: int,
     min_confidence: float,
+    prob_better: Callable[[list[list[dict]], list[str], list[str]], torch.Tensor] | None = None,
 ) -> tuple[list[dict], dict]:
     """Best vs worst of `n` sampled answers per prompt, by the reward model; (DPO pairs, metrics).
 
     A pair is kept only when the reward model gives the best answer at least `min_confidence` probability of beating
-    the worst (Bradley-Terry: sigmoid of the score gap), so a reward model that has learned nothing yet adds nothing.
-    The chosen answer is never blank (nobody prefers silence; a length-loving reward model might).
+    the worst (`prob_better`, e.g. averaged over an ensemble; by default Bradley-Terry on the score gap), so a reward
+    model that has learned nothing yet adds nothing. The chosen answer is never blank (nobody prefers silence; a
+    length-loving reward model might).
     """
     repeated = [p for p in prompts for _ in range(n)]  # (P * n,) prompt i's samples at i*n .. i*n+n-1
     answers = sample(repeated)
     scores = score(repeated, answers).float().view(len(prompts), n)  # (P, n) raw scores
-    pairs, gaps = [], []
-    margin = math.log(min_confidence / (1 - min_confidence))  # logit: the score gap for that probability
+    candidates = []
     for i, prompt in enumerate(prompts):
         texts = answers[i * n : (i + 1) * n]
         row = scores[i].clone()
         row[[not t.split() for t in texts]] = -math.inf  # blank answers cannot be chosen
         best, worst = int(row.argmax()), int(scores[i].argmin())
-        gap = float(scores[i, best] - scores[i, worst])
-        if math.isfinite(gap) and gap >= margin and texts[best] != texts[worst]:
-            pairs.append({"prompt": prompt, "chosen": texts[best], "rejected": texts[worst]})
-            gaps.append(gap)
+        if math.isfinite(float(row[best])) and texts[best] != texts[worst]:
+            candidates.append((prompt, texts[best], texts[worst], float(scores[i, best] - scores[i, worst])))
+    if prob_better is None:
+        confidence = [1 / (1 + math.exp(-gap)) for *_, gap in candidates]
+    elif candidates:
+        prompts_, chosen, rejected, _ = (list(col) for col in zip(*candidates))
+        confidence = prob_better(prompts_, chosen, rejected).tolist()
+    else:
+        confidence = []
+    pairs = [
+        {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        for (prompt, chosen, rejected, _), p in zip(candidates, confidence)
+        if p >= min_confidence
+    ]
+    kept = [p for p in confidence if p >= min_confidence]
     metrics = {
         "samples": float(len(answers)),
         "pairs": float(len(pairs)),
-        "pair_gap": sum(gaps) / len(gaps) if gaps else 0.0,
+        "pair_confidence": sum(kept) / len(kept) if kept else 0.0,
         "sample_spread": float((scores.max(1).values - scores.min(1).values).mean()),
     }
     return pairs, metrics

@@ -600,6 +600,17 @@ class RewardModel:
             r = (r - self.norm_mean) / self.norm_std
         return r
 
+    def prob_better(self, prompts: list[list[dict]], a: list[str], b: list[str]) -> torch.Tensor:
+        """P(a beats b) (N,) by Bradley-Terry on the scores (a point estimate: no uncertainty)."""
+        return torch.sigmoid(self.score(prompts, a) - self.score(prompts, b))
+
+    def pick_pair(self, prompt: list[dict], answers: list[str], rng: random.Random) -> tuple[int, int]:
+        """Which two of several sampled answers to show in Compare: here two at random, non-blank where possible."""
+        ok = [i for i, a in enumerate(answers) if a.split()]
+        ok = ok if len(ok) >= 2 else list(range(len(answers)))
+        i, j = rng.sample(ok, 2)
+        return i, j
+
     def accuracy(self, pairs: Iterable, batch_size: int = 8) -> float:
         """Fraction of pairs where the chosen answer scores higher (a tie counts half)."""
         pairs = list(pairs)

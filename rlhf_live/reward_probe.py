@@ -21,8 +21,10 @@ What it does not know: where votes come from, PPO, or how to save itself (a roun
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,31 @@ DEPTHS = (1 / 3, 1 / 2, 2 / 3)
 """Fractions of the depth whose hidden states are mean-pooled over the answer (the final norm's output is added)."""
 CACHE_LIMIT = 50_000
 """Most answers whose features are kept (about 11 KB each for SmolLM2-135M)."""
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """What the votes leave open, frozen after a fit: serving draws from it while the trainer refits."""
+
+    members: torch.Tensor
+    """(K, F+1) head weights with the bias last: the fit on all votes, then fits on bootstrap resamples."""
+    feat_mean: torch.Tensor
+    """(F,) the features' standardisation at fit time."""
+    feat_std: torch.Tensor
+    """(F,) likewise."""
+
+    def design(self, feats: torch.Tensor) -> torch.Tensor:
+        """Standardised features with a constant 1 for the bias, (N, F+1)."""
+        x = (feats - self.feat_mean) / self.feat_std
+        return torch.cat([x, torch.ones(len(x), 1)], dim=1)
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        """One member's weights (F+1,), drawn uniformly: a Thompson draw of the reward."""
+        return self.members[int(torch.randint(len(self.members), (1,), generator=generator))]
+
+    def prob_better(self, d: torch.Tensor) -> torch.Tensor:
+        """P(first beats second) (N,) for design differences d (N, F+1): Bradley-Terry averaged over the members."""
+        return torch.sigmoid(d @ self.members.T).mean(1)
 
 
 class ProbeRewardModel(RewardModel):
@@ -53,6 +80,8 @@ class ProbeRewardModel(RewardModel):
         self.feat_mean = torch.zeros(self.n_features)
         self.feat_std = torch.ones(self.n_features)
         self._features: dict[tuple[int, ...], torch.Tensor] = {}
+        self.posterior: Posterior | None = None
+        """The head's uncertainty after the last fit (None before the first)."""
 
     @classmethod
     def create(cls, cfg: Config, base=None, tokenizer=None) -> ProbeRewardModel:
@@ -77,20 +106,16 @@ class ProbeRewardModel(RewardModel):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
             answer[i, len(s) - n_answer : len(s)] = True
-        captured: list[torch.Tensor] = []
-        hooks = [
-            self._decoder.layers[i].register_forward_hook(
-                lambda m, args, out: captured.append(out[0] if isinstance(out, tuple) else out)
-            )
-            for i in self._layers
-        ]
-        try:
-            final = self._decoder(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
-            ).last_hidden_state  # (N, T, H)
-        finally:
-            for h in hooks:
-                h.remove()
+        # output_hidden_states, not forward hooks: serving threads pick Compare pairs with these features while the
+        # trainer fits (transformers records hidden states per call, in a ContextVar).
+        out = self._decoder(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        final = out.last_hidden_state  # (N, T, H)
+        captured = [out.hidden_states[i + 1] for i in self._layers]  # each layer's output, (N, T, H)
         weights = (answer.float() / answer.sum(1, keepdim=True).clamp(min=1)).to(self.device)  # (N, T)
         pooled = [torch.einsum("nt,nth->nh", weights, h.float()) for h in (*captured, final)]  # each (N, H)
         last = final[torch.arange(n), mask.sum(1).to(self.device) - 1].float()  # (N, H)
@@ -100,16 +125,18 @@ class ProbeRewardModel(RewardModel):
         """Raw features (N, F) of each answer to its conversation, from the cache where it has them."""
         seqs = [self.encode_parts(p, a)[::2] for p, a in zip(prompts, answers, strict=True)]
         keys = [(*s, n) for s, n in seqs]
-        todo = sorted({k for k in keys if k not in self._features}, key=len)
+        found = {k: self._features.get(k) for k in keys}  # a local view: another thread may clear the cache
+        todo = sorted((k for k, v in found.items() if v is None), key=len)
         if len(self._features) + len(todo) > CACHE_LIMIT:
             self._features.clear()
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             feats = self._compute([(list(k[:-1]), k[-1]) for k in chunk])
+            found.update(zip(chunk, feats))
             self._features.update(zip(chunk, feats))
         if not keys:
             return torch.empty(0, self.n_features)
-        return torch.stack([self._features[k] for k in keys])
+        return torch.stack([found[k] for k in keys])
 
     def _standardised(self, feats: torch.Tensor) -> torch.Tensor:
         return (feats - self.feat_mean) / self.feat_std
@@ -120,9 +147,41 @@ class ProbeRewardModel(RewardModel):
         with torch.no_grad():
             return self.head(self._standardised(self.features(prompts, answers, batch_size)))[:, 0]
 
+    def prob_better(self, prompts: list[list[dict]], a: list[str], b: list[str]) -> torch.Tensor:
+        """P(a beats b) (N,) averaged over the ensemble (what the votes leave open pulls it towards 1/2)."""
+        post = self.posterior
+        if post is None:
+            return super().prob_better(prompts, a, b)
+        d = post.design(self.features(prompts, a)) - post.design(self.features(prompts, b))  # (N, F+1)
+        return post.prob_better(d)
+
+    def pick_pair(self, prompt: list[dict], answers: list[str], rng: random.Random) -> tuple[int, int]:
+        """Double Thompson sampling (Dwaracherla et al. 2024, arXiv 2402.00396): two answers worth asking about.
+
+        The first is the best under one draw of the reward from the posterior; the second the best of the others
+        under a fresh draw (up to 8 draws for one that differs, else the others' best). Where the model is sure, the
+        pair is its best guess against its next; where it is unsure, the draws disagree and the pair explores.
+        """
+        post = self.posterior
+        ok = [i for i, a in enumerate(answers) if a.split()] or list(range(len(answers)))
+        if post is None or len(ok) < 3:
+            return super().pick_pair(prompt, answers, rng)
+        x = post.design(self.features([prompt] * len(ok), [answers[i] for i in ok]))  # (K, F+1)
+        gen = torch.Generator().manual_seed(rng.randrange(2**31))
+        first = int((x @ post.sample(gen)).argmax())
+        for _ in range(8):
+            second = int((x @ post.sample(gen)).argmax())
+            if second != first:
+                break
+        else:
+            scores = x @ post.sample(gen)
+            scores[first] = -math.inf
+            second = int(scores.argmax())
+        return ok[first], ok[second]
+
     # --- training ----------------------------------------------------------------------------------------
-    def _objective(self, x: torch.Tensor, examples: list, index: list[list[int]]) -> Callable[[], torch.Tensor]:
-        """Mean weighted loss of the examples + L2 on the weights, as a function of the head's current weights."""
+    def _per_example(self, examples: list, index: list[list[int]]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Each example's weighted loss (E,) as a function of the sequences' scores r (S,)."""
         kinds = [e.kind for e in examples]
         first = torch.tensor([ix[0] for ix in index])  # (E,) first sequence of each example
         second = torch.tensor([ix[-1] for ix in index])  # (E,) second (= first for a thumb)
@@ -131,10 +190,9 @@ class ProbeRewardModel(RewardModel):
         up = torch.tensor([e.up for e in examples])
         cfg = self.cfg
 
-        def loss() -> torch.Tensor:
-            r = self.head(x)[:, 0]  # (S,)
+        def per(r: torch.Tensor) -> torch.Tensor:
             d = r[first] - r[second]  # (E,) chosen - rejected, or a - b for a tie
-            per = torch.where(
+            return torch.where(
                 is_pair,
                 -F.logsigmoid(d),
                 torch.where(
@@ -143,18 +201,23 @@ class ProbeRewardModel(RewardModel):
                     cfg.reward_pointwise_weight * -F.logsigmoid(torch.where(up, r[first], -r[first])),
                 ),
             )
-            return per.mean() + cfg.reward_probe_l2 * self.head.weight.pow(2).sum()
 
-        return loss
+        return per
 
-    def _fit_head(self, x: torch.Tensor, examples: list, index: list[list[int]]) -> float:
-        """Minimise the objective from zero weights with L-BFGS; the final loss."""
-        torch.nn.init.zeros_(self.head.weight)
-        torch.nn.init.zeros_(self.head.bias)
-        loss_fn = self._objective(x, examples, index)
-        opt = torch.optim.LBFGS(
-            self.head.parameters(), max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe"
-        )
+    def _objective(
+        self, x: torch.Tensor, examples: list, index: list[list[int]], head=None
+    ) -> Callable[[], torch.Tensor]:
+        """Mean weighted loss of the examples + L2 on the weights, as a function of the head's current weights."""
+        per, head = self._per_example(examples, index), head or self.head
+        return lambda: per(head(x)[:, 0]).mean() + self.cfg.reward_probe_l2 * head.weight.pow(2).sum()
+
+    def _fit_head(self, x: torch.Tensor, examples: list, index: list[list[int]], head=None) -> float:
+        """Minimise the objective from zero weights with L-BFGS (of `head`, default the model's); the final loss."""
+        head = head or self.head
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        loss_fn = self._objective(x, examples, index, head)
+        opt = torch.optim.LBFGS(head.parameters(), max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
@@ -165,6 +228,21 @@ class ProbeRewardModel(RewardModel):
         opt.step(closure)
         with torch.no_grad():
             return float(loss_fn())
+
+    def _bootstrap(self, x: torch.Tensor, examples: list, index: list[list[int]]) -> Posterior:
+        """Heads fitted on bootstrap resamples of the votes (an ensemble; Osband et al. 2016, arXiv 1602.04621).
+
+        Their spread is what the votes leave open: with few informative votes some resamples miss them and score
+        flat, so the members disagree. Each fit is a convex L-BFGS problem of a second or less.
+        """
+        rng = random.Random(self.cfg.seed)
+        head = torch.nn.Linear(self.n_features, 1, dtype=torch.float32)
+        members = [torch.cat([self.head.weight[0], self.head.bias]).detach().clone()]  # the fit on all votes
+        for _ in range(self.cfg.reward_ensemble - 1):
+            picks = [rng.randrange(len(examples)) for _ in examples]
+            self._fit_head(x, [examples[i] for i in picks], [index[i] for i in picks], head)
+            members.append(torch.cat([head.weight[0], head.bias]).detach().clone())
+        return Posterior(torch.stack(members), self.feat_mean.clone(), self.feat_std.clone())
 
     def _pair_accuracy(self, x: torch.Tensor, examples: list, index: list[list[int]]) -> float | None:
         with torch.no_grad():
@@ -200,6 +278,7 @@ class ProbeRewardModel(RewardModel):
             accuracy = self._pair_accuracy(x, held, [index[id(e)] for e in held])
         progress({"step": 1, "steps": 2, "stage": "fit"})
         train_loss = self._fit_head(x, examples, [index[id(e)] for e in examples])
+        self.posterior = self._bootstrap(x, examples, [index[id(e)] for e in examples])
         progress({"step": 2, "steps": 2, "loss": train_loss})
         sample = [(e.prompt, a) for e in examples for a in e.answers]
         random.Random(self.cfg.seed).shuffle(sample)

@@ -177,16 +177,25 @@ class Service:
         mode: str = "samples",
         settings: GenerationSettings | None = None,
     ) -> Iterator[dict]:
-        """Stream two answers side by side; the last dict has pair_id and both response ids (sources hidden)."""
+        """Stream two answers side by side; the last dict has pair_id and both response ids (sources hidden).
+
+        In "samples" mode with `compare_candidates` > 2, that many answers are sampled in one batch and the two shown
+        are picked by the reward model's uncertainty (`pick_pair`: double Thompson sampling), so that votes land
+        where they teach the most; updates then carry a `note` instead of partial texts until the pair is known.
+        """
         versions = self._compare_versions(mode)
         cid, user_id, prompt, settings = self._start_turn(voter, message, conversation_id, parent_id, settings)
-        stream = self.policy.stream(prompt, settings, n=2, versions=versions)
+        n = max(2, self.cfg.compare_candidates) if mode == "samples" else 2
+        stream = self.policy.stream(prompt, settings, n=n, versions=versions * (n // 2) + versions[: n % 2])
+        note = f"Writing {n} answers to pick two to show you…" if n > 2 else ""
         try:
-            for text_a, text_b in stream:
-                yield {"conversation_id": cid, "pair_id": None, "a": {"text": text_a}, "b": {"text": text_b}}
+            for texts in stream:
+                a, b = ("", "") if note else texts
+                yield {"conversation_id": cid, "pair_id": None, "a": {"text": a}, "b": {"text": b}, "note": note}
         finally:
             stream.cancel()
-            a, b = stream.answers
+            i, j = self._pick_pair(prompt, [x.text for x in stream.answers]) if n > 2 else (0, 1)
+            a, b = stream.answers[i], stream.answers[j]
             a_id = self._record_answer(cid, user_id, a, settings)
             b_id = self._record_answer(cid, user_id, b, settings)
             pair_id = self.store.new_comparison(
@@ -198,6 +207,15 @@ class Service:
             "a": {"response_id": a_id, "text": a.text},
             "b": {"response_id": b_id, "text": b.text},
         }
+
+    def _pick_pair(self, prompt: list[dict], answers: list[str]) -> tuple[int, int]:
+        """Two of several answers: by the trainer's last reward model where there is one, else at random."""
+        model = self.trainer.reward_model() if self.trainer is not None else None
+        if model is None:
+            ok = [i for i, a in enumerate(answers) if a.split()]
+            i, j = self._rng.sample(ok if len(ok) >= 2 else list(range(len(answers))), 2)
+            return i, j
+        return model.pick_pair(prompt, answers, self._rng)
 
     def choose(self, voter: str, pair_id: str, choice: str, reason: str = "") -> dict:
         """Record the A/B choice (once; the pair then locks) and reveal both sources."""

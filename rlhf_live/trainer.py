@@ -250,7 +250,9 @@ def _ranked_pairs(cfg: Config, policy_model, tokenizer, reward_model, pool: list
     def sample(repeated: list[list[dict]]) -> list[str]:
         return [a for i in range(0, len(repeated), chunk) for a in sampler.rollout(repeated[i : i + chunk])["answers"]]
 
-    return reward_ranked_pairs(prompts, sample, reward_model.score, cfg.rm_dpo_samples, cfg.rm_dpo_min_confidence)
+    return reward_ranked_pairs(
+        prompts, sample, reward_model.score, cfg.rm_dpo_samples, cfg.rm_dpo_min_confidence, reward_model.prob_better
+    )
 
 
 def _mean_distinct2(answers: list[str]) -> float:
@@ -339,6 +341,10 @@ class Trainer:
             "last_error": "",
             "rounds": 0,
         }
+
+    def reward_model(self) -> RewardModel | None:
+        """The last round's fitted reward model (None before the first round, and for learners without one)."""
+        return self.bench.reward_model if self.cfg.learner in ("ppo", "rm-dpo") else None
 
     def status(self) -> dict:
         """State for the dashboard: idle / fitting reward model / PPO / evaluating, progress, last error."""

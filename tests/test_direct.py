@@ -1,5 +1,6 @@
 """DPO and KTO on the tiny model: rows from votes, the loss falls, a loadable version, failures change nothing."""
 
+import math
 import time
 from dataclasses import replace
 
@@ -182,11 +183,15 @@ def test_reward_ranked_pairs_are_best_vs_worst_when_the_reward_model_is_sure():
     # "Two?": the blank answer scores highest but is never chosen; y beats the blank by -4.7: not sure -> no pair.
     # "Three?": all answers equal: no pair.
     assert [(p["prompt"][-1]["content"], p["chosen"], p["rejected"]) for p in pairs] == [("One?", "good", "bad")]
-    assert metrics["pairs"] == 1.0 and metrics["samples"] == 9.0 and metrics["pair_gap"] == 4.0
+    assert metrics["pairs"] == 1.0 and metrics["samples"] == 9.0
+    assert metrics["pair_confidence"] == pytest.approx(1 / (1 + math.exp(-4.0)))
     # A reward model that is unsure (gap 0.3 < logit(0.6) = 0.405) adds nothing; a lower bar takes the pair.
     value.update({"bad": -0.1, "good": 0.1})
     assert reward_ranked_pairs(prompts[:1], sample, score, 3, min_confidence=0.6)[0] == []
     assert len(reward_ranked_pairs(prompts[:1], sample, score, 3, min_confidence=0.5)[0]) == 1
+    # An ensemble's probability decides when given: here it is unsure of every pair.
+    unsure = lambda ps, a, b: torch.full((len(a),), 0.55)  # noqa: E731
+    assert reward_ranked_pairs(prompts, sample, score, 3, min_confidence=0.6, prob_better=unsure)[0] == []
 
 
 def test_an_rm_dpo_round_trains_on_votes_and_ranked_samples(direct_cfg):

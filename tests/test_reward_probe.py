@@ -83,3 +83,60 @@ def test_reward_kind_picks_the_model(tiny_cfg):
     tiny_cfg.reward_kind = "nope"
     with pytest.raises(ValueError, match="reward_kind"):
         create_reward_model(tiny_cfg)
+
+
+def test_features_are_the_layers_outputs(probe):
+    """output_hidden_states (thread-safe) gives exactly what forward hooks on the chosen layers capture."""
+    ids, _, n_answer = probe.encode_parts(user("apples"), "sunny and warm")
+    captured = []
+    hooks = [
+        probe._decoder.layers[i].register_forward_hook(
+            lambda m, a, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
+        for i in probe._layers
+    ]
+    try:
+        with torch.no_grad():
+            final = probe._decoder(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state
+    finally:
+        for h in hooks:
+            h.remove()
+    pooled = [h[0, -n_answer:].float().mean(0) for h in (*captured, final)]
+    expected = torch.cat([*pooled, final[0, -1].float()])
+    torch.testing.assert_close(probe._compute([(ids, n_answer)])[0], expected)
+
+
+def test_the_ensemble_is_the_fit_plus_bootstrap_refits(probe):
+    probe.fit(marker_pairs(12), eval_fraction=0)
+    members = probe.posterior.members
+    assert members.shape == (probe.cfg.reward_ensemble, probe.n_features + 1)
+    torch.testing.assert_close(members[0], torch.cat([probe.head.weight[0], probe.head.bias]))
+    assert len({tuple(m[:4].tolist()) for m in members}) == len(members)  # every resample fits differently
+    first = members.clone()
+    probe.fit(marker_pairs(12), eval_fraction=0)
+    torch.testing.assert_close(probe.posterior.members, first)  # seeded: the same votes give the same ensemble
+
+
+def test_few_votes_make_an_unsure_posterior_and_more_votes_a_sure_one(probe):
+    test = marker_pairs(20, seed=5)
+    prompts, chosen, rejected = [p["prompt"] for p in test], [p["chosen"] for p in test], [p["rejected"] for p in test]
+    probe.fit(marker_pairs(3), eval_fraction=0)
+    few = probe.prob_better(prompts, chosen, rejected)
+    point = torch.sigmoid(probe.score(prompts, chosen) - probe.score(prompts, rejected))
+    assert (few - 0.5).abs().mean() < (point - 0.5).abs().mean()  # resamples without the votes pull towards 1/2
+    probe.fit(marker_pairs(40), eval_fraction=0)
+    many = probe.prob_better(prompts, chosen, rejected)
+    assert many.mean() > few.mean() and (many > 0.5).all()
+
+
+def test_pick_pair_asks_about_the_best_answer_once_the_model_is_sure(probe):
+    probe.fit(marker_pairs(40), eval_fraction=0)
+    (pair,) = marker_pairs(1, seed=7)
+    answers = [pair["rejected"], "", pair["chosen"], pair["rejected"] + " hello", "hello"]
+    rng = random.Random(0)
+    picks = [probe.pick_pair(pair["prompt"], answers, rng) for _ in range(20)]
+    assert all(i != j and 1 not in (i, j) for i, j in picks)  # never the blank answer, never the same twice
+    assert sum(picks[k][0] == 2 for k in range(20)) >= 16  # the preferred answer nearly always comes first
+    # Before any fit there is no posterior: two distinct answers at random.
+    fresh = ProbeRewardModel(probe.model, probe.tokenizer, probe.cfg)
+    assert len(set(fresh.pick_pair(user("fruit?"), answers, random.Random(1)))) == 2

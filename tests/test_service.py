@@ -343,3 +343,42 @@ def test_dashboard_says_how_many_votes_start_the_first_round(tiny_cfg):
     assert "4 more votes" in text and "start the first one" in text
     assert curve.visible is False
     store.close()
+
+
+def test_compare_from_several_candidates_shows_the_pair_the_reward_model_picks(policy, tiny_cfg):
+    class Picker:  # stands in for the trainer's reward model: always asks about answers 3 and 1
+        def __init__(self):
+            self.seen = []
+
+        def pick_pair(self, prompt, answers, rng):
+            self.seen.append(list(answers))
+            return 3, 1
+
+    class Trainer:
+        def __init__(self, model):
+            self.model = model
+
+        def reward_model(self):
+            return self.model
+
+        def status(self):
+            return {"state": "idle", "running": True, "watermark": 0, "last_error": ""}
+
+    store = Store(tiny_cfg.db_path)
+    picker = Picker()
+    service = Service(policy, store, replace(tiny_cfg, compare_candidates=5), Trainer(picker))
+    *partial, last = service.compare(ALICE, "Tell me a fruit.", settings=GenerationSettings(max_new_tokens=8, seed=3))
+    assert partial and all(u["pair_id"] is None and u["a"]["text"] == "" for u in partial)
+    assert partial[0]["note"] == "Writing 5 answers to pick two to show you…"
+    (candidates,) = picker.seen
+    assert len(candidates) == 5
+    assert (last["a"]["text"], last["b"]["text"]) == (candidates[3], candidates[1])
+    # Only the two shown answers are stored, as siblings under the user's message, with the pair.
+    row = store.comparison(last["pair_id"])
+    assert (row["a_id"], row["b_id"]) == (last["a"]["response_id"], last["b"]["response_id"])
+    assert store.stats()["counts"]["messages"] == 3
+    # Without a reward model (no round yet), two distinct candidates at random.
+    service = Service(policy, store, replace(tiny_cfg, compare_candidates=5), Trainer(None))
+    *_, last = service.compare(ALICE, "Another fruit?")
+    assert last["a"]["response_id"] != last["b"]["response_id"]
+    store.close()
