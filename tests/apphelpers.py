@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import sqlite3
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,3 +129,44 @@ def shared_tiny_app(request, tiny_lm_dir: Path, tmp_path_factory) -> App:
         request.config.add_cleanup(stack.close)
         _SHARED["tiny"] = app
     return app
+
+
+def app_config(url: str) -> dict:
+    """The page's Gradio config (components and the event handlers the browser may call)."""
+    with urllib.request.urlopen(url.rstrip("/") + "/config", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def fn_index_of(config: dict, label: str, event: str = "click") -> int:
+    """The queue index of the handler a component with this label (or button value) triggers, as a browser sends it."""
+    ids = {
+        c["id"]
+        for c in config["components"]
+        if label in (c.get("props", {}).get("label"), c.get("props", {}).get("value"))
+    }
+    for i, dep in enumerate(config["dependencies"]):
+        if any(t[0] in ids and t[1] == event for t in dep.get("targets", [])):
+            return dep.get("id", i)
+    raise LookupError(f"no {event} handler on a component labelled {label!r}")
+
+
+def raw_queue_call(url: str, fn_index: int, data: list, timeout: float = 60.0) -> dict:
+    """Call a handler the way the browser's queue protocol does (no gradio_client): the final message."""
+    session = uuid.uuid4().hex
+    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}
+    join = urllib.request.Request(
+        url.rstrip("/") + "/gradio_api/queue/join",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(join, timeout=timeout) as resp:
+        assert resp.status == 200
+    stream = url.rstrip("/") + f"/gradio_api/queue/data?session_hash={session}"
+    with urllib.request.urlopen(stream, timeout=timeout) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("data:"):
+                msg = json.loads(line[5:])
+                if msg.get("msg") == "process_completed":
+                    return msg
+    raise AssertionError("the queue stream ended without a result")

@@ -44,7 +44,7 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
             chat = ChatTab(service, cfg, client, generate)
             CompareTab(service, cfg, chat, tabs, generate)
             training = TrainingTab(service, cfg)
-            data = DataTab(service)
+            data = DataTab(service, cfg)
         demo.load(chat.load, [client], [client, chat.state, chat.chatbot], **PRIVATE)
         # Fresh numbers on load, on Refresh and whenever a dashboard tab is opened.
         refresh = lambda: dashboard(service)  # noqa: E731

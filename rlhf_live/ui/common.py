@@ -5,6 +5,7 @@ Knows Gradio's request and error types and the Service's error classes; knows no
 
 from __future__ import annotations
 
+import hmac
 import html
 
 import gradio as gr
@@ -74,3 +75,10 @@ def chat_view(turns: list[dict]) -> tuple[list[dict], list[str | None]]:
 def chat_state(conversation_id: str = "", ids: list[str] | None = None, leaf: str | None = None) -> dict:
     """The Chat tab's per-browser state: the conversation, the id of each shown message, the current leaf."""
     return {"conversation_id": conversation_id, "ids": list(ids or []), "leaf": leaf}
+
+
+def require_admin(cfg: Config, token) -> None:
+    """Raise the error a person reads unless `token` is the admin token (constant time; no token set: nobody)."""
+    # Checked inside each handler: hiding a control does not stop the browser's queue protocol from calling it.
+    if not cfg.admin_token or not hmac.compare_digest(str(token or "").encode(), cfg.admin_token.encode()):
+        raise gr.Error("Admin token required: this control is for the app's owner.")

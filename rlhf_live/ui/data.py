@@ -10,27 +10,36 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..config import Config
 from ..service import Service
-from .common import PRIVATE, UserError
+from .common import PRIVATE, UserError, require_admin
 
 EXPORT_FORMATS = ("preference", "kto", "conversations")
 
 
 class DataTab:
-    """Builds the Data tab inside the current gr.Blocks and wires the export."""
+    """Builds the Data tab inside the current gr.Blocks and wires the export (everyone's data: admin only)."""
 
-    def __init__(self, service: Service):
-        self.service = service
+    def __init__(self, service: Service, cfg: Config):
+        self.service, self.cfg = service, cfg
         with gr.Tab("Data", id="data") as self.tab:
             self.summary = gr.Markdown("")
-            with gr.Row():
+            gr.Markdown(
+                "The export holds every person's conversations and votes, so it needs the admin token."
+                if cfg.admin_token
+                else "The export holds every person's conversations and votes: start the app with `--admin-token` "
+                "to download it here, or use `rlhf-live export` on the server."
+            )
+            with gr.Row(visible=bool(cfg.admin_token)):
                 self.fmt = gr.Radio(list(EXPORT_FORMATS), value="preference", label="Export format (TRL columns)")
+                self.token = gr.Textbox(label="Admin token", type="password")
                 self.export = gr.Button("Prepare download")
-            self.file = gr.File(label="Export", interactive=False)
-        self.export.click(self.do_export, [self.fmt], [self.file], **PRIVATE)
+            self.file = gr.File(label="Export", interactive=False, visible=bool(cfg.admin_token))
+        self.export.click(self.do_export, [self.fmt, self.token], [self.file], **PRIVATE)
 
-    def do_export(self, kind: str) -> str:
-        """Write the export to a temporary file and offer it for download."""
+    def do_export(self, kind: str, token: str) -> str:
+        """Write the export to a temporary file and offer it for download (admin only, checked here)."""
+        require_admin(self.cfg, token)
         out = Path(tempfile.mkdtemp(prefix="rlhf-live-export-")) / f"rlhf-live-{kind}.jsonl"
         with UserError():
             self.service.store.export(kind, out)

@@ -6,7 +6,6 @@ used for the Data tab's counts) and checks the admin token inside each admin han
 
 from __future__ import annotations
 
-import hmac
 import html
 
 import gradio as gr
@@ -14,7 +13,7 @@ import pandas as pd
 
 from ..config import Config
 from ..service import Service
-from .common import PRIVATE, UserError
+from .common import PRIVATE, UserError, require_admin
 from .data import data_summary
 
 
@@ -55,9 +54,7 @@ class TrainingTab:
 
     def _admin(self, action: str):
         def run(token, version):
-            # Checked here, in the handler: hiding a control does not stop the queue protocol from calling it.
-            if not self.cfg.admin_token or not hmac.compare_digest(str(token or ""), self.cfg.admin_token):
-                raise gr.Error("Admin token required: this control is for the app's owner.")
+            require_admin(self.cfg, token)
             trainer = self.service.trainer
             if trainer is None:
                 raise gr.Error("Training is not running in this app (started with --no-train).")

@@ -1,0 +1,42 @@
+"""Access through the browser's own queue protocol: admin actions need the token on the server, not just hiding."""
+
+from __future__ import annotations
+
+import pytest
+from apphelpers import app_config, fn_index_of, raw_queue_call, shared_tiny_app
+from gradio_client import Client
+
+
+@pytest.fixture(scope="module")
+def tiny_app(request, tiny_lm_dir, tmp_path_factory):
+    return shared_tiny_app(request, tiny_lm_dir, tmp_path_factory)
+
+
+def test_exporting_everyones_data_needs_the_admin_token_even_through_the_raw_queue(tiny_app):
+    Client(tiny_app.url, verbose=False).predict("A secret of mine", "", api_name="/chat")
+    config = app_config(tiny_app.url)
+    export = fn_index_of(config, "Prepare download")
+    done = raw_queue_call(tiny_app.url, export, ["preference", ""])  # format, no token
+    assert done["success"] is False
+    assert "admin token" in done["output"]["error"].lower()
+    done = raw_queue_call(tiny_app.url, export, ["preference", "wrong-token"])
+    assert done["success"] is False
+
+
+def test_admin_controls_refuse_a_wrong_token_through_the_raw_queue(tiny_app):
+    config = app_config(tiny_app.url)
+    for label in ("Train now", "Roll back"):
+        done = raw_queue_call(tiny_app.url, fn_index_of(config, label), ["guess", "v0001"])
+        assert done["success"] is False and "admin token" in done["output"]["error"].lower()
+
+
+def test_require_admin_accepts_only_the_configured_token():
+    import gradio as gr
+
+    from rlhf_live.config import Config
+    from rlhf_live.ui.common import require_admin
+
+    require_admin(Config(admin_token="s3cret"), "s3cret")
+    for cfg, token in ((Config(admin_token="s3cret"), "s3cre"), (Config(admin_token="s3cret"), None), (Config(), "")):
+        with pytest.raises(gr.Error, match="Admin token required"):
+            require_admin(cfg, token)
