@@ -40,3 +40,20 @@ def test_require_admin_accepts_only_the_configured_token():
     for cfg, token in ((Config(admin_token="s3cret"), "s3cre"), (Config(admin_token="s3cret"), None), (Config(), "")):
         with pytest.raises(gr.Error, match="Admin token required"):
             require_admin(cfg, token)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("![p](http://x.example/p.png)", "!\\[p\\](`http://x.example/p.png)`"),
+        ("[prize](https://evil.com/a?b=1)", "\\[prize\\](`https://evil.com/a?b=1)`"),
+        ("go to www.evil.example or evil.com/p", "go to `www.evil.example` or `evil.com/p`"),
+        ("mail me@evil.com", "mail `me@evil.com`"),
+        ("<b>x</b> & 3.14 in model.py: ok", "&lt;b&gt;x&lt;/b&gt; &amp; 3.14 in model.py: ok"),
+        ("**bold**, 1. lists and `code`", "**bold**, 1. lists and `code`"),
+    ],
+)
+def test_shown_text_formats_but_never_links_or_fetches(text, shown):
+    from rlhf_live.ui.common import show
+
+    assert show(text) == shown

@@ -197,6 +197,23 @@ def test_user_text_is_rendered_as_text_never_as_markup(page, tiny_app):
     assert rows(tiny_app.db_path, "SELECT count(*) AS n FROM messages WHERE content = ?", (XSS,)) == [{"n": 1}]
 
 
+TRACKER = "See ![pixel](http://127.0.0.1:9/p.png) and [your prize](http://evil.example/x) at www.evil.example now"
+
+
+def test_markdown_images_and_links_never_load_or_link_to_other_hosts(page, tiny_app):
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    send_chat(page, TRACKER, 1)
+    page.wait_for_timeout(300)
+    shot(page, "08b-links")
+    chat = page.locator("#chatbot")
+    assert chat.locator("img[src*='p.png']").count() == 0
+    assert chat.locator("a[href*='evil.example']").count() == 0
+    assert not [u for u in requests if "127.0.0.1:9" in u or "evil.example" in u]
+    text = page.locator("#chatbot [data-testid='user']").first.inner_text()
+    assert "http://evil.example/x" in text and "p.png" in text  # still readable, as plain text
+
+
 def test_bad_input_shows_a_readable_error_keeps_the_chat_and_writes_nothing(page, tiny_app):
     send_chat(page, "A first message", 1)
     before = rows(tiny_app.db_path, "SELECT count(*) AS n FROM messages")

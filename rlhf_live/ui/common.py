@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import html
+import re
 
 import gradio as gr
 
@@ -20,9 +21,32 @@ PRIVATE = {"api_visibility": "private"}
 """UI handlers stay off the API page (still reachable through the queue protocol: permissions live in handlers)."""
 
 
+# Anything a browser would fetch or follow: scheme URLs, www. hosts, bare domains with a common TLD, e-mail addresses.
+_U = r"[^\s<>\"`]"
+_LINKY = re.compile(
+    rf"(?i)\b(?:[a-z][a-z0-9+.-]*://{_U}+|(?:mailto|javascript|data|file|tel):{_U}+|www\.{_U}+"
+    rf"|[\w.+-]+@[\w-]+(?:\.[\w-]+)+|(?:[\w-]+\.)+(?:com|org|net|io|ai|co|app|dev|info|biz|ru|cn|uk|de|xyz|me"
+    rf"|ly|gl|link|site|online)\b{_U}*)"
+)
+
+
 def show(text: str) -> str:
-    """Escape HTML so what people and the model write is shown as text, never run as markup."""
-    return html.escape(text or "", quote=False)
+    """What people and the model write, as Markdown that formats but never fetches or links anything.
+
+    HTML is escaped (never runs); `[` and `]` are escaped, so no Markdown image or link (inline, reference or
+    footnote) exists; URLs, hosts and e-mail addresses go into code spans, where Markdown's autolinking stops: a
+    tracking pixel or a phishing link in an answer shows as plain text.
+    """
+    out, last = [], 0
+    text = text or ""
+    for m in _LINKY.finditer(text):
+        out += [_plain(text[last : m.start()]), f"`{m.group(0)}`"]  # a code span shows its text as is
+        last = m.end()
+    return "".join([*out, _plain(text[last:])])
+
+
+def _plain(text: str) -> str:
+    return html.escape(text, quote=False).replace("[", "\\[").replace("]", "\\]")
 
 
 def answer_md(text: str, version: str | None) -> str:
