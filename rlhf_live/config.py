@@ -79,6 +79,12 @@ class Config:
     """Prompt + answer budget; older turns are dropped to fit (the system prompt is kept)."""
     max_message_chars: int = 4000
     """Longest user message accepted, in characters."""
+    max_system_prompt_chars: int = 2000
+    """Longest system prompt a person may set, in characters."""
+    max_turns: int = 50
+    """Most user turns in one conversation (a new conversation starts afresh)."""
+    max_requests_per_minute: int = 60
+    """Requests (messages, retries, comparisons, votes) one voter may make per minute; 0 = no limit."""
 
     # --- store (issue 3 owns this section) --------------------------------------------------------
     max_reason_chars: int = 1000
@@ -94,8 +100,10 @@ class Config:
     reward_probe_l2: float = 0.01
     """L2 penalty on the probe head's weights (features are standardised; larger: smoother, less fit to few votes)."""
     reward_ensemble: int = 8
-    """Probe heads kept: the fit on all votes + fits on bootstrap resamples; their spread drives Compare's pair pick
-    and rm-dpo's confidence (1 = no uncertainty)."""
+    """Probe heads kept: the fit on all votes + randomised-prior fits on bootstrap resamples; their spread drives
+    Compare's pair pick and rm-dpo's confidence (1 = no uncertainty)."""
+    reward_prior_scale: float = 1.0
+    """Std of the random prior scores each ensemble member starts from (larger: unsure until more votes agree)."""
     reward_lora_r: int = 16
     """LoRA rank of the reward model's own adapter."""
     reward_lora_alpha: int = 32
@@ -226,6 +234,8 @@ class Config:
     compare_candidates: int = 2
     """Answers sampled for a Compare of two live samples; above 2 the reward model picks the two worth a vote
     (double Thompson sampling over its ensemble: informative votes on rare behaviour are found sooner)."""
+    queue_max_size: int = 64
+    """Most requests waiting in Gradio's queue; more are refused with a 'busy, try again' message."""
     generation_concurrency: int = 2
     """How many answers are generated at once; more requests queue."""
 

@@ -44,7 +44,7 @@ class Posterior:
     """What the votes leave open, frozen after a fit: serving draws from it while the trainer refits."""
 
     members: torch.Tensor
-    """(K, F+1) head weights with the bias last: the fit on all votes, then fits on bootstrap resamples."""
+    """(K, F+1) head weights with the bias last: the fit on all votes, then prior + fit on bootstrap resamples."""
     feat_mean: torch.Tensor
     """(F,) the features' standardisation at fit time."""
     feat_std: torch.Tensor
@@ -205,18 +205,22 @@ class ProbeRewardModel(RewardModel):
         return per
 
     def _objective(
-        self, x: torch.Tensor, examples: list, index: list[list[int]], head=None
+        self, x: torch.Tensor, examples: list, index: list[list[int]], head=None, prior: torch.Tensor | None = None
     ) -> Callable[[], torch.Tensor]:
-        """Mean weighted loss of the examples + L2 on the weights, as a function of the head's current weights."""
-        per, head = self._per_example(examples, index), head or self.head
-        return lambda: per(head(x)[:, 0]).mean() + self.cfg.reward_probe_l2 * head.weight.pow(2).sum()
+        """Mean weighted loss of the examples + L2 on the weights, as a function of the head's current weights.
 
-    def _fit_head(self, x: torch.Tensor, examples: list, index: list[list[int]], head=None) -> float:
+        `prior` (S,) is a fixed score added to the head's (a randomised prior function); the L2 is on the head alone.
+        """
+        per, head = self._per_example(examples, index), head or self.head
+        offset = 0.0 if prior is None else prior
+        return lambda: per(head(x)[:, 0] + offset).mean() + self.cfg.reward_probe_l2 * head.weight.pow(2).sum()
+
+    def _fit_head(self, x: torch.Tensor, examples: list, index: list[list[int]], head=None, prior=None) -> float:
         """Minimise the objective from zero weights with L-BFGS (of `head`, default the model's); the final loss."""
         head = head or self.head
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
-        loss_fn = self._objective(x, examples, index, head)
+        loss_fn = self._objective(x, examples, index, head, prior)
         opt = torch.optim.LBFGS(head.parameters(), max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
 
         def closure():
@@ -229,19 +233,24 @@ class ProbeRewardModel(RewardModel):
         with torch.no_grad():
             return float(loss_fn())
 
-    def _bootstrap(self, x: torch.Tensor, examples: list, index: list[list[int]]) -> Posterior:
-        """Heads fitted on bootstrap resamples of the votes (an ensemble; Osband et al. 2016, arXiv 1602.04621).
+    def _ensemble(self, x: torch.Tensor, examples: list, index: list[list[int]]) -> Posterior:
+        """The fit on all votes plus heads with randomised priors on bootstrap resamples (Osband et al. 2018).
 
-        Their spread is what the votes leave open: with few informative votes some resamples miss them and score
-        flat, so the members disagree. Each fit is a convex L-BFGS problem of a second or less.
+        Member k scores x . (w_k + p_k): p_k is a fixed random direction (scores of std `reward_prior_scale`), w_k is
+        fitted on a bootstrap resample with p_k's scores added. Where votes constrain the reward, w_k cancels p_k and
+        the members agree; elsewhere p_k stays and they disagree, so one or two votes never make the ensemble sure
+        about answers unlike them (Osband et al., arXiv 1806.03335; the ensemble of Dwaracherla et al., 2402.00396).
         """
+        gen = torch.Generator().manual_seed(self.cfg.seed)
         rng = random.Random(self.cfg.seed)
         head = torch.nn.Linear(self.n_features, 1, dtype=torch.float32)
         members = [torch.cat([self.head.weight[0], self.head.bias]).detach().clone()]  # the fit on all votes
         for _ in range(self.cfg.reward_ensemble - 1):
+            # Standardised features have |x|^2 ~ F, so N(0, scale^2 / F) weights give scores of std ~ scale.
+            p = torch.randn(self.n_features, generator=gen) * self.cfg.reward_prior_scale / self.n_features**0.5
             picks = [rng.randrange(len(examples)) for _ in examples]
-            self._fit_head(x, [examples[i] for i in picks], [index[i] for i in picks], head)
-            members.append(torch.cat([head.weight[0], head.bias]).detach().clone())
+            self._fit_head(x, [examples[i] for i in picks], [index[i] for i in picks], head, prior=x @ p)
+            members.append(torch.cat([head.weight[0] + p, head.bias]).detach().clone())
         return Posterior(torch.stack(members), self.feat_mean.clone(), self.feat_std.clone())
 
     def _pair_accuracy(self, x: torch.Tensor, examples: list, index: list[list[int]]) -> float | None:
@@ -278,7 +287,7 @@ class ProbeRewardModel(RewardModel):
             accuracy = self._pair_accuracy(x, held, [index[id(e)] for e in held])
         progress({"step": 1, "steps": 2, "stage": "fit"})
         train_loss = self._fit_head(x, examples, [index[id(e)] for e in examples])
-        self.posterior = self._bootstrap(x, examples, [index[id(e)] for e in examples])
+        self.posterior = self._ensemble(x, examples, [index[id(e)] for e in examples])
         progress({"step": 2, "steps": 2, "loss": train_loss})
         sample = [(e.prompt, a) for e in examples for a in e.answers]
         random.Random(self.cfg.seed).shuffle(sample)

@@ -6,7 +6,10 @@ does the simulated rater, so people and simulations go through the same code).
 
 from __future__ import annotations
 
+import collections
 import random
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,10 +35,29 @@ class Service:
         self.policy, self.store, self.cfg, self.trainer = policy, store, cfg, trainer
         self._salt = store.voter_salt()
         self._rng = random.Random()
+        self._recent: dict[str, collections.deque] = {}  # voter -> times of their requests in the last minute
+        self._recent_lock = threading.Lock()
 
     def voter(self, session_key: str, username: str | None = None) -> str:
         """Salted id of a browser session or logged-in user; the raw key is never stored."""
         return voter_id(session_key, username, self._salt)
+
+    def _limit(self, voter: str) -> None:
+        """Refuse a voter's request beyond max_requests_per_minute (a sliding minute; 0 = no limit)."""
+        limit = self.cfg.max_requests_per_minute
+        if limit <= 0:
+            return
+        now = time.monotonic()
+        with self._recent_lock:
+            times = self._recent.setdefault(voter, collections.deque())
+            while times and now - times[0] > 60:
+                times.popleft()
+            if len(times) >= limit:
+                wait = 60 - (now - times[0])
+                raise InvalidRequest(f"Too many requests: at most {limit} a minute. Please wait {wait:.0f} s.")
+            times.append(now)
+            if len(self._recent) > 10_000:  # forget voters idle for a minute, so the map stays small
+                self._recent = {v: t for v, t in self._recent.items() if t and now - t[-1] <= 60}
 
     # --- chat ------------------------------------------------------------------------------------------------
     def _settings(self, settings: GenerationSettings | None, system_prompt: str | None = None) -> GenerationSettings:
@@ -46,10 +68,16 @@ class Service:
             raise InvalidRequest("temperature must be in [0, 2] and top_p in (0, 1].")
         if system_prompt is not None:
             s.system_prompt = system_prompt
+        if len(s.system_prompt or "") > self.cfg.max_system_prompt_chars:
+            raise InvalidRequest(
+                f"The system prompt is {len(s.system_prompt):,} characters long; the limit is "
+                f"{self.cfg.max_system_prompt_chars:,}. Please shorten it."
+            )
         return s
 
     def _start_turn(self, voter: str, message: str, conversation_id: str, parent_id: str | None, settings):
         """Validate, then record the user's message; return (conversation_id, user message id, prompt, settings)."""
+        self._limit(voter)
         text = self.policy.check_message(message)
         if conversation_id:
             conv = self.store.conversation(conversation_id, session_id=voter)
@@ -57,6 +85,11 @@ class Service:
                 parent_id = conv["messages"][-1]["id"]
             elif parent_id is not None and parent_id not in {m["id"] for m in conv["messages"]}:
                 raise InvalidRequest("That message is not part of this conversation.")
+            turns = sum(m["role"] == "user" for m in self.store.context(parent_id)) + 1 if parent_id else 0
+            if turns > self.cfg.max_turns:
+                raise InvalidRequest(
+                    f"This conversation has reached {self.cfg.max_turns} turns, the limit: please start a new one."
+                )
             settings = self._settings(settings, conv["system_prompt"])
         else:
             settings = self._settings(settings)
@@ -87,6 +120,7 @@ class Service:
 
     def retry(self, voter: str, response_id: str, settings: GenerationSettings | None = None) -> Iterator[dict]:
         """Stream a new answer to the same user message as `response_id` (a sibling; the old one stays stored)."""
+        self._limit(voter)
         old = self.store.message(response_id)
         conv = self.store.conversation(old["conversation_id"], session_id=voter)
         if old["role"] != "assistant" or not old["parent_id"]:
@@ -119,6 +153,7 @@ class Service:
     def feedback(self, voter: str, response_id: str, value: str, reason: str = "") -> dict:
         """Thumb up/down or clear one answer (one row per answer and voter, updated in place)."""
         # Only the session that owns the conversation may thumb its answers (as with retry, history and choose).
+        self._limit(voter)
         row = self.store.record_feedback(response_id, voter, value, reason or "", session_id=voter)
         return {"ok": True, "response_id": response_id, "value": row["value"]}
 
@@ -219,6 +254,7 @@ class Service:
 
     def choose(self, voter: str, pair_id: str, choice: str, reason: str = "") -> dict:
         """Record the A/B choice (once; the pair then locks) and reveal both sources."""
+        self._limit(voter)
         row = self.store.choose(pair_id, voter, choice, reason or "")
         return {"ok": True, "a_version": row["a_source"], "b_version": row["b_source"], "choice": row["choice"]}
 

@@ -13,6 +13,7 @@ import random
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from .config import Config
@@ -75,7 +76,7 @@ def simulate(
     policy = Policy.from_config(cfg, adapter_path=live["path"] if live else None, version=live and live["version"])
     trainer = Trainer(cfg, store, policy)
     trainer.bench.exclude_prompts = frozenset(p[-1]["content"] for p in held_out)
-    service = Service(policy, store, cfg, trainer)
+    service = Service(policy, store, replace(cfg, max_requests_per_minute=0), trainer)  # one simulated voter, fast
     voter = service.voter(f"simulated:{rater.name}")
     # Votes, rollouts and evaluation all see answers of the same length.
     settings = GenerationSettings.from_config(cfg, max_new_tokens=cfg.ppo_max_new_tokens)

@@ -106,7 +106,7 @@ def test_features_are_the_layers_outputs(probe):
     torch.testing.assert_close(probe._compute([(ids, n_answer)])[0], expected)
 
 
-def test_the_ensemble_is_the_fit_plus_bootstrap_refits(probe):
+def test_the_ensemble_is_the_fit_plus_randomised_prior_refits(probe):
     probe.fit(marker_pairs(12), eval_fraction=0)
     members = probe.posterior.members
     assert members.shape == (probe.cfg.reward_ensemble, probe.n_features + 1)

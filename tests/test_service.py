@@ -382,3 +382,37 @@ def test_compare_from_several_candidates_shows_the_pair_the_reward_model_picks(p
     *_, last = service.compare(ALICE, "Another fruit?")
     assert last["a"]["response_id"] != last["b"]["response_id"]
     store.close()
+
+
+def test_limits_refuse_with_a_clear_message_and_write_nothing(policy, tiny_cfg):
+    store = Store(tiny_cfg.db_path)
+    cfg = replace(tiny_cfg, max_system_prompt_chars=40, max_turns=2, max_requests_per_minute=4)
+    service = Service(policy, store, cfg)
+    long_prompt = GenerationSettings(max_new_tokens=4, system_prompt="s" * 41)
+    before = snapshot(tiny_cfg.db_path)
+    with pytest.raises(InvalidRequest, match="The system prompt is 41 characters long; the limit is 40"):
+        list(service.chat(ALICE, "Hi", settings=long_prompt))
+    assert snapshot(tiny_cfg.db_path) == before
+    *_, first = service.chat(ALICE, "One", settings=GenerationSettings(max_new_tokens=4))
+    *_, second = service.chat(ALICE, "Two", first["conversation_id"], settings=GenerationSettings(max_new_tokens=4))
+    before = snapshot(tiny_cfg.db_path)
+    with pytest.raises(InvalidRequest, match="reached 2 turns, the limit: please start a new one"):
+        list(service.chat(ALICE, "Three", first["conversation_id"]))
+    assert snapshot(tiny_cfg.db_path) == before
+    # Four requests a minute: the fourth was refused above only for its turn; the fifth is over the rate.
+    with pytest.raises(InvalidRequest, match=r"Too many requests: at most 4 a minute. Please wait \d+ s."):
+        service.feedback(ALICE, second["response_id"], "up")
+    assert snapshot(tiny_cfg.db_path) == before
+    *_, other = service.chat(BOB, "Someone else is not limited by Alice's requests")
+    assert other["response_id"]
+    store.close()
+
+
+def test_the_queue_has_a_bounded_size(tiny_cfg, policy):
+    from rlhf_live.ui import build
+
+    store = Store(tiny_cfg.db_path)
+    cfg = replace(tiny_cfg, queue_max_size=7, generation_concurrency=3)
+    demo = build(Service(policy, store, cfg), cfg)
+    assert demo._queue.max_size == 7 and demo._queue.default_concurrency_limit == 3
+    store.close()

@@ -52,6 +52,8 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
         for event in (demo.load, training.refresh.click, training.tab.select, data.tab.select):
             event(refresh, None, outputs, **PRIVATE)
         add_api(service, generate)
+    # A bounded queue: past max_size, Gradio tells the next person the app is busy instead of queueing forever.
+    demo.queue(default_concurrency_limit=cfg.generation_concurrency, max_size=cfg.queue_max_size)
     return demo
 
 
@@ -71,6 +73,5 @@ def serve(cfg: Config) -> None:
         trainer.start()
     service = Service(policy, store, cfg, trainer)
     demo = build(service, cfg)
-    demo.queue(default_concurrency_limit=cfg.generation_concurrency)
     css = CSS_FILE.read_text() if CSS_FILE.is_file() else None
     demo.launch(server_name=cfg.host, server_port=cfg.port, css=css, theme=gr.themes.Soft())

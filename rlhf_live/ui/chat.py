@@ -58,7 +58,9 @@ class ChatTab:
             self.reason_btn = gr.Button("Add reason", size="sm", scale=1)
         self.vote_note = gr.Markdown("", elem_id="vote-note")
         with gr.Accordion("Settings", open=False):
-            self.system_prompt = gr.Textbox(cfg.system_prompt, label="System prompt", lines=2)
+            self.system_prompt = gr.Textbox(
+                cfg.system_prompt, label="System prompt", lines=2, max_length=cfg.max_system_prompt_chars
+            )
             with gr.Row():
                 self.temperature = gr.Slider(0.0, 1.5, cfg.temperature, step=0.05, label="Temperature")
                 self.top_p = gr.Slider(0.05, 1.0, cfg.top_p, step=0.05, label="Top-p")
