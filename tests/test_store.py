@@ -588,3 +588,35 @@ def test_version_battles_are_live_choices_between_different_versions(store, tmp_
     store.choose(store.new_comparison(cid, a, b, a_source="v3", b_source="v4", voter="v"), "v", "both_bad")
     battles = [(r["a_source"], r["b_source"], r["choice"]) for r in store.version_battles()]
     assert battles == [("v0002", "v0001", "A"), ("", "v1", "tie")]
+
+
+def test_connections_of_finished_threads_are_closed(tmp_path):
+    """Gradio's worker threads come and go: open file descriptors stay flat over thousands of requests."""
+    import os
+    import threading
+
+    store = Store(tmp_path / "fd.db")
+    cid = store.new_conversation("s")
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def request(i: int) -> None:
+        store.add_message(cid, "user", f"hello {i}")
+        store.stats()
+
+    for i in range(20):  # warm up: WAL and shm files, the main thread's own connection
+        threading.Thread(target=request, args=(i,)).start()
+    before = fds()
+    counts = []
+    for batch in range(100):
+        threads = [threading.Thread(target=request, args=(batch * 20 + i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        counts.append(fds())
+    # Flat: a few connections of threads still finishing, never one per finished thread (before the fix: +4,000).
+    assert max(counts) <= before + 10 and counts[-1] <= counts[49] + 5, (before, counts[49], counts[-1])
+    assert store.stats()["counts"]["messages"] == 2020
+    store.close()

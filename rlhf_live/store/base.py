@@ -14,6 +14,7 @@ import secrets
 import sqlite3
 import threading
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -86,6 +87,10 @@ def _chunks(items: list, size: int = _IN_CHUNK) -> Iterator[list]:
         yield items[start : start + size]
 
 
+class _Owner:
+    """A thread's token: freed with the thread's local data, which closes that thread's connection."""
+
+
 class Database:
     """Connections (one per thread), transactions and input checks shared by every part of the Store."""
 
@@ -111,7 +116,7 @@ class Database:
         self.busy_timeout = busy_timeout
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._all: list[sqlite_utils.Database] = []
+        self._all: dict[int, sqlite3.Connection] = {}  # open connections by id: close() closes what is left
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = self.db()
         db.enable_wal()  # persistent in the file; must run outside a transaction
@@ -145,15 +150,25 @@ class Database:
             db = sqlite_utils.Database(conn)
             self._local.db = db
             with self._lock:
-                self._all.append(db)
+                self._all[id(conn)] = conn
+            # Threads come and go (Gradio's workers): the connection closes when its thread's local data goes, so
+            # open files stay flat however many threads have made requests.
+            self._local.owner = _Owner()
+            weakref.finalize(self._local.owner, self._forget, id(conn))
         return db
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            conn = self._all.pop(key, None)
+        if conn is not None:
+            conn.close()
 
     def close(self) -> None:
         """Close every thread's connection (call at shutdown, when no thread uses the store any more)."""
         with self._lock:
-            for db in self._all:
-                db.close()
-            self._all.clear()
+            conns, self._all = list(self._all.values()), {}
+        for conn in conns:
+            conn.close()
         self._local = threading.local()
 
     @contextmanager
