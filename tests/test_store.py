@@ -161,7 +161,7 @@ def test_eight_threads_voting_at_once_lose_nothing(store):
     answers = [store.add_message(cid, "assistant", f"answer {i}", parent_id=user) for i in range(20)]
     start_mark = store.watermark()
     acked: list[dict[str, str]] = [{} for _ in range(8)]  # per thread: answer -> last acknowledged value
-    counts = [0] * 8
+    counts = [0] * 8  # per thread: writes that changed a thumb (the same thumb again is not a new vote)
     errors: list[BaseException] = []
     deadline = time.monotonic() + 3.0
 
@@ -170,9 +170,10 @@ def test_eight_threads_voting_at_once_lose_nothing(store):
         try:
             while time.monotonic() < deadline:
                 rid, value = rng.choice(answers), rng.choice(["up", "down", "clear"])
+                before = acked[k].get(rid, "cleared")
                 row = store.record_feedback(rid, f"voter-{k}", value, reason=f"t{k}")
                 acked[k][rid] = row["value"]
-                counts[k] += 1
+                counts[k] += row["value"] != before
         except BaseException as exc:  # surfaced below: a thread's exception would otherwise vanish
             errors.append(exc)
 
@@ -189,7 +190,8 @@ def test_eight_threads_voting_at_once_lose_nothing(store):
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     stored = {(r, v): val for r, v, val in conn.execute("SELECT response_id, voter, value FROM feedback")}
     expected = {(rid, f"voter-{k}"): value for k in range(8) for rid, value in acked[k].items()}
-    assert stored == expected
+    assert set(stored) <= set(expected) and stored == {key: expected[key] for key in stored}
+    assert all(value == "cleared" for key, value in expected.items() if key not in stored)  # never given a thumb
     assert conn.execute("SELECT count(*) FROM feedback_events").fetchone()[0] == sum(counts)
     assert check.watermark() == start_mark + sum(counts)
     seqs = [s for (s,) in conn.execute("SELECT seq FROM feedback_events ORDER BY id")]
@@ -619,4 +621,23 @@ def test_connections_of_finished_threads_are_closed(tmp_path):
     # Flat: a few connections of threads still finishing, never one per finished thread (before the fix: +4,000).
     assert max(counts) <= before + 10 and counts[-1] <= counts[49] + 5, (before, counts[49], counts[-1])
     assert store.stats()["counts"]["messages"] == 2020
+    store.close()
+
+
+def test_repeated_identical_thumbs_are_not_new_votes(tmp_path):
+    store = Store(tmp_path / "thumbs.db")
+    cid = store.new_conversation("s")
+    q = store.add_message(cid, "user", "hi")
+    a = store.add_message(cid, "assistant", "hello", parent_id=q)
+    store.record_feedback(a, "v1", "up")
+    mark = store.watermark()
+    for _ in range(8):
+        store.record_feedback(a, "v1", "up")
+    assert store.watermark() == mark and len(store.feedback_history(a)) == 1
+    store.record_feedback(a, "v1", "up", "because it is short")  # a reason alone: kept, not a new vote
+    assert store.watermark() == mark and store.feedback_history(a)[-1]["reason"] == "because it is short"
+    store.record_feedback(a, "v1", "down")  # a changed thumb is a new vote
+    assert store.watermark() == mark + 1
+    store.record_feedback(a, "v2", "clear")  # clearing what was never given changes nothing
+    assert store.watermark() == mark + 1 and [r["value"] for r in store.feedback_history(a, "v2")] == []
     store.close()

@@ -32,7 +32,14 @@ class Votes(Database):
                 raise InvalidInput("Only answers can be voted on; this message was written by the user.")
             if session_id is not None and msg["session_id"] != session_id:
                 raise Forbidden("This answer belongs to another session's conversation.")
-            seq, now = self._bump(conn), _now()
+            key = (rid, voter)
+            old = self._rows(conn, "SELECT * FROM feedback WHERE response_id = ? AND voter = ?", key)
+            before = old[0]["value"] if old else "cleared"
+            if before == stored and (not old or old[0]["reason"] == reason):
+                # The same thumb again (eight clicks on one answer) is not a new vote: nothing changes.
+                return old[0] if old else {"response_id": rid, "voter": voter, "value": stored, "reason": reason}
+            # Only a changed thumb is a new vote towards the next round; a new reason alone is kept, not counted.
+            seq, now = (self._bump(conn) if before != stored else old[0]["seq"]), _now()
             conn.execute(
                 "INSERT INTO feedback (response_id, voter, value, reason, seq, created, updated)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (response_id, voter) DO UPDATE SET"
@@ -44,7 +51,7 @@ class Votes(Database):
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (rid, voter, stored, reason, seq, now),
             )
-            return self._rows(conn, "SELECT * FROM feedback WHERE response_id = ? AND voter = ?", (rid, voter))[0]
+            return self._rows(conn, "SELECT * FROM feedback WHERE response_id = ? AND voter = ?", key)[0]
 
     def feedback_value(self, response_id: str, voter: str) -> str | None:
         """'up', 'down', or None (never voted, or cleared)."""
