@@ -327,10 +327,21 @@ class Policy:
         except Exception:
             self._lock.release_read()
             raise
-        steps = self._run(prompt_ids, settings, answers, names, cancel)
+        steps = self._guarded(self._run(prompt_ids, settings, answers, names, cancel), cancel)
+        next(steps)  # primed: from here on, closing or dropping the stream (even unread) releases the read lock
         s = Stream(answers, steps, cancel)
         s.prompt_tokens, s.dropped_messages = len(prompt_ids), dropped
         return s
+
+    def _guarded(self, steps: Iterator[tuple[str, ...]], cancel: threading.Event) -> Iterator:
+        """The steps of a generation holding the read lock taken in stream(); released however the stream ends."""
+        try:
+            yield None
+            yield from steps
+        finally:
+            cancel.set()
+            steps.close()  # stops the generation thread if it started
+            self._lock.release_read()
 
     def _peft_name(self, version: str) -> str:
         if version == BASE:
@@ -380,7 +391,6 @@ class Policy:
             cancel.set()
             for t in threads:
                 t.join()
-            self._lock.release_read()
 
     def _finish(self, answers: list[Answer], errors: list[BaseException], cancel: threading.Event) -> tuple:
         """Raise a generation error, else the final texts and finish reasons of every answer."""
@@ -445,7 +455,6 @@ class Policy:
         finally:
             cancel.set()
             thread.join()
-            self._lock.release_read()
 
     def generate(self, messages: list[dict], settings: GenerationSettings | None = None, **kw) -> list[Answer]:
         """Blocking version of stream()."""

@@ -220,3 +220,26 @@ def test_real_policy_streams_paris_in_nf4(real_model_dir):
     )
     steps = [t[0] for t in stream]
     assert len(steps) > 3 and "Paris" in stream.answers[0].text and stream.answers[0].finish_reason == "eos"
+
+
+@pytest.mark.parametrize("how", ["never read", "dropped mid-answer", "reader raised"])
+def test_a_stream_that_is_not_finished_never_blocks_a_swap(policy, how):
+    """The read side of the adapter lock is released however a stream ends (before: an unread stream held it)."""
+    import gc
+    import threading
+
+    s = policy.stream([{"role": "user", "content": "Hi"}], GenerationSettings(max_new_tokens=8))
+    if how == "dropped mid-answer":
+        next(iter(s))
+    elif how == "reader raised":
+        try:
+            for _ in s:
+                raise RuntimeError("the browser went away")
+        except RuntimeError:
+            pass
+    del s
+    gc.collect()
+    done = threading.Event()
+    threading.Thread(target=lambda: (policy.swap(None, "fresh"), done.set()), daemon=True).start()
+    assert done.wait(20), "swap() waited forever for a stream nobody reads"
+    assert policy.generating == 0 and policy.version == "fresh"
