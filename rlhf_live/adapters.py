@@ -56,7 +56,8 @@ class AdapterRegistry:
         final = self.path(version)
         if final.exists():
             raise AdapterError(f"Version {version} already exists in {self.root}.")
-        tmp = self.root / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+        # The writer's pid is in the name: another process cleaning up never deletes a publish in flight.
+        tmp = self.root / f".tmp-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir()
             write(tmp)
@@ -88,9 +89,28 @@ class AdapterRegistry:
         except (OSError, ValueError):
             return {}
 
-    def clean_partial(self) -> int:
-        """Remove leftovers of publishes that crashed before their rename; return how many."""
+    def clean_partial(self, dead_only: bool = True) -> int:
+        """Remove leftovers of publishes that crashed before their rename (only dead processes'); return how many."""
         leftovers = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(".tmp-")]
+        if dead_only:
+            leftovers = [p for p in leftovers if not _pid_alive(p.name)]
         for p in leftovers:
             shutil.rmtree(p, ignore_errors=True)
         return len(leftovers)
+
+
+def _pid_alive(tmp_name: str) -> bool:
+    """Whether the process that named a `.tmp-vNNNN-PID-xxxx` folder still runs (old names without a pid: no)."""
+    parts = tmp_name.split("-")
+    if len(parts) < 4 or not parts[2].isdigit():
+        return False
+    pid = int(parts[2])
+    if pid == os.getpid():
+        return False  # this process is not publishing while it cleans up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -217,6 +217,8 @@ class Config:
     """Gate: a round whose sampled answers average fewer tokens than this is not made live (silence as reward hack)."""
     min_distinct2: float = 0.7
     """Gate: a round whose sampled answers' mean distinct-2 falls below this (repeating themselves) is not made live."""
+    keep_versions: int = 10
+    """Adapter folders kept on disk: the live version, its parent and the newest N (older ones are deleted)."""
     gate_prompts: int = 16
     """Prompts sampled after a DPO/KTO round to measure its KL to the base and answer length for the gate."""
 

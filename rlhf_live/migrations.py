@@ -43,7 +43,7 @@ SCHEMA: dict[str, list[str]] = {
         "chosen_at",
     ],
     "adapters": ["version", "path", "parent", "status", "metrics", "created", "updated"],
-    "training_runs": ["id", "kind", "status", "started", "finished", "metrics", "error"],
+    "training_runs": ["id", "kind", "status", "started", "finished", "metrics", "error", "owner"],
     "counters": ["name", "value"],
     "feedback_events": ["id", "response_id", "voter", "value", "reason", "seq", "created"],
     "meta": ["key", "value"],
@@ -159,6 +159,12 @@ def feedback_events_and_meta(db: sqlite_utils.Database) -> None:
            SELECT response_id, voter, value, reason, seq, updated FROM feedback ORDER BY seq""",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     )
+
+
+@migrations(name="0003_training_run_owner")
+def training_run_owner(db: sqlite_utils.Database) -> None:
+    """Which process (host:pid) runs a training round, so a restart can tell a dead process's run from a live one."""
+    _run(db, "ALTER TABLE training_runs ADD COLUMN owner TEXT")
 
 
 def apply(db: sqlite_utils.Database, *, stop_before: str | None = None) -> list[str]:

@@ -577,7 +577,8 @@ class Policy:
         """Serve `version` from now on (None path = base with a fresh LoRA); waits for running generations."""
         if adapter_path is not None:
             check_folder(adapter_path)
-        served = {v: self._gguf[v] for v in self._extra if v in self._gguf}
+        # Comparison adapters are dropped with the old live one: they are loaded again when a Compare asks for them.
+        served = {}
         if self.engine is not None and adapter_path is not None:
             served[version] = self._lora_gguf(adapter_path)  # before anything changes: a bad file changes nothing
         self._lock.acquire_write()
@@ -596,8 +597,9 @@ class Policy:
                 self._gguf = served
             self.model.set_adapter(name)
             self.model.requires_grad_(False)
-            if old not in self._extra.values():
-                self.model.delete_adapter(old)
+            for gone in {old, *self._extra.values()}:
+                self.model.delete_adapter(gone)
+            self._extra = {}
             self.version = version
         finally:
             self._lock.release_write()

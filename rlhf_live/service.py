@@ -190,10 +190,9 @@ class Service:
                 raise InvalidRequest("The live model is still the base model: compare two samples instead.")
             other = BASE
         elif mode == "previous":
-            earlier = [a for a in self.store.adapters() if a["version"] != live and Path(a["path"]).is_dir()]
-            if not earlier:
+            prev = self._previous_version(live)
+            if prev is None:
                 raise InvalidRequest("There is no earlier trained version yet: compare two samples instead.")
-            prev = max(earlier, key=lambda a: a["version"])
             self.policy.load_for_comparison(prev["path"], prev["version"])
             other = prev["version"]
         else:
@@ -201,6 +200,16 @@ class Service:
         pair = [live, other]
         self._rng.shuffle(pair)  # hide which side is which until the vote
         return pair
+
+    def _previous_version(self, live: str) -> dict | None:
+        """The version that served before the live one: its parent if that was live once (retired), else the newest
+        retired version; never a rejected candidate or a rolled-back version, and only with its folder on disk."""
+        rows = {a["version"]: a for a in self.store.adapters()}
+        usable = {v: a for v, a in rows.items() if a["status"] == "retired" and v != live and Path(a["path"]).is_dir()}
+        parent = (rows.get(live) or {}).get("parent")
+        if parent in usable:
+            return usable[parent]
+        return max(usable.values(), key=lambda a: a["version"], default=None)
 
     def compare(
         self,

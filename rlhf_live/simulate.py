@@ -16,11 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from .adapters import AdapterRegistry
 from .config import Config
 from .evaluation import Evaluator
 from .policy import GenerationSettings, Policy
 from .ppo import load_seed_prompts
 from .raters import Rater, load_rater
+from .recovery import reconcile, serving_choice
 from .service import Service
 from .store import Store
 
@@ -72,8 +74,10 @@ def simulate(
     start = time.perf_counter()
     held_out, vote_prompts = split_prompts(eval_prompts, cfg.seed)
     store = Store.from_config(cfg)
-    live = store.live_adapter()
-    policy = Policy.from_config(cfg, adapter_path=live["path"] if live else None, version=live and live["version"])
+    for note in reconcile(store, AdapterRegistry(cfg.adapters_dir)):
+        _say(note)
+    adapter, version = serving_choice(cfg, store)
+    policy = Policy.from_config(cfg, adapter_path=adapter, version=version)
     trainer = Trainer(cfg, store, policy)
     trainer.bench.exclude_prompts = frozenset(p[-1]["content"] for p in held_out)
     service = Service(policy, store, replace(cfg, max_requests_per_minute=0), trainer)  # one simulated voter, fast

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
+from . import recovery
 from .adapters import AdapterRegistry
 from .config import Config
 from .direct import LEARNERS, DirectDivergence, reward_ranked_pairs, train_direct
 from .evaluation import distinct_n
 from .models import load_base, prepare_cpu_4bit, resolve
-from .policy import BASE, Policy, attach_adapter
+from .policy import BASE, InvalidRequest, Policy, attach_adapter
 from .ppo import PPODivergence, PPOTrainer, load_seed_prompts
 from .reward import RewardDataError, RewardModel
 from .reward_probe import ProbeRewardModel
@@ -160,7 +161,7 @@ def train_round(
     say("evaluating", "publishing")
     metrics, live = r.metrics, r.live
     metrics.update({"watermark": watermark, "parent": live["version"] if live else BASE})
-    version = store.next_version()
+    version = recovery.next_version(store, registry)  # free on disk too: a crash may have left a folder
     path = registry.publish(version, save, meta={"parent": metrics["parent"], "metrics": metrics})
     store.add_adapter(version, str(path), parent=live["version"] if live else None, status="candidate", metrics=metrics)
     metrics["version"] = version
@@ -297,7 +298,7 @@ def gate(cfg: Config, metrics: dict) -> None:
 
 def run_round(cfg: Config, store: Store, **kwargs) -> dict:
     """A round recorded in training_runs; on success the new version goes live (the old one is retired)."""
-    run_id = store.start_run("round")
+    run_id = store.start_run("round", owner=recovery.owner())
     try:
         metrics = train_round(cfg, store, **kwargs)
         gate(cfg, metrics)
@@ -318,6 +319,8 @@ def run_round(cfg: Config, store: Store, **kwargs) -> dict:
 def train_once(cfg: Config) -> dict:
     """`rlhf-live train --once`: one round on the DB at cfg.data_dir; the new version goes live."""
     store = Store.from_config(cfg)
+    for note in recovery.reconcile(store, AdapterRegistry(cfg.adapters_dir)):
+        print(f"[train] {note}", flush=True)
     return run_round(cfg, store, progress=lambda stage, detail: print(f"[train] {stage}: {detail}", flush=True))
 
 
@@ -327,6 +330,7 @@ class Trainer:
     def __init__(self, cfg: Config, store: Store, policy: Policy):
         self.cfg, self.store, self.policy = cfg, store, policy
         self.bench = Workbench(cfg)
+        self._round = threading.Lock()  # a round and a rollback never interleave
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._force = False
@@ -369,16 +373,21 @@ class Trainer:
 
     def rollback(self, version: str) -> str:
         """Admin: serve an earlier version (or 'base') again; the current one is marked rolled_back."""
-        current = self.store.live_adapter()
-        if version == BASE:
-            self.policy.swap(None, BASE)
-        else:
-            row = self.store.adapter(version)
-            self.policy.swap(row["path"], version)
-            self.store.set_adapter_status(version, "live")
-        if current and current["version"] != version:
-            self.store.set_adapter_status(current["version"], "rolled_back")
-        return f"Now serving {version}."
+        if not self._round.acquire(blocking=False):
+            raise InvalidRequest("A training round is running: roll back when it has finished (see the state above).")
+        try:
+            current = self.store.live_adapter()
+            if version == BASE:
+                self.policy.swap(None, BASE)
+            else:
+                row = self.store.adapter(version)
+                self.policy.swap(row["path"], version)
+                self.store.set_adapter_status(version, "live")
+            if current and current["version"] != version:
+                self.store.set_adapter_status(current["version"], "rolled_back")
+            return f"Now serving {version}."
+        finally:
+            self._round.release()
 
     def _yield_to_serving(self) -> None:
         """Serving has priority: on 2 cores, wait between training steps while someone is waiting for tokens."""
@@ -389,25 +398,40 @@ class Trainer:
 
     def run_once(self) -> dict:
         """One round now, in this thread: train, gate, go live, hot-swap; a failure is recorded and raised."""
+        with self._round:
+            try:
+                before = self.store.live_adapter()
+                metrics = run_round(
+                    self.cfg,
+                    self.store,
+                    progress=lambda stage, detail: self._status.update(state=stage, progress=detail),
+                    pause=self._yield_to_serving,
+                    bench=self.bench,
+                )
+                self._status["state"], self._status["progress"] = "evaluating", "swapping in the new version"
+                self._swap_in(metrics["version"], before)
+                removed = recovery.prune(self.store, self.cfg.keep_versions)
+                metrics["pruned"] = removed
+                self._status.update(
+                    last_error="", watermark=int(metrics["watermark"]), rounds=self._status["rounds"] + 1
+                )
+                return metrics
+            except Exception as exc:
+                self._status["last_error"] = f"{type(exc).__name__}: {exc}"
+                self._status["watermark"] = self.store.watermark()  # do not retry the same data in a loop
+                raise
+            finally:
+                self._status.update(state="idle", progress="")
+
+    def _swap_in(self, version: str, before: dict | None) -> None:
+        """Serve the round's new version; if it cannot be served, the DB goes back to saying what serves."""
         try:
-            metrics = run_round(
-                self.cfg,
-                self.store,
-                progress=lambda stage, detail: self._status.update(state=stage, progress=detail),
-                pause=self._yield_to_serving,
-                bench=self.bench,
-            )
-            self._status["state"], self._status["progress"] = "evaluating", "swapping in the new version"
-            row = self.store.adapter(metrics["version"])
-            self.policy.swap(row["path"], metrics["version"])
-            self._status.update(last_error="", watermark=int(metrics["watermark"]), rounds=self._status["rounds"] + 1)
-            return metrics
-        except Exception as exc:
-            self._status["last_error"] = f"{type(exc).__name__}: {exc}"
-            self._status["watermark"] = self.store.watermark()  # do not retry the same data in a loop
+            self.policy.swap(self.store.adapter(version)["path"], version)
+        except Exception:
+            self.store.set_adapter_status(version, "rolled_back")
+            if before is not None and before["version"] == self.policy.version:
+                self.store.set_adapter_status(before["version"], "live")
             raise
-        finally:
-            self._status.update(state="idle", progress="")
 
     def _new_votes(self) -> int:
         return self.store.watermark() - self._status["watermark"]

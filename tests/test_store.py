@@ -61,12 +61,12 @@ EXPECTED_COLUMNS = {
         "chosen_at",
     ],
     "adapters": ["version", "path", "parent", "status", "metrics", "created", "updated"],
-    "training_runs": ["id", "kind", "status", "started", "finished", "metrics", "error"],
+    "training_runs": ["id", "kind", "status", "started", "finished", "metrics", "error", "owner"],
     "counters": ["name", "value"],
     "feedback_events": ["id", "response_id", "voter", "value", "reason", "seq", "created"],
     "meta": ["key", "value"],
 }
-FIRST, SECOND = "0001_initial", "0002_feedback_events_and_meta"
+FIRST, SECOND, THIRD = "0001_initial", "0002_feedback_events_and_meta", "0003_training_run_owner"
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_schema_has_exactly_the_expected_columns(store):
         assert [c.name for c in db[table].columns] == columns, table
     user_tables = {t for t in db.table_names() if not t.startswith(("_", "sqlite_"))}
     assert user_tables == set(EXPECTED_COLUMNS)
-    assert [m.name for m in migrations.migrations.applied(db)] == [FIRST, SECOND]
+    assert [m.name for m in migrations.migrations.applied(db)] == [FIRST, SECOND, THIRD]
     assert db.journal_mode == "wal"
     assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     fks = {(fk.column, fk.other_table) for fk in db["messages"].foreign_keys}
@@ -112,7 +112,7 @@ def test_schema_has_exactly_the_expected_columns(store):
 def test_reopening_applies_nothing_twice(tmp_path):
     Store(tmp_path / "x.db").close()
     again = Store(tmp_path / "x.db")
-    assert [m.name for m in migrations.migrations.applied(again.db())] == [FIRST, SECOND]
+    assert [m.name for m in migrations.migrations.applied(again.db())] == [FIRST, SECOND, THIRD]
     assert migrations.migrations.pending(again.db()) == []
 
 
@@ -142,7 +142,7 @@ def test_db_made_at_the_first_migration_upgrades_with_rows_intact(tmp_path):
 
     store = Store(path)
     db = store.db()
-    assert [m.name for m in migrations.migrations.applied(db)] == [FIRST, SECOND]
+    assert [m.name for m in migrations.migrations.applied(db)] == [FIRST, SECOND, THIRD]
     assert store.context("m2") == [{"role": "user", "content": "hi"}]
     assert store.message("m2")["adapter_version"] == "v0001"
     assert store.feedback_value("m2", "v1") == "up"

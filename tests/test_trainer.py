@@ -8,7 +8,7 @@ import torch
 
 from rlhf_live.adapters import check_folder
 from rlhf_live.config import Config
-from rlhf_live.policy import Policy
+from rlhf_live.policy import InvalidRequest, Policy
 from rlhf_live.service import Service
 from rlhf_live.store import Store
 from rlhf_live.trainer import Trainer, TrainingRejected, _mean_distinct2, gate, run_round
@@ -181,3 +181,42 @@ def test_ppo_prompt_pool_never_holds_excluded_prompts(loop_cfg):
     loop_cfg.ppo_batch_size, loop_cfg.ppo_updates_per_round = 64, 4  # asks for more than the store has
     pool = _prompt_pool(store, loop_cfg, random.Random(0), excluded)
     assert len(pool) == 256 and not {p[-1]["content"] for p in pool} & excluded
+
+
+def test_a_version_that_cannot_be_served_leaves_the_db_saying_what_serves(loop_cfg, monkeypatch):
+    store = Store.from_config(loop_cfg)
+    policy = Policy.from_config(loop_cfg)
+    _vote(Service(policy, store, loop_cfg))
+    trainer = Trainer(loop_cfg, store, policy)
+    trainer.run_once()
+    assert policy.version == "v0001" == store.live_adapter()["version"]
+    _vote(Service(policy, store, loop_cfg), 2)
+
+    def broken(path, version):
+        raise RuntimeError("the new adapter does not load")
+
+    monkeypatch.setattr(policy, "swap", broken)
+    with pytest.raises(RuntimeError, match="does not load"):
+        trainer.run_once()
+    assert policy.version == "v0001" == store.live_adapter()["version"]  # the DB says what actually serves
+    assert store.adapter("v0002")["status"] == "rolled_back"
+    assert Service(policy, store, loop_cfg).status()["live_version"] == "v0001"
+
+
+def test_rollback_waits_for_no_round_and_compare_previous_skips_unserved_versions(loop_cfg, tmp_path):
+    store = Store.from_config(loop_cfg)
+    policy = Policy.from_config(loop_cfg)
+    service = Service(policy, store, loop_cfg)
+    trainer = Trainer(loop_cfg, store, policy)
+    with trainer._round, pytest.raises(InvalidRequest, match="A training round is running"):  # a round in flight
+        trainer.rollback("base")
+    for v, status in (("v0001", "retired"), ("v0002", "rolled_back"), ("v0003", "candidate"), ("v0004", "live")):
+        policy.model.save_pretrained(tmp_path / v)
+        store.add_adapter(v, str(tmp_path / v), parent="v0001" if v == "v0004" else None, status=status)
+    policy.swap(tmp_path / "v0004", "v0004")
+    *_, pair = service.compare(service.voter("x"), "Which is better?", mode="previous")
+    chosen = service.choose(service.voter("x"), pair["pair_id"], "tie")
+    assert {chosen["a_version"], chosen["b_version"]} == {"v0004", "v0001"}  # the retired parent, never v0002/3
+    assert policy.comparable_versions == ["v0004", "base", "v0001"]
+    policy.swap(tmp_path / "v0001", "v0001")  # comparison adapters are unloaded with the old live one
+    assert policy.comparable_versions == ["v0001", "base"]

@@ -100,15 +100,21 @@ class Versions(Database):
         numbers = [int(m.group(1)) for v in versions if (m := re.fullmatch(r"v(\d+)", v))]
         return f"v{max(numbers, default=0) + 1:04d}"
 
-    def start_run(self, kind: str) -> int:
-        """Record a training run as 'running'; return its id."""
+    def start_run(self, kind: str, owner: str | None = None) -> int:
+        """Record a training run as 'running' by `owner` (e.g. 'host:pid'); return its id."""
         if not isinstance(kind, str) or not kind:
             raise InvalidInput("A training run needs a kind (e.g. 'reward', 'ppo', 'round').")
         with self._write() as conn:
             cursor = conn.execute(
-                "INSERT INTO training_runs (kind, status, started) VALUES (?, 'running', ?)", (kind, _now())
+                "INSERT INTO training_runs (kind, status, started, owner) VALUES (?, 'running', ?, ?)",
+                (kind, _now(), owner),
             )
             return cursor.lastrowid
+
+    def running_runs(self) -> list[dict]:
+        """Runs still marked 'running' (a live process's, or a killed one's until recovery marks it)."""
+        with self._read() as conn:
+            return self._rows(conn, "SELECT id, kind, started, owner FROM training_runs WHERE status = 'running'")
 
     def finish_run(self, run_id: int, status: str, metrics: dict | None = None, error: str = "") -> None:
         """Close a run with its final status (e.g. 'ok', 'failed', 'cancelled'), metrics and error text."""

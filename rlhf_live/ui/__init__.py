@@ -11,8 +11,10 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..adapters import AdapterRegistry
 from ..config import Config
 from ..policy import Policy
+from ..recovery import reconcile, serving_choice
 from ..service import Service
 from ..store import Store
 from .api import add_api
@@ -60,11 +62,10 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
 def serve(cfg: Config) -> None:
     """Load the policy and store, start the trainer (unless --no-train) and run the app until interrupted."""
     store = Store.from_config(cfg)
-    live = store.live_adapter()
-    adapter = cfg.adapter or (live["path"] if live and Path(live["path"]).is_dir() else None)
-    policy = Policy.from_config(
-        cfg, adapter_path=adapter, version=(live["version"] if live and not cfg.adapter else None)
-    )
+    for note in reconcile(store, AdapterRegistry(cfg.adapters_dir)):
+        print(f"rlhf-live: {note}", flush=True)
+    adapter, version = serving_choice(cfg, store)
+    policy = Policy.from_config(cfg, adapter_path=adapter, version=version)
     trainer = None
     if cfg.train:
         from ..trainer import Trainer  # torch-heavy: only when training
