@@ -416,3 +416,19 @@ def test_the_queue_has_a_bounded_size(tiny_cfg, policy):
     demo = build(Service(policy, store, cfg), cfg)
     assert demo._queue.max_size == 7 and demo._queue.default_concurrency_limit == 3
     store.close()
+
+
+def test_the_leaderboard_is_computed_when_votes_change_not_on_every_read(service, monkeypatch):
+    import rlhf_live.service as service_module
+
+    calls = []
+    real = service_module.leaderboard
+    monkeypatch.setattr(service_module, "leaderboard", lambda battles: calls.append(1) or real(battles))
+    for _ in range(5):
+        service.leaderboard()
+    assert len(calls) == 1
+    *_, pair = service.compare(ALICE, "Which?")
+    service.choose(ALICE, pair["pair_id"], "A")  # a vote moves the watermark: the next read recomputes
+    service.leaderboard()
+    service.leaderboard()
+    assert len(calls) == 2
