@@ -37,6 +37,7 @@ class Service:
         self._rng = random.Random()
         self._recent: dict[str, collections.deque] = {}  # voter -> times of their requests in the last minute
         self._recent_lock = threading.Lock()
+        self._board: tuple[int, list[dict]] | None = None  # (watermark, leaderboard rows)
 
     def voter(self, session_key: str, username: str | None = None) -> str:
         """Salted id of a browser session or logged-in user; the raw key is never stored."""
@@ -273,8 +274,15 @@ class Service:
         return [Battle(r["a_source"], r["b_source"], winner[r["choice"]]) for r in self.store.version_battles()]
 
     def leaderboard(self) -> list[dict]:
-        """Bradley-Terry ratings of versions from Compare votes between different versions."""
-        return leaderboard(self._battles())
+        """Bradley-Terry ratings of versions from Compare votes between versions (recomputed only when votes change).
+
+        The bootstrap costs seconds of CPU at 20 versions, and every page load and tab switch asks for it.
+        """
+        mark = self.store.watermark()
+        cached = self._board
+        if cached is None or cached[0] != mark:
+            cached = self._board = (mark, leaderboard(self._battles()))
+        return cached[1]
 
     def learning_curve(self) -> list[dict]:
         """One row per trained version, oldest first: people's win-rates against the base and against earlier
