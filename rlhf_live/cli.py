@@ -24,7 +24,12 @@ def _parser() -> argparse.ArgumentParser:
 
     command("serve", "Start the web app (chat, compare, training dashboard, data).")
     p = command("train", "Run training rounds on the DB's feedback now.")
-    p.add_argument("--once", action="store_true", help="one reward-model + PPO round; print its metrics as JSON")
+    p.add_argument("--once", action="store_true", help="one round now; print its metrics as JSON")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="a round whenever enough new votes arrive (beside `serve --no-train` on the same data dir)",
+    )
     p = command("export", "Write the collected feedback as a TRL-format .jsonl file.")
     p.add_argument("--format", choices=["preference", "kto", "conversations"], required=True)
     p.add_argument("--out", required=True, help="output .jsonl path")
@@ -82,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # Known, user-facing failures print one sentence; anything else keeps its traceback.
         from .models import ModelNotAvailable
+        from .recovery import TrainingBusy
 
-        user_errors: tuple[type, ...] = (ModelNotAvailable, FileNotFoundError, ValueError)
+        user_errors: tuple[type, ...] = (ModelNotAvailable, FileNotFoundError, ValueError, TrainingBusy)
         if isinstance(exc, user_errors):
             print(f"rlhf-live: {exc}", file=sys.stderr)
             return 2
@@ -122,10 +128,16 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         _print_json(reward_eval(cfg, args.train, args.test, args.limit_train, args.limit_test))
         return 0
     if args.command == "train":
-        from .trainer import train_once
+        from .trainer import train_once, watch
 
+        if args.watch:
+            watch(cfg)
+            return 0
         if not args.once:
-            print("rlhf-live: only `train --once` exists; `serve` runs training continuously.", file=sys.stderr)
+            print(
+                "rlhf-live: say `train --once` (one round now) or `train --watch` (rounds as votes arrive).",
+                file=sys.stderr,
+            )
             return 2
         _print_json(train_once(cfg))
         return 0

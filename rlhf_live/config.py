@@ -203,6 +203,8 @@ class Config:
     """Start a training round once this many new votes (thumbs writes and A/B choices) have arrived."""
     train_check_s: float = 30.0
     """How often the trainer thread looks for new votes, in seconds."""
+    follow_check_s: float = 5.0
+    """With --no-train: how often serving looks for a version another process (`train --watch`) made live."""
     train_max_yield_s: float = 120.0
     """Longest the trainer waits between steps for running generations to finish (serving has priority)."""
     ppo_updates_per_round: int = 4

@@ -8,9 +8,12 @@ bounded.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from .adapters import VERSION_RE, AdapterRegistry, check_folder
@@ -106,3 +109,32 @@ def serving_choice(cfg, store: Store) -> tuple[str | None, str | None]:
     if live and Path(live["path"]).is_dir():
         return live["path"], live["version"]
     return None, None
+
+
+class TrainingBusy(RuntimeError):
+    """Another round is running on this data dir (in this process or another); this one did not start."""
+
+
+@contextlib.contextmanager
+def trainer_lock(data_dir: str | Path) -> Iterator[None]:
+    """Hold `<data-dir>/trainer.lock` for one round; TrainingBusy at once if anyone else holds it.
+
+    An OS file lock (flock): it is per open file, so two rounds never interleave whether they are threads of one
+    process or two processes (`serve` and `train --watch`), and it is released when a process dies, however it dies.
+    """
+    path = Path(data_dir) / "trainer.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise TrainingBusy(
+                f"Another training round is running on this data dir ({holder}); try again later."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, owner().encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the file releases the lock

@@ -323,5 +323,6 @@ class Service:
             "votes": stats["votes"],
             "choices": stats["choices"],
             "last_runs": stats["last_runs"],
-            "versions": self.store.adapters(),
+            # No server paths in what clients see (gradio_client also mistakes a path for a file to download).
+            "versions": [{k: v for k, v in a.items() if k != "path"} for a in self.store.adapters()],
         }

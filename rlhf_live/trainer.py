@@ -37,7 +37,7 @@ class TrainingRejected(RuntimeError):
     """A round finished but its result failed a guardrail, so it was not made live; the message says which."""
 
 
-ROUND_FAILURES = (RewardDataError, TrainingRejected, PPODivergence, DirectDivergence)
+ROUND_FAILURES = (RewardDataError, TrainingRejected, PPODivergence, DirectDivergence, recovery.TrainingBusy)
 """Failures a round expects and explains in one sentence (recorded without a traceback type name)."""
 
 
@@ -298,6 +298,11 @@ def gate(cfg: Config, metrics: dict) -> None:
 
 def run_round(cfg: Config, store: Store, **kwargs) -> dict:
     """A round recorded in training_runs; on success the new version goes live (the old one is retired)."""
+    with recovery.trainer_lock(cfg.data_dir):  # one round at a time per data dir, across processes
+        return _recorded_round(cfg, store, **kwargs)
+
+
+def _recorded_round(cfg: Config, store: Store, **kwargs) -> dict:
     run_id = store.start_run("round", owner=recovery.owner())
     try:
         metrics = train_round(cfg, store, **kwargs)
@@ -322,6 +327,70 @@ def train_once(cfg: Config) -> dict:
     for note in recovery.reconcile(store, AdapterRegistry(cfg.adapters_dir)):
         print(f"[train] {note}", flush=True)
     return run_round(cfg, store, progress=lambda stage, detail: print(f"[train] {stage}: {detail}", flush=True))
+
+
+def watch(cfg: Config, *, rounds: int | None = None, stop: threading.Event | None = None) -> None:
+    """`rlhf-live train --watch`: a round whenever train_min_new_votes new votes have arrived (the trainer as its own
+    process beside `serve --no-train`, on the same data dir); one JSON line per round on stdout."""
+    import json
+
+    store, bench, stop = Store.from_config(cfg), Workbench(cfg), stop or threading.Event()
+    for note in recovery.reconcile(store, AdapterRegistry(cfg.adapters_dir)):
+        print(f"[train] {note}", flush=True)
+    live = store.live_adapter()
+    seen = int((live or {}).get("metrics", {}).get("watermark", 0)) if live else 0
+    done = 0
+    while not stop.is_set() and (rounds is None or done < rounds):
+        if store.watermark() - seen >= cfg.train_min_new_votes:
+            seen = store.watermark()  # a failed round is not retried on the same votes
+            try:
+                metrics = run_round(cfg, store, bench=bench)
+                recovery.prune(store, cfg.keep_versions)
+                print(json.dumps({"version": metrics["version"], "status": "live", **_headline(metrics)}), flush=True)
+            except ROUND_FAILURES as exc:
+                print(json.dumps({"status": "failed", "error": str(exc)}), flush=True)
+            done += 1
+        stop.wait(cfg.train_check_s)
+
+
+def _headline(metrics: dict) -> dict:
+    """The numbers a person watching `train --watch` wants per round."""
+    keys = ("learner", "watermark", "sample/kl", "reward/accuracy", "seconds/round")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+class Follower:
+    """Serving beside a trainer in another process: swaps in whatever version the DB says is live (polled)."""
+
+    def __init__(self, cfg: Config, store: Store, policy: Policy):
+        self.cfg, self.store, self.policy = cfg, store, policy
+        self._stop = threading.Event()
+        self.last_error = ""
+
+    def check(self) -> bool:
+        """Serve the DB's live version if it is not what serves now; True when something was swapped."""
+        live = self.store.live_adapter()
+        version, path = (live["version"], live["path"]) if live else (BASE, None)
+        if version == self.policy.version or (path is not None and not Path(path).is_dir()):
+            return False
+        try:
+            self.policy.swap(path, version)
+        except Exception as exc:  # serving goes on with what it has
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return False
+        self.last_error = ""
+        return True
+
+    def start(self) -> None:
+        """Poll every follow_check_s in a daemon thread until stop()."""
+        threading.Thread(target=self._loop, name="follower", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.cfg.follow_check_s):
+            self.check()
 
 
 class Trainer:

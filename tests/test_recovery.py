@@ -82,3 +82,19 @@ def test_prune_keeps_the_live_version_its_parent_and_the_newest(parts):
     assert recovery.prune(store, keep=2) == ["v0001", "v0004", "v0005"]
     assert registry.versions() == ["v0002", "v0003", "v0006", "v0007"]
     assert recovery.prune(store, keep=0) == []  # 0 keeps everything
+
+
+def test_one_round_at_a_time_per_data_dir(tmp_path):
+    busy = pytest.raises(recovery.TrainingBusy, match=f"Another training round is running.*{os.getpid()}")
+    with recovery.trainer_lock(tmp_path), busy, recovery.trainer_lock(tmp_path):
+        pass
+    with recovery.trainer_lock(tmp_path):  # released when the holder finished
+        pass
+
+
+def test_train_once_is_refused_while_another_round_runs(tmp_path, capsys):
+    from rlhf_live import cli
+
+    with recovery.trainer_lock(tmp_path / "data"):
+        code = cli.main(["train", "--once", "--data-dir", str(tmp_path / "data"), "--model", "unused"])
+    assert code == 2 and "Another training round is running" in capsys.readouterr().err

@@ -66,12 +66,14 @@ def serve(cfg: Config) -> None:
         print(f"rlhf-live: {note}", flush=True)
     adapter, version = serving_choice(cfg, store)
     policy = Policy.from_config(cfg, adapter_path=adapter, version=version)
+    from ..trainer import Follower, Trainer
+
     trainer = None
     if cfg.train:
-        from ..trainer import Trainer  # torch-heavy: only when training
-
         trainer = Trainer(cfg, store, policy)
         trainer.start()
+    else:  # a trainer may run as its own process (`rlhf-live train --watch`): serve what it makes live
+        Follower(cfg, store, policy).start()
     service = Service(policy, store, cfg, trainer)
     demo = build(service, cfg)
     css = CSS_FILE.read_text() if CSS_FILE.is_file() else None
