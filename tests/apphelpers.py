@@ -150,10 +150,10 @@ def fn_index_of(config: dict, label: str, event: str = "click") -> int:
     raise LookupError(f"no {event} handler on a component labelled {label!r}")
 
 
-def raw_queue_call(url: str, fn_index: int, data: list, timeout: float = 60.0) -> dict:
+def raw_queue_call(url: str, fn_index: int, data: list, timeout: float = 60.0, event_data=None) -> dict:
     """Call a handler the way the browser's queue protocol does (no gradio_client): the final message."""
     session = uuid.uuid4().hex
-    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}
+    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": event_data, "trigger_id": None}
     join = urllib.request.Request(
         url.rstrip("/") + "/gradio_api/queue/join",
         data=json.dumps(body).encode(),

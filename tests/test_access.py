@@ -57,3 +57,29 @@ def test_shown_text_formats_but_never_links_or_fetches(text, shown):
     from rlhf_live.ui.common import show
 
     assert show(text) == shown
+
+
+def test_nobody_votes_on_another_persons_pair_or_answer_through_the_raw_queue(tiny_app):
+    from apphelpers import rows
+
+    owner = Client(tiny_app.url, verbose=False)
+    pair = owner.predict("Which fruit is best?", "", api_name="/compare")
+    answer = owner.predict("Hello there", "", api_name="/chat")
+    config = app_config(tiny_app.url)
+    stranger = {"id": "a-stranger", "conversation_id": "", "leaf": ""}
+    done = raw_queue_call(
+        tiny_app.url, fn_index_of(config, "👈 A is better"), [{"pair_id": pair["pair_id"]}, "", stranger]
+    )
+    # Gradio keeps gr.State on the server: the pair the stranger sends is ignored, their own session has none.
+    assert done["success"] is False and done["output"]["error"] == "Get two answers first."
+    assert rows(tiny_app.db_path, "SELECT choice FROM comparisons WHERE id = ?", (pair["pair_id"],)) == [
+        {"choice": None}
+    ]
+    # Likewise the thumbs handler: the answer ids come from the stranger's own (empty) chat state.
+    like = {"index": 0, "value": "x", "liked": True}
+    state = {"conversation_id": answer["conversation_id"], "ids": [answer["response_id"]], "leaf": None}
+    done = raw_queue_call(tiny_app.url, fn_index_of(config, "Chat", event="like"), [state, stranger], event_data=like)
+    assert done["success"] is False and "still being written" in done["output"]["error"]
+    assert rows(
+        tiny_app.db_path, "SELECT count(*) AS n FROM feedback WHERE response_id = ?", (answer["response_id"],)
+    ) == [{"n": 0}]
