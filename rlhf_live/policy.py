@@ -9,7 +9,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -318,30 +318,44 @@ class Policy:
             raise ValueError("one version per answer")
         cancel = threading.Event()
         answers = [Answer() for _ in range(n)]
-        self._lock.acquire_read()
-        try:
-            names = []
-            for a, v in zip(answers, versions):
-                a.adapter_version = v or self.version
-                names.append(self._peft_name(a.adapter_version))
-        except Exception:
-            self._lock.release_read()
-            raise
-        steps = self._guarded(self._run(prompt_ids, settings, answers, names, cancel), cancel)
+        names, release = self._hold(versions)  # None: the version serving now, resolved under the lock
+        for a, v in zip(answers, versions):
+            a.adapter_version = v or self.version
+        steps = self._guarded(self._run(prompt_ids, settings, answers, names, cancel), cancel, release)
         next(steps)  # primed: from here on, closing or dropping the stream (even unread) releases the read lock
         s = Stream(answers, steps, cancel)
         s.prompt_tokens, s.dropped_messages = len(prompt_ids), dropped
         return s
 
-    def _guarded(self, steps: Iterator[tuple[str, ...]], cancel: threading.Event) -> Iterator:
-        """The steps of a generation holding the read lock taken in stream(); released however the stream ends."""
+    def _hold(self, versions: list[str | None]) -> tuple[list[str], Callable[[], None]]:
+        """Lock the adapters for one generation: (PEFT adapter names, the release function).
+
+        Shared when every answer uses the serving adapter; exclusive when a batch mixes adapters, because PEFT's
+        mixed-batch hooks are global to the model and a generation running beside one would read them ("Length
+        of adapter_names should be the same as the number of inputs", found by the 20-user load test).
+        """
+        for exclusive in (False, True):
+            (self._lock.acquire_write if exclusive else self._lock.acquire_read)()
+            release = self._lock.release_write if exclusive else self._lock.release_read
+            try:
+                names = [self._peft_name(v or self.version) for v in versions]
+            except Exception:
+                release()
+                raise
+            if exclusive or self.engine is not None or all(n == self.model.active_adapter for n in names):
+                return names, release
+            release()
+        raise AssertionError("unreachable")
+
+    def _guarded(self, steps: Iterator[tuple[str, ...]], cancel: threading.Event, release: Callable) -> Iterator:
+        """The steps of a generation holding the lock taken in stream(); released however the stream ends."""
         try:
             yield None
             yield from steps
         finally:
             cancel.set()
             steps.close()  # stops the generation thread if it started
-            self._lock.release_read()
+            release()
 
     def _peft_name(self, version: str) -> str:
         if version == BASE:
@@ -477,11 +491,12 @@ class Policy:
         if self.engine is not None:  # llama.cpp batches across its slots itself
             prompts = [self.build_prompt(c, settings)[0] for c in conversations]
             answers = [Answer(adapter_version=v) for v in versions]
-            for v in versions:
-                self._peft_name(v)  # InvalidRequest for a version that is not loaded, as on the torch path
-            self._lock.acquire_read()
-            for _ in self._run_engine(prompts, settings, answers, threading.Event()):
-                pass
+            _, release = self._hold(versions)  # InvalidRequest for a version that is not loaded, as with torch
+            try:
+                for _ in self._run_engine(prompts, settings, answers, threading.Event()):
+                    pass
+            finally:
+                release()
             return answers
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
@@ -507,15 +522,14 @@ class Policy:
         )
         if settings.temperature > 0:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-        self._lock.acquire_read()
+        names, release = self._hold(versions)
         try:
-            names = [self._peft_name(v) for v in versions]
             if any(name != self.model.active_adapter for name in names):
                 kwargs["adapter_names"] = names
             with torch.inference_mode():
                 out = self.model.generate(**kwargs)[:, width:]  # (B, T)
         finally:
-            self._lock.release_read()
+            release()
         answers = []
         for row, version in zip(out.tolist(), versions):
             eos = self.tokenizer.eos_token_id
@@ -553,13 +567,12 @@ class Policy:
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)  # (B, S)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)  # (B, S)
-        self._lock.acquire_read()
+        names, release = self._hold(versions)
         try:
-            names = [self._peft_name(v) for v in versions]
             with torch.inference_mode():
                 logits = self.model(input_ids=ids, attention_mask=mask, adapter_names=names).logits  # (B, S, V)
         finally:
-            self._lock.release_read()
+            release()
         sums = []
         for i, (p, r) in enumerate(zip(prompts, replies)):
             if not r:

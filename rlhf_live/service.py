@@ -182,10 +182,10 @@ class Service:
         return out
 
     # --- compare ---------------------------------------------------------------------------------------------
-    def _compare_versions(self, mode: str) -> list[str]:
+    def _compare_versions(self, mode: str) -> list[str | None]:
         live = self.policy.version
         if mode == "samples":
-            return [live, live]
+            return [None, None]  # whatever serves when generation starts (a swap may come first)
         if mode == "base":
             if live == BASE:
                 raise InvalidRequest("The live model is still the base model: compare two samples instead.")

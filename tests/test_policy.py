@@ -243,3 +243,29 @@ def test_a_stream_that_is_not_finished_never_blocks_a_swap(policy, how):
     threading.Thread(target=lambda: (policy.swap(None, "fresh"), done.set()), daemon=True).start()
     assert done.wait(20), "swap() waited forever for a stream nobody reads"
     assert policy.generating == 0 and policy.version == "fresh"
+
+
+def test_mixed_adapter_batches_and_plain_generations_run_side_by_side(policy, tmp_path):
+    """PEFT's mixed-batch hooks are global: a plain generation beside a base-vs-live batch must not see them."""
+    import threading
+
+    policy.model.save_pretrained(tmp_path / "v1")
+    policy.swap(tmp_path / "v1", "v1")
+    errors = []
+    settings = GenerationSettings(max_new_tokens=6)
+
+    def loop(fn):
+        try:
+            for _ in range(25):
+                fn()
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    mixed = lambda: policy.generate([{"role": "user", "content": "Hi"}], settings, n=2, versions=["v1", "base"])  # noqa: E731
+    plain = lambda: policy.generate([{"role": "user", "content": "Hello"}], settings)  # noqa: E731
+    threads = [threading.Thread(target=loop, args=(fn,)) for fn in (mixed, plain, plain)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
