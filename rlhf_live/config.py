@@ -178,7 +178,7 @@ class Config:
     """DPO/KTO beta: the implicit reward is beta * log(pi / pi_ref); larger keeps the policy nearer the base."""
     direct_lr: float = 3e-4
     """AdamW learning rate of the policy LoRA in a DPO/KTO round (constant; = ppo_lr: at 1e-4 a round moved KL 1.2)."""
-    direct_epochs: float = 1.0
+    direct_epochs: float = 2.0
     """Passes over a round's examples in DPO/KTO (each round continues from the live adapter)."""
     direct_votes: str = "new"
     """Votes a DPO/KTO round trains on: 'new' (since the live version's round: online, each vote used once) or 'all'."""
@@ -235,7 +235,7 @@ class Config:
     """Run the background trainer while serving (--no-train serves and collects only)."""
     admin_token: str = ""
     """Token that unlocks the admin controls (train now, roll back); empty hides them."""
-    compare_candidates: int = 2
+    compare_candidates: int = 4
     """Answers sampled for a Compare of two live samples; above 2 the reward model picks the two worth a vote
     (double Thompson sampling over its ensemble: informative votes on rare behaviour are found sooner)."""
     queue_max_size: int = 64
