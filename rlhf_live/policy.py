@@ -255,7 +255,9 @@ class Policy:
     # --- prompts -------------------------------------------------------------------------------------------
     def check_message(self, text: str) -> str:
         """The user's message, stripped; InvalidRequest if empty or over the configured limit."""
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise InvalidRequest("The message must be text.")
+        if not text.strip():
             raise InvalidRequest("Please type a message first: it is empty.")
         if len(text) > self.cfg.max_message_chars:
             raise InvalidRequest(

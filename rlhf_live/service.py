@@ -80,6 +80,9 @@ class Service:
         """Validate, then record the user's message; return (conversation_id, user message id, prompt, settings)."""
         self._limit(voter)
         text = self.policy.check_message(message)
+        conversation_id = "" if conversation_id is None else conversation_id
+        if not isinstance(conversation_id, str):
+            raise InvalidRequest("The conversation id must be text (or empty to start a new conversation).")
         if conversation_id:
             conv = self.store.conversation(conversation_id, session_id=voter)
             if parent_id is None and conv["messages"]:

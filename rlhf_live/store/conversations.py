@@ -106,7 +106,7 @@ class Conversations(Database):
     ) -> str:
         """Add a turn under `parent_id` (None: the first turn); siblings under one parent are retries or A/B answers."""
         cid = self._id(conversation_id, "conversation")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise InvalidInput(f"The role must be one of {', '.join(ROLES)}, not {role!r}.")
         content = self._content(content)
         if settings is not None and not isinstance(settings, dict):

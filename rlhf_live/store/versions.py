@@ -20,7 +20,7 @@ class Versions(Database):
     ) -> None:
         """Register an adapter version (published on disk at `path`); status 'live' retires the previous live one."""
         version = self._id(version, "adapter version")
-        if status not in ADAPTER_STATUSES:
+        if not isinstance(status, str) or status not in ADAPTER_STATUSES:
             raise InvalidInput(f"An adapter's status is one of {', '.join(ADAPTER_STATUSES)}, not {status!r}.")
         metrics_json = self._metrics(metrics)
         now = _now()
@@ -49,7 +49,7 @@ class Versions(Database):
     def set_adapter_status(self, version: str, status: str) -> None:
         """Change a version's status; making one live retires the previous live version in the same transaction."""
         version = self._id(version, "adapter version")
-        if status not in ADAPTER_STATUSES:
+        if not isinstance(status, str) or status not in ADAPTER_STATUSES:
             raise InvalidInput(f"An adapter's status is one of {', '.join(ADAPTER_STATUSES)}, not {status!r}.")
         now = _now()
         with self._write() as conn:

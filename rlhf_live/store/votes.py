@@ -22,7 +22,7 @@ class Votes(Database):
         """Set `voter`'s thumb on an answer to up/down/clear (one row per answer and voter, updated in place)."""
         rid = self._id(response_id, "answer")
         voter = self._voter(voter)
-        if value not in VOTE_VALUES:
+        if not isinstance(value, str) or value not in VOTE_VALUES:
             raise InvalidInput(f"A vote is 'up', 'down' or 'clear', not {value!r}.")
         stored = VOTE_VALUES[value]
         reason = self._reason(reason)
@@ -120,7 +120,7 @@ class Votes(Database):
         """Record the choice A, B, tie or both_bad; the pair then locks (AlreadyVoted on a second vote)."""
         pid = self._id(pair_id, "comparison")
         voter = self._voter(voter)
-        if choice not in CHOICES:
+        if not isinstance(choice, str) or choice not in CHOICES:
             raise InvalidInput(f"The choice is one of {', '.join(CHOICES)}, not {choice!r}.")
         reason = self._reason(reason)
         with self._write() as conn:
