@@ -34,3 +34,32 @@ def test_the_server_serves_a_version_the_trainer_process_publishes(tiny_lm_dir, 
             assert time.monotonic() - published < 30, "the server did not pick up v0001 within 30 s"
             time.sleep(0.5)
         assert client.predict("Hello", "", api_name="/chat")["adapter_version"] == "v0001"
+
+
+def test_train_watch_runs_a_round_once_enough_new_votes_arrived(tiny_lm_dir, tmp_path, capsys):
+    import json
+    import threading
+    from dataclasses import replace
+
+    from test_crash import seed_votes
+
+    from rlhf_live.config import Config
+    from rlhf_live.store import Store
+    from rlhf_live.trainer import watch
+
+    cfg = Config(model=str(tiny_lm_dir), load_in_4bit=False, compute_dtype="float32", data_dir=str(tmp_path / "d"))
+    cfg = replace(cfg, lora_r=4, lora_alpha=8, max_context_tokens=256, ppo_batch_size=2, ppo_max_new_tokens=6)
+    cfg = replace(cfg, ppo_updates_per_round=1, ppo_epochs=1, ppo_minibatches=1, train_min_new_votes=3)
+    cfg.train_check_s = 0.2
+    store = Store.from_config(cfg)
+    seed_votes(store, 2)  # not enough yet
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, args=(cfg,), kwargs={"rounds": 1, "stop": stop})
+    watcher.start()
+    time.sleep(1.5)
+    assert store.live_adapter() is None
+    seed_votes(store, 2)  # now 4 new votes
+    watcher.join(120)
+    assert not watcher.is_alive()
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert line["version"] == "v0001" and line["status"] == "live" and store.live_adapter()["version"] == "v0001"
