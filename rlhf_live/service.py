@@ -271,6 +271,15 @@ class Service:
         row = self.store.choose(pair_id, voter, choice, reason or "")
         return {"ok": True, "a_version": row["a_source"], "b_version": row["b_source"], "choice": row["choice"]}
 
+    def delete_my_data(self, voter: str) -> str:
+        """Delete this person's conversations and votes; a sentence saying how many of each went."""
+        n = self.store.delete_voter(voter)
+        self._board = None
+        return (
+            f"Deleted {n['conversations']} conversation(s) with {n['messages']} message(s), {n['thumbs']} thumb(s) "
+            f"and {n['comparisons']} comparison(s). Versions trained before now keep what they learned."
+        )
+
     # --- status ----------------------------------------------------------------------------------------------
     def _battles(self) -> list[Battle]:
         winner = {"A": "a", "B": "b", "tie": "tie"}

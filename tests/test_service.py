@@ -432,3 +432,30 @@ def test_the_leaderboard_is_computed_when_votes_change_not_on_every_read(service
     service.leaderboard()
     service.leaderboard()
     assert len(calls) == 2
+
+
+def test_delete_my_data_removes_exactly_that_voters_rows_and_the_export_never_has_them(service, tmp_path):
+    *_, a1 = service.chat(ALICE, "Alice's secret plan")
+    service.feedback(ALICE, a1["response_id"], "up")
+    *_, pair = service.compare(ALICE, "Alice compares")
+    service.choose(ALICE, pair["pair_id"], "A")
+    *_, b1 = service.chat(BOB, "Bob's question")
+    service.feedback(BOB, b1["response_id"], "down")
+    *_, bob_pair = service.compare(BOB, "Bob compares")
+    service.choose(BOB, bob_pair["pair_id"], "B")
+    db = service.store.path
+    bob_before = {
+        t: [r for r in rows if "Bob" in json.dumps(r) or BOB in json.dumps(r)] for t, rows in snapshot(db).items()
+    }
+    note = service.delete_my_data(ALICE)
+    assert note.startswith("Deleted 2 conversation(s) with 5 message(s), 1 thumb(s) and 1 comparison(s).")
+    after = snapshot(db)
+    assert "Alice" not in json.dumps(after) and ALICE not in json.dumps(after)
+    assert {
+        t: [r for r in rows if "Bob" in json.dumps(r) or BOB in json.dumps(r)] for t, rows in after.items()
+    } == bob_before
+    for fmt in ("preference", "kto", "conversations"):
+        service.store.export(fmt, tmp_path / f"{fmt}.jsonl")
+        text = (tmp_path / f"{fmt}.jsonl").read_text()
+        assert "Alice" not in text and ("Bob" in text or fmt != "conversations")
+    assert service.delete_my_data(ALICE).startswith("Deleted 0 conversation(s)")

@@ -13,6 +13,7 @@ concern lives in its own module:
 | training_rows.py | (reads all of them) | `watermark`, `preference_pairs`, `ties`, `pointwise_labels`, `prompts` |
 | versions.py | adapters, training_runs | `add_adapter`, `set_adapter_status`, `live_adapter`, `start_run` |
 | transfer.py | (all) | `export`, `import_pairs`, `stats` |
+| people.py | (all, one voter's rows) | `delete_voter` ("delete my data") |
 
 Guarantees:
 - One `sqlite_utils.Database` per thread (SQLite connections are bound to their creating thread), WAL mode so readers
@@ -41,6 +42,7 @@ from .base import (
     voter_id,
 )
 from .conversations import Conversations, MessageTree
+from .people import People
 from .transfer import Transfer
 from .votes import Votes
 
@@ -62,5 +64,5 @@ __all__ = [
 ]
 
 
-class Store(Conversations, Votes, Transfer):
+class Store(Conversations, Votes, Transfer, People):
     """The SQLite feedback DB; safe to share between threads (each thread gets its own connection)."""

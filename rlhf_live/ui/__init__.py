@@ -47,6 +47,7 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
             CompareTab(service, cfg, chat, tabs, generate)
             training = TrainingTab(service, cfg)
             data = DataTab(service, cfg)
+        data.wire_delete(client)
         demo.load(chat.load, [client], [client, chat.state, chat.chatbot], **PRIVATE)
         # Fresh numbers on load, on Refresh and whenever a dashboard tab is opened.
         refresh = lambda: dashboard(service)  # noqa: E731

@@ -12,7 +12,7 @@ import gradio as gr
 
 from ..config import Config
 from ..service import Service
-from .common import PRIVATE, UserError, require_admin
+from .common import PRIVATE, UserError, require_admin, voter_of
 
 EXPORT_FORMATS = ("preference", "kto", "conversations")
 
@@ -35,7 +35,23 @@ class DataTab:
                 self.token = gr.Textbox(label="Admin token", type="password")
                 self.export = gr.Button("Prepare download")
             self.file = gr.File(label="Export", interactive=False, visible=bool(cfg.admin_token))
+            gr.Markdown("### Your data")
+            with gr.Row():
+                self.sure = gr.Checkbox(False, label="Delete all my conversations and votes (cannot be undone)")
+                self.delete = gr.Button("Delete my data", variant="stop", elem_id="delete-my-data")
+            self.deleted = gr.Markdown("", elem_id="deleted-note")
         self.export.click(self.do_export, [self.fmt, self.token], [self.file], **PRIVATE)
+
+    def wire_delete(self, client: gr.BrowserState) -> None:
+        """The delete button needs the browser's voter id (the Chat tab's client state)."""
+        self.delete.click(self.do_delete, [self.sure, client], [self.deleted, self.sure], **PRIVATE)
+
+    def do_delete(self, sure: bool, client_value, request: gr.Request):
+        """Delete this browser's (or signed-in person's) conversations and votes, after the checkbox."""
+        if not sure:
+            raise gr.Error("Tick the box first: deleting your data cannot be undone.")
+        with UserError():
+            return self.service.delete_my_data(voter_of(self.service, client_value, request)), False
 
     def do_export(self, kind: str, token: str) -> str:
         """Write the export to a temporary file and offer it for download (admin only, checked here)."""
