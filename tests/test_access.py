@@ -83,3 +83,14 @@ def test_nobody_votes_on_another_persons_pair_or_answer_through_the_raw_queue(ti
     assert rows(
         tiny_app.db_path, "SELECT count(*) AS n FROM feedback WHERE response_id = ?", (answer["response_id"],)
     ) == [{"n": 0}]
+
+
+def test_a_space_without_persistent_storage_says_so(tmp_path, monkeypatch):
+    from rlhf_live.config import Config
+    from rlhf_live.ui import storage_is_ephemeral
+
+    cfg = Config(data_dir=str(tmp_path / "data"))
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert storage_is_ephemeral(cfg) is False  # not on a Space: nothing to say
+    monkeypatch.setenv("SPACE_ID", "someone/rlhf-live")
+    assert storage_is_ephemeral(cfg) is True

@@ -7,6 +7,7 @@ and does the shared wiring (browser state, queue limits, the dashboard refresh, 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import gradio as gr
@@ -30,7 +31,20 @@ INTRO = (
     "in **Compare**. A trainer turns votes into a reward model and improves the model with PPO."
 )
 
-__all__ = ["build", "dashboard", "serve"]
+EPHEMERAL = (
+    "⚠️ **This Space has no persistent storage:** votes, conversations and trained versions vanish when it restarts. "
+    "The owner can attach storage (Settings → Persistent storage, mounted at `/data`)."
+)
+
+__all__ = ["build", "dashboard", "serve", "storage_is_ephemeral"]
+
+
+def storage_is_ephemeral(cfg: Config) -> bool:
+    """On a Hugging Face Space (SPACE_ID set) whose data dir is not on the persistent `/data` mount."""
+    if not os.environ.get("SPACE_ID"):
+        return False
+    data = Path(cfg.data_dir).resolve()
+    return not (Path("/data").is_dir() and (data == Path("/data") or Path("/data") in data.parents))
 
 
 def build(service: Service, cfg: Config) -> gr.Blocks:
@@ -42,6 +56,8 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
         empty = {"id": "", "conversation_id": "", "leaf": ""}
         client = gr.BrowserState(empty, storage_key="rlhf_live_client", secret=secret)
         gr.Markdown(INTRO)
+        if storage_is_ephemeral(cfg):
+            gr.Markdown(EPHEMERAL, elem_id="storage-notice")
         with gr.Tabs() as tabs:
             chat = ChatTab(service, cfg, client, generate)
             CompareTab(service, cfg, chat, tabs, generate)
