@@ -234,7 +234,9 @@ class Config:
     train: bool = True
     """Run the background trainer while serving (--no-train serves and collects only)."""
     admin_token: str = ""
-    """Token that unlocks the admin controls (train now, roll back); empty hides them."""
+    """Token that unlocks the admin controls (train now, roll back, export everyone's data); empty: no token works."""
+    admin_users: str = ""
+    """Hugging Face user names (comma-separated) who, signed in, get the admin controls; on a Space its owner too."""
     compare_candidates: int = 4
     """Answers sampled for a Compare of two live samples; above 2 the reward model picks the two worth a vote
     (double Thompson sampling over its ensemble: informative votes on rare behaviour are found sooner)."""

@@ -42,6 +42,47 @@ def test_require_admin_accepts_only_the_configured_token():
             require_admin(cfg, token)
 
 
+def test_on_a_space_the_signed_in_owner_is_admin_and_nobody_else(monkeypatch):
+    import gradio as gr
+
+    from rlhf_live.config import Config
+    from rlhf_live.ui.common import require_admin
+
+    def person(name: str) -> gr.OAuthProfile:
+        return gr.OAuthProfile({"preferred_username": name, "name": name, "profile": "", "picture": ""})
+
+    monkeypatch.setenv("SPACE_ID", "alice/rlhf-live")
+    monkeypatch.setenv("SPACE_AUTHOR_NAME", "alice")
+    require_admin(Config(), "", person("alice"))
+    require_admin(Config(admin_users="bob, carol"), "", person("carol"))
+    for profile in (person("mallory"), None):  # a signed-in non-owner, an anonymous visitor
+        with pytest.raises(gr.Error, match="Admin token required"):
+            require_admin(Config(), "", profile)
+    monkeypatch.delenv("SPACE_ID")  # not on a Space: SPACE_AUTHOR_NAME means nothing
+    with pytest.raises(gr.Error, match="Admin token required"):
+        require_admin(Config(), "", person("alice"))
+
+
+def test_a_signed_in_voter_is_the_same_voter_on_every_device(tiny_cfg):
+    import gradio as gr
+
+    from rlhf_live.policy import Policy
+    from rlhf_live.service import Service
+    from rlhf_live.store import Store
+    from rlhf_live.ui.common import voter_of
+
+    class Req:
+        def __init__(self, session):
+            self.session_hash, self.username = session, None
+
+    service = Service(Policy.from_config(tiny_cfg), Store(tiny_cfg.db_path), tiny_cfg)
+    alice = gr.OAuthProfile({"preferred_username": "alice", "name": "", "profile": "", "picture": ""})
+    laptop = voter_of(service, {"id": "laptop-browser"}, Req("s1"), alice)
+    phone = voter_of(service, {"id": "phone-browser"}, Req("s2"), alice)
+    anonymous = voter_of(service, {"id": "laptop-browser"}, Req("s1"))
+    assert laptop == phone != anonymous and "alice" not in laptop  # salted: the name itself is not stored
+
+
 @pytest.mark.parametrize(
     ("text", "shown"),
     [

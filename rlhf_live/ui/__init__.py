@@ -20,7 +20,7 @@ from ..service import Service
 from ..store import Store
 from .api import add_api
 from .chat import ChatTab
-from .common import PRIVATE
+from .common import PRIVATE, on_space
 from .compare import CompareTab
 from .data import DataTab
 from .training import TrainingTab, dashboard
@@ -56,6 +56,8 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
         empty = {"id": "", "conversation_id": "", "leaf": ""}
         client = gr.BrowserState(empty, storage_key="rlhf_live_client", secret=secret)
         gr.Markdown(INTRO)
+        if on_space():  # Sign in with Hugging Face (front matter hf_oauth: true): the owner gets the admin controls
+            gr.LoginButton()
         if storage_is_ephemeral(cfg):
             gr.Markdown(EPHEMERAL, elem_id="storage-notice")
         with gr.Tabs() as tabs:

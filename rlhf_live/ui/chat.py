@@ -91,12 +91,12 @@ class ChatTab:
         self.new.click(self.do_new, [self.client], [self.chatbot, self.state, self.client, self.vote_note], **PRIVATE)
 
     # --- handlers ------------------------------------------------------------------------------------------
-    def load(self, client_value, request: gr.Request):
+    def load(self, client_value, request: gr.Request, profile: gr.OAuthProfile | None = None):
         """Page load: give the browser an id, and show its saved conversation if it still exists."""
         client_value = dict(client_value or {})
         if not client_value.get("id"):
             client_value["id"] = uuid.uuid4().hex
-        voter = voter_of(self.service, client_value, request)
+        voter = voter_of(self.service, client_value, request, profile)
         state, messages, thumbs = chat_state(), [], []
         cid = client_value.get("conversation_id") or ""
         if cid:
@@ -119,9 +119,20 @@ class ChatTab:
         version = update["adapter_version"] if update["response_id"] else None
         return {"role": "assistant", "content": answer_md(update["text"], version)}
 
-    def respond(self, message, state, client_value, sp, temp, tp, mnt, request: gr.Request):
+    def respond(
+        self,
+        message,
+        state,
+        client_value,
+        sp,
+        temp,
+        tp,
+        mnt,
+        request: gr.Request,
+        profile: gr.OAuthProfile | None = None,
+    ):
         """Send: record the message and stream the live version's answer."""
-        voter = voter_of(self.service, client_value, request)
+        voter = voter_of(self.service, client_value, request, profile)
         settings = settings_from(self.cfg, sp, temp, tp, mnt)
         messages, thumbs = self._history(voter, state, state["leaf"])
         with UserError():
@@ -140,9 +151,11 @@ class ChatTab:
         client_value = {**client_value, "conversation_id": cid, "leaf": last["response_id"]}
         yield "", gr.Chatbot(value=shown, feedback_value=[*thumbs, None]), state, client_value
 
-    def on_like(self, data: gr.LikeData, state, client_value, request: gr.Request):
+    def on_like(
+        self, data: gr.LikeData, state, client_value, request: gr.Request, profile: gr.OAuthProfile | None = None
+    ):
         """A thumb on an answer (or clearing it)."""
-        voter = voter_of(self.service, client_value, request)
+        voter = voter_of(self.service, client_value, request, profile)
         index = data.index if isinstance(data.index, int) else data.index[0]
         if index >= len(state["ids"]):
             raise gr.Error("That answer is still being written; vote once it is finished.")
@@ -151,21 +164,23 @@ class ChatTab:
             self.service.feedback(voter, state["ids"][index], value)
         return {"response_id": state["ids"][index], "value": value}, NOTES[value]
 
-    def add_reason(self, text, vote, client_value, request: gr.Request):
+    def add_reason(self, text, vote, client_value, request: gr.Request, profile: gr.OAuthProfile | None = None):
         """Attach a reason to the last thumb."""
         if not vote.get("response_id") or vote.get("value") == "clear":
             raise gr.Error("Give an answer a 👍 or 👎 first; the reason goes with that vote.")
         with UserError():
             self.service.feedback(
-                voter_of(self.service, client_value, request), vote["response_id"], vote["value"], text
+                voter_of(self.service, client_value, request, profile), vote["response_id"], vote["value"], text
             )
         return "", "Reason saved with your vote."
 
-    def do_retry(self, state, client_value, sp, temp, tp, mnt, request: gr.Request):
+    def do_retry(
+        self, state, client_value, sp, temp, tp, mnt, request: gr.Request, profile: gr.OAuthProfile | None = None
+    ):
         """A new answer to the last message, as a sibling of the old one."""
         if not state["ids"] or len(state["ids"]) % 2:
             raise gr.Error("There is no finished answer to retry yet.")
-        voter = voter_of(self.service, client_value, request)
+        voter = voter_of(self.service, client_value, request, profile)
         messages, thumbs = self._history(voter, state, state["ids"][-2])
         with UserError():
             stream = self.service.retry(voter, state["ids"][-1], settings_from(self.cfg, sp, temp, tp, mnt))
@@ -179,13 +194,13 @@ class ChatTab:
         view = gr.Chatbot(value=shown, feedback_value=[*thumbs, None])
         yield view, state, {**client_value, "leaf": last["response_id"]}
 
-    def do_undo(self, state, client_value, request: gr.Request):
+    def do_undo(self, state, client_value, request: gr.Request, profile: gr.OAuthProfile | None = None):
         """Step back one exchange (the messages stay in the store as another branch)."""
         ids = state["ids"][:-2] if len(state["ids"]) >= 2 else []
         if not ids:
             return self.do_new(client_value)[:3]
         leaf = ids[-1]
-        messages, thumbs = self._history(voter_of(self.service, client_value, request), state, leaf)
+        messages, thumbs = self._history(voter_of(self.service, client_value, request, profile), state, leaf)
         return (
             gr.Chatbot(value=messages, feedback_value=thumbs),
             {**state, "ids": ids, "leaf": leaf},
@@ -197,10 +212,10 @@ class ChatTab:
         empty = gr.Chatbot(value=[], feedback_value=[])
         return empty, chat_state(), {**client_value, "conversation_id": "", "leaf": ""}, ""
 
-    def show_pair_choice(self, pair: dict, client_value, request: gr.Request):
+    def show_pair_choice(self, pair: dict, client_value, request: gr.Request, profile: gr.OAuthProfile | None = None):
         """Continue in Chat from the answer chosen in Compare."""
         chosen = pair["a"] if pair.get("choice") == "A" else pair["b"]
-        voter = voter_of(self.service, client_value, request)
+        voter = voter_of(self.service, client_value, request, profile)
         turns = self.service.history(voter, pair["conversation_id"], chosen["response_id"])
         messages, thumbs = chat_view(turns)
         state = chat_state(pair["conversation_id"], [t["id"] for t in turns], chosen["response_id"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import html
+import os
 import re
 
 import gradio as gr
@@ -67,10 +68,23 @@ class UserError:
         return False
 
 
-def voter_of(service: Service, client: dict | None, request: gr.Request) -> str:
-    """Browser tabs carry a random id in localStorage (survives reloads); API clients use their session."""
+def voter_of(service: Service, client: dict | None, request: gr.Request, profile=None) -> str:
+    """Who votes: a person signed in with Hugging Face is their user name (their votes follow them across devices);
+    otherwise browser tabs carry a random id in localStorage (survives reloads) and API clients their session."""
     key = (client or {}).get("id") or request.session_hash or ""
-    return service.voter(key, getattr(request, "username", None))
+    return service.voter(key, getattr(profile, "username", None) or getattr(request, "username", None))
+
+
+def on_space() -> bool:
+    """Running as a Hugging Face Space (which sets SPACE_ID)."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def admin_users(cfg: Config) -> set[str]:
+    """Hugging Face user names with the admin controls: Config.admin_users, plus the Space's owner on a Space."""
+    names = {n.strip() for n in cfg.admin_users.split(",") if n.strip()}
+    owner = os.environ.get("SPACE_AUTHOR_NAME", "") if on_space() else ""
+    return names | ({owner} if owner else set())
 
 
 def settings_from(cfg: Config, system_prompt, temperature, top_p, max_new_tokens) -> GenerationSettings:
@@ -101,8 +115,12 @@ def chat_state(conversation_id: str = "", ids: list[str] | None = None, leaf: st
     return {"conversation_id": conversation_id, "ids": list(ids or []), "leaf": leaf}
 
 
-def require_admin(cfg: Config, token) -> None:
-    """Raise the error a person reads unless `token` is the admin token (constant time; no token set: nobody)."""
+def require_admin(cfg: Config, token, profile=None) -> None:
+    """Raise the error a person reads unless `token` is the admin token (constant time) or the signed-in Hugging Face
+    user is an admin (the Space's owner or Config.admin_users); with neither configured, nobody is."""
     # Checked inside each handler: hiding a control does not stop the browser's queue protocol from calling it.
-    if not cfg.admin_token or not hmac.compare_digest(str(token or "").encode(), cfg.admin_token.encode()):
-        raise gr.Error("Admin token required: this control is for the app's owner.")
+    if cfg.admin_token and hmac.compare_digest(str(token or "").encode(), cfg.admin_token.encode()):
+        return
+    if getattr(profile, "username", None) in admin_users(cfg):
+        return
+    raise gr.Error("Admin token required (or sign in as the Space's owner): this control is for the app's owner.")

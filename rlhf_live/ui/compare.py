@@ -74,9 +74,22 @@ class CompareTab:
     # stray "Run" button at the bottom of the page.
     LOCKED = [gr.update(interactive=False)] * 4
 
-    def do_compare(self, message, mode, cont, state, client_value, sp, temp, tp, mnt, request: gr.Request):
+    def do_compare(
+        self,
+        message,
+        mode,
+        cont,
+        state,
+        client_value,
+        sp,
+        temp,
+        tp,
+        mnt,
+        request: gr.Request,
+        profile: gr.OAuthProfile | None = None,
+    ):
         """Two answers (per the mode) streamed side by side; the vote buttons unlock when both are finished."""
-        voter = voter_of(self.service, client_value, request)
+        voter = voter_of(self.service, client_value, request, profile)
         with UserError():
             stream = self.service.compare(
                 voter,
@@ -102,12 +115,12 @@ class CompareTab:
         yield show(update["a"]["text"]), show(update["b"]["text"]), *unlocked, "", gr.Button(visible=False), pair
 
     def _chooser(self, choice: str):
-        def do_choose(pair, why, client_value, request: gr.Request):
+        def do_choose(pair, why, client_value, request: gr.Request, profile: gr.OAuthProfile | None = None):
             if not pair.get("pair_id"):
                 raise gr.Error("Get two answers first.")
             with UserError():
                 result = self.service.choose(
-                    voter_of(self.service, client_value, request), pair["pair_id"], choice, why
+                    voter_of(self.service, client_value, request, profile), pair["pair_id"], choice, why
                 )
             reveal = (
                 f"**Recorded: {LABELS[choice]}.** A was written by **{html.escape(result['a_version'])}**, "
@@ -118,6 +131,6 @@ class CompareTab:
 
         return do_choose
 
-    def use_choice(self, pair, client_value, request: gr.Request):
+    def use_choice(self, pair, client_value, request: gr.Request, profile: gr.OAuthProfile | None = None):
         """Open the Chat tab on the chosen answer's branch."""
-        return *self.chat.show_pair_choice(pair, client_value, request), gr.Tabs(selected="chat")
+        return *self.chat.show_pair_choice(pair, client_value, request, profile), gr.Tabs(selected="chat")

@@ -12,7 +12,7 @@ import gradio as gr
 
 from ..config import Config
 from ..service import Service
-from .common import PRIVATE, UserError, require_admin, voter_of
+from .common import PRIVATE, UserError, admin_users, require_admin, voter_of
 
 EXPORT_FORMATS = ("preference", "kto", "conversations")
 
@@ -26,15 +26,15 @@ class DataTab:
             self.summary = gr.Markdown("")
             gr.Markdown(
                 "The export holds every person's conversations and votes, so it needs the admin token."
-                if cfg.admin_token
+                if cfg.admin_token or admin_users(cfg)
                 else "The export holds every person's conversations and votes: start the app with `--admin-token` "
                 "to download it here, or use `rlhf-live export` on the server."
             )
-            with gr.Row(visible=bool(cfg.admin_token)):
+            with gr.Row(visible=bool(cfg.admin_token or admin_users(cfg))):
                 self.fmt = gr.Radio(list(EXPORT_FORMATS), value="preference", label="Export format (TRL columns)")
                 self.token = gr.Textbox(label="Admin token", type="password")
                 self.export = gr.Button("Prepare download")
-            self.file = gr.File(label="Export", interactive=False, visible=bool(cfg.admin_token))
+            self.file = gr.File(label="Export", interactive=False, visible=bool(cfg.admin_token or admin_users(cfg)))
             gr.Markdown("### Your data")
             with gr.Row():
                 self.sure = gr.Checkbox(False, label="Delete all my conversations and votes (cannot be undone)")
@@ -46,16 +46,16 @@ class DataTab:
         """The delete button needs the browser's voter id (the Chat tab's client state)."""
         self.delete.click(self.do_delete, [self.sure, client], [self.deleted, self.sure], **PRIVATE)
 
-    def do_delete(self, sure: bool, client_value, request: gr.Request):
+    def do_delete(self, sure: bool, client_value, request: gr.Request, profile: gr.OAuthProfile | None = None):
         """Delete this browser's (or signed-in person's) conversations and votes, after the checkbox."""
         if not sure:
             raise gr.Error("Tick the box first: deleting your data cannot be undone.")
         with UserError():
-            return self.service.delete_my_data(voter_of(self.service, client_value, request)), False
+            return self.service.delete_my_data(voter_of(self.service, client_value, request, profile)), False
 
-    def do_export(self, kind: str, token: str) -> str:
+    def do_export(self, kind: str, token: str, profile: gr.OAuthProfile | None = None) -> str:
         """Write the export to a temporary file and offer it for download (admin only, checked here)."""
-        require_admin(self.cfg, token)
+        require_admin(self.cfg, token, profile)
         out = Path(tempfile.mkdtemp(prefix="rlhf-live-export-")) / f"rlhf-live-{kind}.jsonl"
         with UserError():
             self.service.store.export(kind, out)

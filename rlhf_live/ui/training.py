@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..config import Config
 from ..service import Service
-from .common import PRIVATE, UserError, require_admin
+from .common import PRIVATE, UserError, admin_users, require_admin
 from .data import data_summary
 
 
@@ -38,7 +38,7 @@ class TrainingTab:
         self.board = gr.Dataframe(interactive=False, wrap=True)
         gr.Markdown("### Versions")
         self.versions = gr.Dataframe(interactive=False, wrap=True)
-        with gr.Accordion("Admin", open=False, visible=bool(self.cfg.admin_token)):
+        with gr.Accordion("Admin", open=False, visible=bool(self.cfg.admin_token or admin_users(self.cfg))):
             self.token = gr.Textbox(label="Admin token", type="password")
             with gr.Row():
                 self.train_now = gr.Button("Train now")
@@ -53,8 +53,8 @@ class TrainingTab:
         return [self.status, self.curve_row, self.plot_acc, self.plot_rl, self.board, self.versions]
 
     def _admin(self, action: str):
-        def run(token, version):
-            require_admin(self.cfg, token)
+        def run(token, version, profile: gr.OAuthProfile | None = None):
+            require_admin(self.cfg, token, profile)
             trainer = self.service.trainer
             if trainer is None:
                 raise gr.Error("Training is not running in this app (started with --no-train).")
