@@ -131,7 +131,12 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         from .trainer import train_once, watch
 
         if args.watch:
-            watch(cfg)
+            from .hub import HubSync
+
+            hub = HubSync(cfg)
+            for note in hub.pull():
+                print(f"[train] {note}", flush=True)
+            watch(cfg, hub=hub)
             return 0
         if not args.once:
             print(

@@ -237,6 +237,12 @@ class Config:
     """Token that unlocks the admin controls (train now, roll back, export everyone's data); empty: no token works."""
     admin_users: str = ""
     """Hugging Face user names (comma-separated) who, signed in, get the admin controls; on a Space its owner too."""
+    hub_model_repo: str = ""
+    """Hugging Face model repo (e.g. you/rlhf-live-adapters) that each live version is pushed to; empty: off."""
+    hub_dataset_repo: str = ""
+    """Hugging Face dataset repo that the feedback (DB snapshot + TRL exports) is pushed to; empty: off."""
+    hub_sync_s: float = 3600.0
+    """Seconds between feedback pushes to hub_dataset_repo (also pushed when a version goes live)."""
     compare_candidates: int = 4
     """Answers sampled for a Compare of two live samples; above 2 the reward model picks the two worth a vote
     (double Thompson sampling over its ensemble: informative votes on rare behaviour are found sooner)."""

@@ -55,6 +55,10 @@ def reconcile(store: Store, registry: AdapterRegistry) -> list[str]:
     if removed:
         notes.append(f"Removed {removed} unfinished adapter folder(s) of a process that stopped while publishing.")
     rows = {a["version"]: a for a in store.adapters()}
+    for version, row in rows.items():  # a data dir restored elsewhere (e.g. from the Hub): the folders moved
+        if not Path(row["path"]).is_dir() and registry.path(version).is_dir():
+            store.set_adapter_path(version, str(registry.path(version)))
+    rows = {a["version"]: a for a in store.adapters()}
     for version in registry.versions():
         if version in rows:
             continue

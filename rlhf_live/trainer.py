@@ -329,7 +329,7 @@ def train_once(cfg: Config) -> dict:
     return run_round(cfg, store, progress=lambda stage, detail: print(f"[train] {stage}: {detail}", flush=True))
 
 
-def watch(cfg: Config, *, rounds: int | None = None, stop: threading.Event | None = None) -> None:
+def watch(cfg: Config, *, rounds: int | None = None, stop: threading.Event | None = None, hub=None) -> None:
     """`rlhf-live train --watch`: a round whenever train_min_new_votes new votes have arrived (the trainer as its own
     process beside `serve --no-train`, on the same data dir); one JSON line per round on stdout."""
     import json
@@ -346,6 +346,8 @@ def watch(cfg: Config, *, rounds: int | None = None, stop: threading.Event | Non
             try:
                 metrics = run_round(cfg, store, bench=bench)
                 recovery.prune(store, cfg.keep_versions)
+                if hub is not None and hub.enabled:
+                    hub.push_live(store, metrics["version"], store.adapter(metrics["version"])["path"]).join()
                 print(json.dumps({"version": metrics["version"], "status": "live", **_headline(metrics)}), flush=True)
             except ROUND_FAILURES as exc:
                 print(json.dumps({"status": "failed", "error": str(exc)}), flush=True)
@@ -396,8 +398,8 @@ class Follower:
 class Trainer:
     """Background thread: trains when enough new votes arrived (or on request) and hot-swaps the served adapter."""
 
-    def __init__(self, cfg: Config, store: Store, policy: Policy):
-        self.cfg, self.store, self.policy = cfg, store, policy
+    def __init__(self, cfg: Config, store: Store, policy: Policy, hub=None):
+        self.cfg, self.store, self.policy, self.hub = cfg, store, policy, hub
         self.bench = Workbench(cfg)
         self._round = threading.Lock()  # a round and a rollback never interleave
         self._stop = threading.Event()
@@ -481,6 +483,8 @@ class Trainer:
                 self._swap_in(metrics["version"], before)
                 removed = recovery.prune(self.store, self.cfg.keep_versions)
                 metrics["pruned"] = removed
+                if self.hub is not None and self.hub.enabled:
+                    self.hub.push_live(self.store, metrics["version"], self.store.adapter(metrics["version"])["path"])
                 self._status.update(
                     last_error="", watermark=int(metrics["watermark"]), rounds=self._status["rounds"] + 1
                 )

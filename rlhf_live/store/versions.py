@@ -61,6 +61,12 @@ class Versions(Database):
                 )
             conn.execute("UPDATE adapters SET status = ?, updated = ? WHERE version = ?", (status, now, version))
 
+    def set_adapter_path(self, version: str, path: str) -> None:
+        """Where a version's folder is now (a data dir restored on another machine or mount)."""
+        with self._write() as conn:
+            self._get(conn, "adapters", version, "adapter version", key="version", columns="version")
+            conn.execute("UPDATE adapters SET path = ?, updated = ? WHERE version = ?", (str(path), _now(), version))
+
     def set_adapter_metrics(self, version: str, metrics: dict) -> None:
         """Merge `metrics` into a version's metrics (e.g. win-rates measured after publishing)."""
         with self._write() as conn:

@@ -14,6 +14,7 @@ import gradio as gr
 
 from ..adapters import AdapterRegistry
 from ..config import Config
+from ..hub import HubSync
 from ..policy import Policy
 from ..recovery import reconcile, serving_choice
 from ..service import Service
@@ -80,16 +81,20 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
 
 def serve(cfg: Config) -> None:
     """Load the policy and store, start the trainer (unless --no-train) and run the app until interrupted."""
+    hub = HubSync(cfg)
+    for note in hub.pull():  # an empty data dir on a Space without storage: resume from the Hub, if configured
+        print(f"rlhf-live: {note}", flush=True)
     store = Store.from_config(cfg)
     for note in reconcile(store, AdapterRegistry(cfg.adapters_dir)):
         print(f"rlhf-live: {note}", flush=True)
+    hub.start(store)
     adapter, version = serving_choice(cfg, store)
     policy = Policy.from_config(cfg, adapter_path=adapter, version=version)
     from ..trainer import Follower, Trainer
 
     trainer = None
     if cfg.train:
-        trainer = Trainer(cfg, store, policy)
+        trainer = Trainer(cfg, store, policy, hub)
         trainer.start()
     else:  # a trainer may run as its own process (`rlhf-live train --watch`): serve what it makes live
         Follower(cfg, store, policy).start()
