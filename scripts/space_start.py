@@ -91,7 +91,7 @@ def space_start(work: Path, timeout: float = 900) -> dict:
         report["page_s"] = round(time.monotonic() - t1, 1)
         config = urllib.request.urlopen(url + "config", timeout=10).read().decode()
         report["storage_notice"] = "no persistent storage" in config
-        report["login_button"] = '"login_button"' in config or "loginbutton" in config.lower()
+        report["login_button"] = "Sign in with Hugging Face" in config
         code = (
             "import json, sys; from gradio_client import Client; "
             f"print(json.dumps(Client({url!r}, verbose=False).predict('What is the capital of France?', '', "
