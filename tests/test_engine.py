@@ -156,9 +156,11 @@ def test_llamacpp_swap_serves_the_new_adapter_and_survives_a_corrupt_folder(serv
 
     served.load_for_comparison(adapters[0], "v0001-old")  # an older version kept for A/B answers
     served.swap(adapters[1], "v0002")
+    assert "v0001-old" not in served.comparable_versions  # comparison adapters go with the old live one
     now = _engine_logprobs(served.engine, ids, "v0002", n_vocab)
     assert _kl(_torch_logprobs(served, ids, "v0002"), now) < 0.01
     assert _kl(now, before) > 0.01  # a different adapter is served
+    served.load_for_comparison(adapters[0], "v0001-old")  # loaded again when a Compare asks for it
     old = _engine_logprobs(served.engine, ids, "v0001-old", n_vocab)
     np.testing.assert_allclose(old, before, atol=1e-3)
 
