@@ -22,5 +22,8 @@ def test_twenty_users_for_three_minutes_while_training(tiny_lm_dir, tmp_path):
     db = check_db(data / "rlhf_live.db", result["acked"])
     assert db["missing_thumbs"] == [] and db["missing_choices"] == [] and db["integrity"] == "ok"
     assert ("ok", 1) in db["rounds"] or any(status == "ok" for status, _ in db["rounds"]), db["rounds"]
-    settled = result["fds"][len(result["fds"]) // 3 :]  # after warm-up: every worker thread has opened its files
-    assert max(settled) - min(settled) <= 20, result["fds"]
+    # Flat after warm-up: sockets come and go with requests in flight, but no upward trend (a leak grows with time;
+    # tests/test_store.py shows the per-thread connection leak itself over 2,000 requests from changing threads).
+    fds, third = result["fds"], len(result["fds"]) // 3
+    middle, late = sorted(fds[third : 2 * third]), sorted(fds[2 * third :])
+    assert late[len(late) // 2] <= middle[len(middle) // 2] + 5, fds
