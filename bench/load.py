@@ -121,15 +121,19 @@ def start_app(model: str, data: Path, port: int, extra: list[str]) -> subprocess
     """`python app.py` with the trainer on; returns once the page answers."""
     cmd = [sys.executable, str(HERE.parent / "app.py"), "--model", model, "--data-dir", str(data), "--port", str(port)]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([*cmd, *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    data.mkdir(parents=True, exist_ok=True)
+    with open(data / "app.log", "wb") as log:
+        proc = subprocess.Popen([*cmd, *extra], env=env, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(600):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
             return proc
         except OSError:
+            if proc.poll() is not None:
+                break
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("the app did not start")
+    raise RuntimeError(f"the app did not start; see {data / 'app.log'}")
 
 
 def main() -> None:
@@ -139,6 +143,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=180)
     parser.add_argument("--data", default="/tmp/rlhf-live-bench-load")
     args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
     subprocess.run(["rm", "-rf", args.data], check=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
