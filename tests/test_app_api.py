@@ -184,3 +184,16 @@ def test_bad_requests_raise_a_readable_error_and_change_nothing(tiny_app, client
     assert rows(tiny_app.db_path, "SELECT choice FROM comparisons WHERE id = ?", (pair["pair_id"],)) == [
         {"choice": "tie"}
     ]
+
+
+def test_chat_streams_to_api_clients_as_the_browser_sees_it(tiny_app, client):
+    job = client.submit("Stream to me, please", "", api_name="/chat")
+    final = job.result(timeout=120)
+    outputs = job.outputs()
+    assert len(outputs) > 2  # partial answers arrived before the whole one (16 tokens: one per token)
+    assert all(o["response_id"] is None for o in outputs[:-1]) and outputs[-1] == final
+    texts = [o["text"] for o in outputs[:-1]]
+    assert all(final["text"].startswith(t) for t in texts if t) and final["response_id"]
+    pair_job = client.submit("Two streamed answers", "", api_name="/compare")
+    pair = pair_job.result(timeout=120)
+    assert pair["pair_id"] and [o["pair_id"] for o in pair_job.outputs()][-1] == pair["pair_id"]

@@ -5,7 +5,9 @@ Knows the endpoints' names, arguments and result shapes (DESIGN's public contrac
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 
 import gradio as gr
 
@@ -16,11 +18,14 @@ from .common import UserError, voter_of
 def add_api(service: Service, generate: dict) -> None:
     """Register the five endpoints inside the current gr.Blocks."""
 
-    def api_chat(message: str, conversation_id: str = "", request: gr.Request = None) -> dict:
-        """Answer `message` in a new ("") or existing conversation of this client; returns ids and text."""
+    def api_chat(message: str, conversation_id: str = "", request: gr.Request = None) -> Iterator[dict]:
+        """Answer `message` in a new ("") or existing conversation of this client; streams the text as it is written
+        (`response_id` is None until the last update, which has the stored answer's ids: what predict() returns)."""
         with UserError():
-            *_, last = service.chat(voter_of(service, None, request), message, conversation_id or "")
-        return {k: last[k] for k in ("conversation_id", "response_id", "text", "adapter_version")}
+            stream = service.chat(voter_of(service, None, request), message, conversation_id or "")
+            first = next(stream)
+        for update in itertools.chain([first], stream):
+            yield {k: update[k] for k in ("conversation_id", "response_id", "text", "adapter_version")}
 
     def api_feedback(response_id: str, value: str, reason: str = "", request: gr.Request = None) -> dict:
         """Thumb an answer: value is up, down or clear."""
@@ -28,11 +33,13 @@ def add_api(service: Service, generate: dict) -> None:
             out = service.feedback(voter_of(service, None, request), response_id, value, reason)
         return {"ok": out["ok"]}
 
-    def api_compare(message: str, conversation_id: str = "", request: gr.Request = None) -> dict:
-        """Two answers of the live model to `message`; vote with /choose."""
+    def api_compare(message: str, conversation_id: str = "", request: gr.Request = None) -> Iterator[dict]:
+        """Two answers of the live model to `message`, streamed; the last update has the pair id: vote with /choose."""
         with UserError():
-            *_, last = service.compare(voter_of(service, None, request), message, conversation_id or "")
-        return {"pair_id": last["pair_id"], "a": last["a"], "b": last["b"]}
+            stream = service.compare(voter_of(service, None, request), message, conversation_id or "")
+            first = next(stream)
+        for update in itertools.chain([first], stream):
+            yield {"pair_id": update["pair_id"], "a": update["a"], "b": update["b"]}
 
     def api_choose(pair_id: str, choice: str, reason: str = "", request: gr.Request = None) -> dict:
         """Pick the better answer of a pair: A, B, tie or both_bad (once per pair)."""
