@@ -83,13 +83,11 @@ def reward_ranked_pairs(
     min_confidence: float,
     prob_better: Callable[[list[list[dict]], list[str], list[str]], torch.Tensor] | None = None,
 ) -> tuple[list[dict], dict]:
-    """Best vs worst of `n` sampled answers per prompt, by the reward model; (DPO pairs, metrics).
-
-    A pair is kept only when the reward model gives the best answer at least `min_confidence` probability of beating
-    the worst (`prob_better`, e.g. averaged over an ensemble; by default Bradley-Terry on the score gap), so a reward
-    model that has learned nothing yet adds nothing. The chosen answer is never blank (nobody prefers silence; a
-    length-loving reward model might).
-    """
+    """Best vs worst of `n` sampled answers per prompt, by the reward model; (DPO pairs, metrics)."""
+    # A pair is kept only when the reward model gives the best answer at least `min_confidence` probability of beating
+    # the worst (`prob_better`, e.g. averaged over an ensemble; by default Bradley-Terry on the score gap), so a reward
+    # model that has learned nothing yet adds nothing. The chosen answer is never blank (nobody prefers silence; a
+    # length-loving reward model might).
     repeated = [p for p in prompts for _ in range(n)]  # (P * n,) prompt i's samples at i*n .. i*n+n-1
     answers = sample(repeated)
     scores = score(repeated, answers).float().view(len(prompts), n)  # (P, n) raw scores

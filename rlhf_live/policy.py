@@ -330,12 +330,10 @@ class Policy:
         return s
 
     def _hold(self, versions: list[str | None]) -> tuple[list[str], Callable[[], None]]:
-        """Lock the adapters for one generation: (PEFT adapter names, the release function).
-
-        Shared when every answer uses the serving adapter; exclusive when a batch mixes adapters, because PEFT's
-        mixed-batch hooks are global to the model and a generation running beside one would read them ("Length
-        of adapter_names should be the same as the number of inputs", found by the 20-user load test).
-        """
+        """Lock the adapters for one generation: (PEFT adapter names, the release function)."""
+        # Shared when every answer uses the serving adapter; exclusive when a batch mixes adapters, because PEFT's
+        # mixed-batch hooks are global to the model and a generation running beside one would read them ("Length of
+        # adapter_names should be the same as the number of inputs", found by the 20-user load test).
         for exclusive in (False, True):
             (self._lock.acquire_write if exclusive else self._lock.acquire_read)()
             release = self._lock.release_write if exclusive else self._lock.release_read

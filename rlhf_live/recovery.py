@@ -103,10 +103,8 @@ def prune(store: Store, keep: int) -> list[str]:
 
 
 def serving_choice(cfg, store: Store) -> tuple[str | None, str | None]:
-    """(adapter folder, version label) to serve at start: --adapter, else the live version, else the base.
-
-    A label goes only with a folder that exists: a missing folder is never served as a fresh LoRA under its name.
-    """
+    """(adapter folder, version label) to serve at start: --adapter, else the live version, else the base."""
+    # A label goes only with a folder that exists: a missing folder is never served as a fresh LoRA under its name.
     if cfg.adapter:
         return cfg.adapter, None
     live = store.live_adapter()
@@ -121,11 +119,9 @@ class TrainingBusy(RuntimeError):
 
 @contextlib.contextmanager
 def trainer_lock(data_dir: str | Path) -> Iterator[None]:
-    """Hold `<data-dir>/trainer.lock` for one round; TrainingBusy at once if anyone else holds it.
-
-    An OS file lock (flock): it is per open file, so two rounds never interleave whether they are threads of one
-    process or two processes (`serve` and `train --watch`), and it is released when a process dies, however it dies.
-    """
+    """Hold `<data-dir>/trainer.lock` for one round; TrainingBusy at once if anyone else holds it."""
+    # An OS file lock (flock): it is per open file, so two rounds never interleave whether they are threads of one
+    # process or two processes (`serve` and `train --watch`), and it is released when a process dies, however it dies.
     path = Path(data_dir) / "trainer.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -156,12 +156,10 @@ class ProbeRewardModel(RewardModel):
         return post.prob_better(d)
 
     def pick_pair(self, prompt: list[dict], answers: list[str], rng: random.Random) -> tuple[int, int]:
-        """Double Thompson sampling (Dwaracherla et al. 2024, arXiv 2402.00396): two answers worth asking about.
-
-        The first is the best under one draw of the reward from the posterior; the second the best of the others
-        under a fresh draw (up to 8 draws for one that differs, else the others' best). Where the model is sure, the
-        pair is its best guess against its next; where it is unsure, the draws disagree and the pair explores.
-        """
+        """Double Thompson sampling (Dwaracherla et al. 2024, arXiv 2402.00396): two answers worth asking about."""
+        # The first is the best under one draw of the reward from the posterior; the second the best of the others under
+        # a fresh draw (up to 8 draws for one that differs, else the others' best). Where the model is sure, the pair is
+        # its best guess against its next; where it is unsure, the draws disagree and the pair explores.
         post = self.posterior
         ok = [i for i, a in enumerate(answers) if a.split()] or list(range(len(answers)))
         if post is None or len(ok) < 3:
@@ -207,10 +205,8 @@ class ProbeRewardModel(RewardModel):
     def _objective(
         self, x: torch.Tensor, examples: list, index: list[list[int]], head=None, prior: torch.Tensor | None = None
     ) -> Callable[[], torch.Tensor]:
-        """Mean weighted loss of the examples + L2 on the weights, as a function of the head's current weights.
-
-        `prior` (S,) is a fixed score added to the head's (a randomised prior function); the L2 is on the head alone.
-        """
+        """Mean weighted loss of the examples + L2 on the weights, as a function of the head's current weights."""
+        # `prior` (S,) is a fixed score added to the head's (a randomised prior function); the L2 is on the head alone.
         per, head = self._per_example(examples, index), head or self.head
         offset = 0.0 if prior is None else prior
         return lambda: per(head(x)[:, 0] + offset).mean() + self.cfg.reward_probe_l2 * head.weight.pow(2).sum()
@@ -234,13 +230,11 @@ class ProbeRewardModel(RewardModel):
             return float(loss_fn())
 
     def _ensemble(self, x: torch.Tensor, examples: list, index: list[list[int]]) -> Posterior:
-        """The fit on all votes plus heads with randomised priors on bootstrap resamples (Osband et al. 2018).
-
-        Member k scores x . (w_k + p_k): p_k is a fixed random direction (scores of std `reward_prior_scale`), w_k is
-        fitted on a bootstrap resample with p_k's scores added. Where votes constrain the reward, w_k cancels p_k and
-        the members agree; elsewhere p_k stays and they disagree, so one or two votes never make the ensemble sure
-        about answers unlike them (Osband et al., arXiv 1806.03335; the ensemble of Dwaracherla et al., 2402.00396).
-        """
+        """The fit on all votes plus heads with randomised priors on bootstrap resamples (Osband et al. 2018)."""
+        # Member k scores x . (w_k + p_k): p_k is a fixed random direction (scores of std `reward_prior_scale`), w_k is
+        # fitted on a bootstrap resample with p_k's scores added. Where votes constrain the reward, w_k cancels p_k and
+        # the members agree; elsewhere p_k stays and they disagree, so one or two votes never make the ensemble sure
+        # about answers unlike them (Osband et al., arXiv 1806.03335; the ensemble of Dwaracherla et al., 2402.00396).
         gen = torch.Generator().manual_seed(self.cfg.seed)
         rng = random.Random(self.cfg.seed)
         head = torch.nn.Linear(self.n_features, 1, dtype=torch.float32)

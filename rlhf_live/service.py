@@ -206,8 +206,8 @@ class Service:
         return pair
 
     def _previous_version(self, live: str) -> dict | None:
-        """The version that served before the live one: its parent if that was live once (retired), else the newest
-        retired version; never a rejected candidate or a rolled-back version, and only with its folder on disk."""
+        """The version that served before the live one: its parent if that was live once (retired), else the newest"""
+        # retired version; never a rejected candidate or a rolled-back version, and only with its folder on disk.
         rows = {a["version"]: a for a in self.store.adapters()}
         usable = {v: a for v, a in rows.items() if a["status"] == "retired" and v != live and Path(a["path"]).is_dir()}
         parent = (rows.get(live) or {}).get("parent")
@@ -225,12 +225,10 @@ class Service:
         mode: str = "samples",
         settings: GenerationSettings | None = None,
     ) -> Iterator[dict]:
-        """Stream two answers side by side; the last dict has pair_id and both response ids (sources hidden).
-
-        In "samples" mode with `compare_candidates` > 2, that many answers are sampled in one batch and the two shown
-        are picked by the reward model's uncertainty (`pick_pair`: double Thompson sampling), so that votes land
-        where they teach the most; updates then carry a `note` instead of partial texts until the pair is known.
-        """
+        """Stream two answers side by side; the last dict has pair_id and both response ids (sources hidden)."""
+        # In "samples" mode with `compare_candidates` > 2, that many answers are sampled in one batch and the two shown
+        # are picked by the reward model's uncertainty (`pick_pair`: double Thompson sampling), so that votes land where
+        # they teach the most; updates then carry a `note` instead of partial texts until the pair is known.
         versions = self._compare_versions(mode)
         cid, user_id, prompt, settings = self._start_turn(voter, message, conversation_id, parent_id, settings)
         n = max(2, self.cfg.compare_candidates) if mode == "samples" else 2
@@ -286,10 +284,8 @@ class Service:
         return [Battle(r["a_source"], r["b_source"], winner[r["choice"]]) for r in self.store.version_battles()]
 
     def leaderboard(self) -> list[dict]:
-        """Bradley-Terry ratings of versions from Compare votes between versions (recomputed only when votes change).
-
-        The bootstrap costs seconds of CPU at 20 versions, and every page load and tab switch asks for it.
-        """
+        """Bradley-Terry ratings of versions from Compare votes between versions (recomputed only when votes change)."""
+        # The bootstrap costs seconds of CPU at 20 versions, and every page load and tab switch asks for it.
         mark = self.store.watermark()
         cached = self._board
         if cached is None or cached[0] != mark:

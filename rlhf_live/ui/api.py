@@ -19,8 +19,8 @@ def add_api(service: Service, generate: dict) -> None:
     """Register the five endpoints inside the current gr.Blocks."""
 
     def api_chat(message: str, conversation_id: str = "", request: gr.Request = None) -> Iterator[dict]:
-        """Answer `message` in a new ("") or existing conversation of this client; streams the text as it is written
-        (`response_id` is None until the last update, which has the stored answer's ids: what predict() returns)."""
+        """Answer `message` in a new ("") or existing conversation of this client; streams the text as it is written"""
+        # (`response_id` is None until the last update, which has the stored answer's ids: what predict() returns).
         with UserError():
             stream = service.chat(voter_of(service, None, request), message, conversation_id or "")
             first = next(stream)

@@ -32,12 +32,10 @@ _LINKY = re.compile(
 
 
 def show(text: str) -> str:
-    """What people and the model write, as Markdown that formats but never fetches or links anything.
-
-    HTML is escaped (never runs); `[` and `]` are escaped, so no Markdown image or link (inline, reference or
-    footnote) exists; URLs, hosts and e-mail addresses go into code spans, where Markdown's autolinking stops: a
-    tracking pixel or a phishing link in an answer shows as plain text.
-    """
+    """What people and the model write, as Markdown that formats but never fetches or links anything."""
+    # HTML is escaped (never runs); `[` and `]` are escaped, so no Markdown image or link (inline, reference or
+    # footnote) exists; URLs, hosts and e-mail addresses go into code spans, where Markdown's autolinking stops: a
+    # tracking pixel or a phishing link in an answer shows as plain text.
     out, last = [], 0
     text = text or ""
     for m in _LINKY.finditer(text):
@@ -69,8 +67,8 @@ class UserError:
 
 
 def voter_of(service: Service, client: dict | None, request: gr.Request, profile=None) -> str:
-    """Who votes: a person signed in with Hugging Face is their user name (their votes follow them across devices);
-    otherwise browser tabs carry a random id in localStorage (survives reloads) and API clients their session."""
+    """Who votes: a person signed in with Hugging Face is their user name (their votes follow them across devices);"""
+    # otherwise browser tabs carry a random id in localStorage (survives reloads) and API clients their session.
     key = (client or {}).get("id") or request.session_hash or ""
     return service.voter(key, getattr(profile, "username", None) or getattr(request, "username", None))
 
@@ -116,8 +114,8 @@ def chat_state(conversation_id: str = "", ids: list[str] | None = None, leaf: st
 
 
 def require_admin(cfg: Config, token, profile=None) -> None:
-    """Raise the error a person reads unless `token` is the admin token (constant time) or the signed-in Hugging Face
-    user is an admin (the Space's owner or Config.admin_users); with neither configured, nobody is."""
+    """Raise the error a person reads unless `token` is the admin token (constant time) or the signed-in Hugging Face"""
+    # user is an admin (the Space's owner or Config.admin_users); with neither configured, nobody is.
     # Checked inside each handler: hiding a control does not stop the browser's queue protocol from calling it.
     if cfg.admin_token and hmac.compare_digest(str(token or "").encode(), cfg.admin_token.encode()):
         return
