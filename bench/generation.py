@@ -32,8 +32,10 @@ VARIANTS = [
     ("NF4 + LoRA, fp32 compute", dict(load_in_4bit=True, compute_dtype="float32")),
     ("bf16 + LoRA", dict(load_in_4bit=False, compute_dtype="bfloat16")),
     ("fp32 + LoRA", dict(load_in_4bit=False, compute_dtype="float32")),
-    ("llama.cpp, NF4 values f16 + LoRA", dict(engine="llamacpp", engine_weights="f16")),
-    ("llama.cpp, NF4 values q8_0 + LoRA", dict(engine="llamacpp", engine_weights="q8_0")),
+    ("llama.cpp, runtime LoRA, f16", dict(engine="llamacpp", engine_weights="f16", engine_merge=False)),
+    ("llama.cpp, runtime LoRA, q8_0", dict(engine="llamacpp", engine_weights="q8_0", engine_merge=False)),
+    ("llama.cpp, merged, f16", dict(engine="llamacpp", engine_weights="f16", engine_merge=True)),
+    ("llama.cpp, merged, q8_0", dict(engine="llamacpp", engine_weights="q8_0", engine_merge=True)),
 ]
 """The llama.cpp rows serve the same NF4 weights as the first row (exported once), from the embedded GGUF's metadata."""
 
@@ -57,48 +59,83 @@ def measure(policy: Policy, tokens: int, prompt: list[dict] = PROMPT) -> dict:
     }
 
 
+def measure_plain(policy: Policy, tokens: int, prompt: list[dict] = PROMPT) -> dict:
+    """The same greedy answer from plain llama.cpp on the shipped Q4_1 GGUF, no adapter: the issue's yardstick."""
+    import queue
+    import threading
+
+    from rlhf_live.engine import LlamaCppEngine, Sampling
+    from rlhf_live.models import source_gguf
+
+    engine = getattr(measure_plain, "engine", None)
+    if engine is None:
+        cfg = policy.cfg
+        threads = cfg.engine_threads or __import__("os").cpu_count() or 1
+        engine = measure_plain.engine = LlamaCppEngine(source_gguf(cfg), threads=threads, parallel=1, n_ctx=2048)
+    ids, _ = policy.build_prompt(prompt, GenerationSettings(max_new_tokens=tokens))
+    sink: queue.Queue = queue.Queue()
+    start, first, n = time.perf_counter(), None, 0
+    engine.submit(ids, Sampling(tokens, 0.0, 1.0), None, threading.Event(), sink)
+    while (item := sink.get())[1] != "done":
+        if item[1] == "token":
+            n += 1
+            first = first or time.perf_counter()
+    end = time.perf_counter()
+    return {"ttft_s": first - start, "decode_tok_s": (n - 1) / (end - first), "tokens": n, "prompt": len(ids)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--out", default="bench/generation.json")
     parser.add_argument("--adapter", default="", help="a trained adapter folder to serve (default: a fresh LoRA)")
+    parser.add_argument("--only", default="", help="comma-separated substrings: run the variants whose name has one")
     args = parser.parse_args()
     torch.manual_seed(0)
     source = resolve(Config().model, Config().cache_dir)
     rows = []
-    for name, overrides in VARIANTS:
+    wanted = [w for w in args.only.split(",") if w]
+    variants = [v for v in VARIANTS if not wanted or any(w in v[0] for w in wanted)]
+    policy = Policy.from_config(Config(model=source, engine="torch"))  # for the plain row's tokenizer and template
+    for name, overrides in [*variants, ("plain llama.cpp, shipped Q4_1, no adapter", dict(engine="plain"))]:
+        if overrides.get("engine") == "plain":  # measured through the last policy's tokenizer and template
+            runs = [measure_plain(policy, args.tokens) for _ in range(args.runs + 1)][1:]
+            long_runs = [measure_plain(policy, 8, LONG) for _ in range(max(1, args.runs // 2))]
+            rows.append(_row(name, runs, long_runs, 85e6))
+            continue
         model = Config().model if overrides.get("engine") == "llamacpp" else source  # llama.cpp needs the GGUF
         cfg = Config(model=model, max_new_tokens=args.tokens, **overrides)
         policy = Policy.from_config(cfg, args.adapter or None)
         measure(policy, 8)  # warm-up: first call pays one-off allocation costs
         runs = [measure(policy, args.tokens) for _ in range(args.runs)]
         long_runs = [measure(policy, 8, LONG) for _ in range(max(1, args.runs // 2))]
-        rows.append(
-            {
-                "variant": name,
-                "ttft_s": statistics.median(r["ttft_s"] for r in runs),
-                "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
-                "tokens": statistics.median(r["tokens"] for r in runs),
-                "long_prompt_tokens": long_runs[0]["prompt"],
-                "long_ttft_s": statistics.median(r["ttft_s"] for r in long_runs),
-                "memory_mb": policy.model.get_memory_footprint() / 1e6,
-                "runs": runs,
-            }
-        )
-        del policy
+        rows.append(_row(name, runs, long_runs, policy.model.get_memory_footprint()))
     base = rows[0]["decode_tok_s"]
     long_n = rows[0]["long_prompt_tokens"]
     long_head = f"TTFT@{long_n}"
-    print(f"{'variant':<34} {'TTFT s':>8} {'decode tok/s':>13} {'vs NF4':>8} {'tokens':>7} {'MB':>7} {long_head:>10}")
+    print(f"{'variant':<42} {'TTFT s':>8} {'decode tok/s':>13} {'vs NF4':>8} {'tokens':>7} {'MB':>7} {long_head:>10}")
     for r in rows:
         r["decode_vs_nf4"] = r["decode_tok_s"] / base
         print(
-            f"{r['variant']:<34} {r['ttft_s']:>8.3f} {r['decode_tok_s']:>13.1f} {r['decode_vs_nf4']:>7.2f}x "
+            f"{r['variant']:<42} {r['ttft_s']:>8.3f} {r['decode_tok_s']:>13.1f} {r['decode_vs_nf4']:>7.2f}x "
             f"{r['tokens']:>7.0f} {r['memory_mb']:>7.0f} {r['long_ttft_s']:>10.2f}"
         )
     meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+def _row(name: str, runs: list[dict], long_runs: list[dict], memory: float) -> dict:
+    return {
+        "variant": name,
+        "ttft_s": statistics.median(r["ttft_s"] for r in runs),
+        "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+        "tokens": statistics.median(r["tokens"] for r in runs),
+        "long_prompt_tokens": long_runs[0]["prompt"],
+        "long_ttft_s": statistics.median(r["ttft_s"] for r in long_runs),
+        "memory_mb": memory / 1e6,
+        "runs": runs,
+    }
 
 
 if __name__ == "__main__":

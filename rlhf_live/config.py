@@ -53,6 +53,9 @@ class Config:
     """CPU threads of the llama.cpp engine; 0 = all cores."""
     engine_parallel: int = 4
     """Answers llama.cpp decodes at once (slots, batched together when they share an adapter)."""
+    engine_merge: bool = True
+    """llama.cpp serves each version from its own GGUF with the adapter merged into the weights (no per-token LoRA
+    work: runtime LoRA added 210 small matmuls a token for SmolLM2); off: one base file plus runtime LoRAs."""
     engine_weights: str = "f16"
     """GGUF type of the served base in llama.cpp: f16 (NF4's values to f16 rounding), bf16/f32 (exact), q8_0."""
     adapter: str = ""

@@ -59,6 +59,7 @@ class _Server:
         except RuntimeError as exc:
             raise EngineError(f"llama.cpp could not load {model} with adapters {list(adapters)}: {exc}") from exc
         self.ids = {version: i for i, version in enumerate(adapters)}
+        self.path = Path(model)
 
     def lora(self, version: str | None) -> list[dict]:
         """Every adapter with its scale: 1 for `version`, 0 for the rest (None = the base; unknown is an error)."""
@@ -68,7 +69,11 @@ class _Server:
 
 
 class LlamaCppEngine:
-    """Samples answers to prompt ids; `set_adapters` swaps the adapter set without stopping running answers."""
+    """Samples answers to prompt ids; `set_adapters` / `set_models` swap what serves without stopping running answers.
+
+    A version is served either from its own GGUF with the adapter merged into the weights (`set_models`: no per-token
+    LoRA work) or as a runtime LoRA on the base file (`set_adapters`); a version in neither samples as the base.
+    """
 
     def __init__(self, model: str | Path, *, threads: int, parallel: int, n_ctx: int):
         if not available():
@@ -76,6 +81,7 @@ class LlamaCppEngine:
         self.model, self.threads, self.parallel, self.n_ctx = Path(model), threads, parallel, n_ctx
         self._lock = threading.Lock()
         self._server = _Server(self.model, {}, threads, parallel, n_ctx)
+        self._merged: dict[str, _Server] = {}  # version -> a server on its merged GGUF
 
     def set_adapters(self, adapters: dict[str, Path]) -> None:
         """Serve exactly these adapters (version -> GGUF LoRA) from now on; answers already running finish first."""
@@ -84,6 +90,27 @@ class LlamaCppEngine:
         new = _Server(self.model, dict(adapters), self.threads, self.parallel, self.n_ctx)
         with self._lock:
             self._server = new
+
+    def set_models(self, models: dict[str, Path]) -> None:
+        """Serve exactly these versions from their merged GGUF files (version -> path); running answers finish first."""
+        with self._lock:
+            current = dict(self._merged)
+        new = {
+            v: current[v] if v in current and current[v].path == Path(p) else self._start(Path(p))
+            for v, p in models.items()
+        }
+        with self._lock:
+            self._merged = new
+
+    def _start(self, path: Path) -> _Server:
+        return _Server(path, {}, self.threads, self.parallel, self.n_ctx)
+
+    def _route(self, version: str | None) -> tuple[_Server, list[dict]]:
+        """The server that samples `version` and the LoRA scales to send with the request."""
+        with self._lock:  # a later set_* does not stop an answer: it keeps the server it started on
+            merged = self._merged.get(version) if version is not None else None
+            server = merged or self._server
+        return server, [] if merged else server.lora(version)
 
     def submit(
         self,
@@ -95,15 +122,14 @@ class LlamaCppEngine:
         tag: int = 0,
     ) -> threading.Thread:
         """Start one answer; `sink` gets (tag, kind, value): 'token' id, 'finish' reason, 'error' exception, 'done'."""
-        with self._lock:
-            server = self._server  # a later set_adapters does not stop this answer: it keeps its server
+        server, lora = self._route(version)
         request = {
             "prompt": list(prompt_ids),
             "max_tokens": sampling.max_new_tokens,
             "stream": True,
             "n_probs": 1,  # each chunk then carries its token id
             "cache_prompt": True,
-            "lora": server.lora(version),
+            **({"lora": lora} if lora else {}),
             **_sampler(sampling),
         }
 
@@ -129,10 +155,9 @@ class LlamaCppEngine:
 
     def next_logprobs(self, prompt_ids: list[int], version: str | None, n_vocab: int) -> dict[int, float]:
         """Log-softmax of the raw next-token logits after `prompt_ids` (token id -> logprob), for tests."""
-        with self._lock:
-            server = self._server
+        server, lora = self._route(version)
         request = {"prompt": list(prompt_ids), "max_tokens": 1, "temperature": 0, "n_probs": n_vocab}
-        reply = server.server.handle_completions({**request, "cache_prompt": False, "lora": server.lora(version)})
+        reply = server.server.handle_completions({**request, "cache_prompt": False, **({"lora": lora} if lora else {})})
         top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
         return {t["id"]: t["logprob"] for t in top}
 

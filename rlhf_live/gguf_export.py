@@ -15,6 +15,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 from safetensors.numpy import load_file
 
 PERMUTED_QK = {"llama"}
@@ -167,12 +168,57 @@ def cached_model_gguf(state_dict: dict, base_config: dict, template: Path, cache
     return out if out.is_file() else write_gguf_model(state_dict, base_config, template, out, qtype)
 
 
-def cached_lora_gguf(adapter_dir: str | Path, base_config: dict, cache_dir: str | Path) -> Path:
-    """An adapter folder as GGUF LoRA in `cache_dir`, keyed by the adapter's content."""
-    weights = Path(adapter_dir) / "adapter_model.safetensors"
+def merge_lora(base_state: dict, adapter_dir: str | Path) -> dict:
+    """The served base weights (transformers names) with a PEFT LoRA folded in: W + alpha / r * B @ A, in float32."""
+    adapter_dir = Path(adapter_dir)
+    lora = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if lora.get("peft_type") != "LORA" or lora.get("use_dora") or lora.get("use_rslora"):
+        raise GGUFExportError(f"{adapter_dir}: only plain LoRA merges (no DoRA, no rsLoRA).")
+    if lora.get("rank_pattern") or lora.get("alpha_pattern") or lora.get("modules_to_save"):
+        raise GGUFExportError(f"{adapter_dir}: per-module ranks/alphas and modules_to_save do not merge.")
+    scale = float(lora["lora_alpha"]) / float(lora["r"])  # PEFT's LoraLayer.scaling for plain LoRA
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
+        match = _KEY.match(key)
+        if not match:
+            raise GGUFExportError(f"{adapter_dir}: unexpected tensor {key!r} (not a LoRA A/B weight).")
+        pairs.setdefault(match["module"], {})[match["ab"]] = tensor.astype(np.float32)
+    merged = dict(base_state)
+    for module, ab in pairs.items():
+        key = f"{module}.weight"
+        if set(ab) != {"A", "B"} or key not in base_state:
+            raise GGUFExportError(f"{adapter_dir}: {module} does not fit the base model.")
+        w = base_state[key].detach().float().cpu().numpy()  # (out, in)
+        delta = scale * (ab["B"] @ ab["A"])  # (out, r) @ (r, in)
+        if delta.shape != w.shape:
+            raise GGUFExportError(f"{adapter_dir}: {module} is {delta.shape}, the base weight {w.shape}.")
+        merged[key] = torch.from_numpy(w + delta)
+    return merged
+
+
+def cached_merged_gguf(
+    base_state: dict, adapter_dir: str | Path, base_config: dict, template: Path, cache_dir: str | Path, qtype: str
+) -> Path:
+    """One version as a whole GGUF model (its LoRA merged into the served base) in `cache_dir`, written once."""
+    stat = template.stat()
+    dtypes = sorted({str(v.dtype) for v in base_state.values()})
+    key = _key(template.resolve(), stat.st_size, stat.st_mtime_ns, qtype, dtypes, _digest(adapter_dir))
+    out = Path(cache_dir).expanduser() / "gguf" / f"{template.stem}-merged-{qtype}-{key}.gguf"
+    if out.is_file():
+        return out
+    return write_gguf_model(merge_lora(base_state, adapter_dir), base_config, template, out, qtype)
+
+
+def _digest(adapter_dir: str | Path) -> str:
+    """A content hash of an adapter folder's weights."""
     digest = hashlib.sha1()
-    with open(weights, "rb") as f:
+    with open(Path(adapter_dir) / "adapter_model.safetensors", "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
-    out = Path(cache_dir).expanduser() / "gguf" / f"lora-{digest.hexdigest()[:16]}.gguf"
+    return digest.hexdigest()[:16]
+
+
+def cached_lora_gguf(adapter_dir: str | Path, base_config: dict, cache_dir: str | Path) -> Path:
+    """An adapter folder as GGUF LoRA in `cache_dir`, keyed by the adapter's content."""
+    out = Path(cache_dir).expanduser() / "gguf" / f"lora-{_digest(adapter_dir)}.gguf"
     return out if out.is_file() else write_gguf_lora(adapter_dir, base_config, out)

@@ -21,7 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 from . import engine as llama
 from .adapters import AdapterError, check_folder
 from .config import Config
-from .gguf_export import cached_lora_gguf, cached_model_gguf
+from .gguf_export import cached_lora_gguf, cached_merged_gguf, cached_model_gguf
 from .models import load_base, prepare_cpu_4bit, source_gguf
 
 BASE = "base"
@@ -104,10 +104,15 @@ def start_engine(cfg: Config, model: PeftModel) -> llama.LlamaCppEngine | None:
         return None
     # Not the original GGUF file: the values the trained adapter was trained against (NF4, dequantized). An adapter
     # trained on NF4 weights moved the next-token distribution 0.61 nats there but 0.10 on the original Q4_1 weights.
-    base = {k.replace("base_model.model.", "", 1).replace(".base_layer.", "."): v for k, v in state.items()}
-    path = cached_model_gguf(base, model.config.to_dict(), template, cfg.cache_dir, cfg.engine_weights)
+    path = cached_model_gguf(served_base(model), model.config.to_dict(), template, cfg.cache_dir, cfg.engine_weights)
     threads = cfg.engine_threads or os.cpu_count() or 1
     return llama.LlamaCppEngine(path, threads=threads, parallel=cfg.engine_parallel, n_ctx=cfg.max_context_tokens)
+
+
+def served_base(model: PeftModel) -> dict:
+    """The base weights serving uses (the dequantized NF4 values), under transformers' names, without any LoRA."""
+    state = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    return {k.replace("base_model.model.", "", 1).replace(".base_layer.", "."): v for k, v in state.items()}
 
 
 class _RWLock:
@@ -225,10 +230,10 @@ class Policy:
         """llama.cpp sampling the same weights, or None: torch samples (it always computes log-probs and KL)."""
         self._lock = _RWLock()
         self._extra: dict[str, str] = {}  # version -> PEFT adapter name, for comparisons with older versions
-        self._gguf: dict[str, Path] = {}  # version -> GGUF LoRA in the engine; a version not here samples as base
+        self._gguf: dict[str, Path] = {}  # version -> its GGUF in the engine; a version not here samples as base
         if engine is not None and adapter_path:
             self._gguf[version] = self._lora_gguf(adapter_path)
-            engine.set_adapters(self._gguf)
+            self._engine_serve(self._gguf)
 
     @classmethod
     def from_config(cls, cfg: Config, adapter_path: str | Path | None = None, version: str | None = None) -> Policy:
@@ -247,10 +252,23 @@ class Policy:
         return "torch" if self.engine is None else "llamacpp"
 
     def _lora_gguf(self, adapter_path: str | Path) -> Path:
+        """The engine's file for a version: the whole model with the adapter merged (engine_merge), or a GGUF LoRA."""
+        config = self.model.config.to_dict()
         try:
-            return cached_lora_gguf(adapter_path, self.model.config.to_dict(), self.cfg.cache_dir)
+            if self.cfg.engine_merge:
+                template = source_gguf(self.cfg)
+                base, qtype = served_base(self.model), self.cfg.engine_weights
+                return cached_merged_gguf(base, adapter_path, config, template, self.cfg.cache_dir, qtype)
+            return cached_lora_gguf(adapter_path, config, self.cfg.cache_dir)
         except Exception as exc:  # safetensors, gguf and the OS raise many kinds for a bad folder
             raise AdapterError(f"Could not convert the adapter in {adapter_path} for llama.cpp: {exc}") from exc
+
+    def _engine_serve(self, files: dict[str, Path]) -> None:
+        """Serve exactly these versions in the engine (merged models, or runtime LoRAs on the base file)."""
+        if self.cfg.engine_merge:
+            self.engine.set_models(files)
+        else:
+            self.engine.set_adapters(files)
 
     # --- prompts -------------------------------------------------------------------------------------------
     def check_message(self, text: str) -> str:
@@ -606,7 +624,7 @@ class Policy:
                 except Exception as exc:
                     raise AdapterError(f"Could not load adapter {version} from {adapter_path}: {exc}") from exc
             if self.engine is not None:
-                self.engine.set_adapters(served)
+                self._engine_serve(served)
                 self._gguf = served
             self.model.set_adapter(name)
             self.model.requires_grad_(False)
@@ -628,7 +646,7 @@ class Policy:
             name = f"cmp_{version}"
             if self.engine is not None:
                 served = {**self._gguf, version: lora}
-                self.engine.set_adapters(served)
+                self._engine_serve(served)
                 self._gguf = served
             self.model.load_adapter(str(adapter_path), adapter_name=name)
             self.model.requires_grad_(False)

@@ -242,3 +242,39 @@ def test_served_gguf_cache_is_keyed_by_what_the_weights_are(monkeypatch, tmp_pat
     }
     assert len(paths) == 4
     assert gguf_export.cached_model_gguf(bf16, {}, template, tmp_path, "f16") in paths  # same inputs, same file
+
+
+def test_a_merged_version_is_the_base_plus_alpha_over_r_b_a(tiny_cfg, tmp_path):
+    """merge_lora folds the LoRA in exactly as PEFT computes it: W + alpha / r * B @ A on every target."""
+    from rlhf_live.gguf_export import merge_lora
+    from rlhf_live.policy import served_base
+
+    base, _ = load_base(tiny_cfg, tiny_cfg.model)
+    model = attach_adapter(base, tiny_cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape) * 0.1)
+    model.save_pretrained(tmp_path / "v1")
+    merged = merge_lora(served_base(model), tmp_path / "v1")
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        plain = type(model.get_base_model())(model.config)
+        loaded = plain.load_state_dict({k: v.float() for k, v in merged.items()}, strict=False)
+        assert set(loaded.missing_keys) <= {"lm_head.weight"} and not loaded.unexpected_keys  # tied embeddings
+        plain.tie_weights()
+        got = plain.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    (tmp_path / "dora").mkdir()
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
+    with pytest.raises(GGUFExportError, match="only plain LoRA"):
+        merge_lora(served_base(model), tmp_path / "dora")
+
+
+@pytest.mark.slow
+def test_runtime_lora_mode_serves_the_trained_policy_too(adapters):
+    policy = Policy.from_config(Config(engine="llamacpp", engine_merge=False, max_new_tokens=8), adapters[0], "v0001")
+    n_vocab = len(policy.tokenizer)
+    ids = _contexts(policy)[0]
+    assert _kl(_torch_logprobs(policy, ids, "v0001"), _engine_logprobs(policy.engine, ids, "v0001", n_vocab)) < 0.01
