@@ -109,6 +109,21 @@ def start_engine(cfg: Config, model: PeftModel) -> llama.LlamaCppEngine | None:
     return llama.LlamaCppEngine(path, threads=threads, parallel=cfg.engine_parallel, n_ctx=cfg.max_context_tokens)
 
 
+def prebuild_engine_file(cfg: Config, model: PeftModel | None, adapter_path: str | Path) -> bool:
+    """Write the merged llama.cpp model of a published version into the cache, where serving's swap will find it."""
+    if model is None or cfg.engine == "torch" or not cfg.engine_merge or not llama.available():
+        return False
+    template = source_gguf(cfg)
+    if template is None or next(model.parameters()).device.type != "cpu":
+        return False
+    try:
+        base = served_base(model)
+        cached_merged_gguf(base, adapter_path, model.config.to_dict(), template, cfg.cache_dir, cfg.engine_weights)
+    except Exception:  # serving will try again (and report) at the swap
+        return False
+    return True
+
+
 def served_base(model: PeftModel) -> dict:
     """The base weights serving uses (the dequantized NF4 values), under transformers' names, without any LoRA."""
     state = {k: v for k, v in model.state_dict().items() if "lora_" not in k}

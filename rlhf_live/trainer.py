@@ -24,7 +24,7 @@ from .config import Config
 from .direct import LEARNERS, DirectDivergence, reward_ranked_pairs, train_direct
 from .evaluation import distinct_n
 from .models import load_base, prepare_cpu_4bit, resolve
-from .policy import BASE, InvalidRequest, Policy, attach_adapter
+from .policy import BASE, InvalidRequest, Policy, attach_adapter, prebuild_engine_file
 from .ppo import PPODivergence, PPOTrainer, load_seed_prompts
 from .reward import RewardDataError, RewardModel
 from .reward_probe import ProbeRewardModel
@@ -88,6 +88,11 @@ class Workbench:
             return self.reward_model
         self.reward_model = create_reward_model(self.cfg, *load_base(self.cfg, self.source()))
         return self.reward_model
+
+    @property
+    def policy_model(self):
+        """The training copy as last attached (its base weights are serving's: the same NF4 values)."""
+        return self._policy
 
     def policy_copy(self, adapter_path: str | None):
         """The PPO copy: the cached base with `adapter_path` (or a fresh LoRA) attached, trainable."""
@@ -166,6 +171,10 @@ def train_round(
     store.add_adapter(version, str(path), parent=live["version"] if live else None, status="candidate", metrics=metrics)
     metrics["version"] = version
     r.mark("publish")
+    # Serving's llama.cpp file for this version (the LoRA merged into the same base weights) is written here, in
+    # training's time: the hot swap then only starts a server on it (~1 s instead of ~8 s of export).
+    if prebuild_engine_file(cfg, r.bench.policy_model, path):
+        r.mark("engine_file")
     marks = list(r.seconds.items())  # time of each stage: the wall clock between its mark and the previous one
     metrics.update({f"seconds/{k}": round(t - marks[i - 1][1], 2) for i, (k, t) in enumerate(marks) if i})
     metrics["seconds/round"] = round(marks[-1][1] - marks[0][1], 2)

@@ -278,3 +278,22 @@ def test_runtime_lora_mode_serves_the_trained_policy_too(adapters):
     n_vocab = len(policy.tokenizer)
     ids = _contexts(policy)[0]
     assert _kl(_torch_logprobs(policy, ids, "v0001"), _engine_logprobs(policy.engine, ids, "v0001", n_vocab)) < 0.01
+
+
+@pytest.mark.slow
+def test_the_trainers_prebuilt_file_is_the_one_serving_swaps_to(served, adapters, tmp_path):
+    """The merged model written in training's time has the key serving looks for: the swap finds it ready."""
+    from rlhf_live.policy import prebuild_engine_file
+    from rlhf_live.trainer import Workbench
+
+    cfg = dataclasses.replace(served.cfg, cache_dir=str(tmp_path / "cache"))
+    bench = Workbench(cfg)
+    bench.policy_copy(str(adapters[1]))  # the trainer's copy, as a round leaves it
+    assert prebuild_engine_file(cfg, bench.policy_model, adapters[1])
+    (built,) = (tmp_path / "cache" / "gguf").glob("*-merged-*.gguf")
+    mtime = built.stat().st_mtime_ns
+    served.cfg, before = cfg, served.cfg
+    try:
+        assert served._lora_gguf(adapters[1]) == built and built.stat().st_mtime_ns == mtime  # found, not rewritten
+    finally:
+        served.cfg = before
