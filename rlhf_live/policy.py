@@ -87,6 +87,21 @@ def start_engine(cfg: Config, model: PeftModel) -> llama.LlamaCppEngine | None:
         raise ValueError(f"engine must be auto, torch or llamacpp, not {cfg.engine!r}")
     if cfg.engine == "torch":
         return None
+    reason = engine_unavailable(cfg, model)
+    if reason:
+        if cfg.engine == "llamacpp":
+            raise llama.EngineError(f"--engine llamacpp cannot run: {reason}.")
+        return None
+    # Not the original GGUF file: the values the trained adapter was trained against (NF4, dequantized). An adapter
+    # trained on NF4 weights moved the next-token distribution 0.61 nats there but 0.10 on the original Q4_1 weights.
+    template = source_gguf(cfg)
+    path = cached_model_gguf(served_base(model), model.config.to_dict(), template, cfg.cache_dir, cfg.engine_weights)
+    threads = cfg.engine_threads or os.cpu_count() or 1
+    return llama.LlamaCppEngine(path, threads=threads, parallel=cfg.engine_parallel, n_ctx=cfg.max_context_tokens)
+
+
+def engine_unavailable(cfg: Config, model: PeftModel) -> str:
+    """Why llama.cpp cannot serve this model here ('' when it can)."""
     template = source_gguf(cfg)
     state = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
     reason = ""
@@ -98,15 +113,7 @@ def start_engine(cfg: Config, model: PeftModel) -> llama.LlamaCppEngine | None:
         reason = "the base is not from a GGUF file (llama.cpp needs its tokenizer metadata)"
     elif any(not v.is_floating_point() for v in state.values()):
         reason = "the NF4 weights are packed (--cpu-dequantize is off)"
-    if reason:
-        if cfg.engine == "llamacpp":
-            raise llama.EngineError(f"--engine llamacpp cannot run: {reason}.")
-        return None
-    # Not the original GGUF file: the values the trained adapter was trained against (NF4, dequantized). An adapter
-    # trained on NF4 weights moved the next-token distribution 0.61 nats there but 0.10 on the original Q4_1 weights.
-    path = cached_model_gguf(served_base(model), model.config.to_dict(), template, cfg.cache_dir, cfg.engine_weights)
-    threads = cfg.engine_threads or os.cpu_count() or 1
-    return llama.LlamaCppEngine(path, threads=threads, parallel=cfg.engine_parallel, n_ctx=cfg.max_context_tokens)
+    return reason
 
 
 def prebuild_engine_file(cfg: Config, model: PeftModel | None, adapter_path: str | Path) -> bool:
@@ -243,6 +250,8 @@ class Policy:
         self.device = next(model.parameters()).device
         self.engine = engine
         """llama.cpp sampling the same weights, or None: torch samples (it always computes log-probs and KL)."""
+        self.engine_note = ""
+        """Why `engine='auto'` fell back to torch (said once at start and in /status), else empty."""
         self._lock = _RWLock()
         self._extra: dict[str, str] = {}  # version -> PEFT adapter name, for comparisons with older versions
         self._gguf: dict[str, Path] = {}  # version -> its GGUF in the engine; a version not here samples as base
@@ -259,7 +268,10 @@ class Policy:
         model = attach_adapter(base, cfg, path)
         model.eval()
         engine = start_engine(cfg, model)
-        return cls(model, tokenizer, cfg, version or (Path(path).name if path else BASE), engine, path)
+        policy = cls(model, tokenizer, cfg, version or (Path(path).name if path else BASE), engine, path)
+        if engine is None and cfg.engine == "auto":
+            policy.engine_note = f"serving with torch: llama.cpp cannot run here ({engine_unavailable(cfg, model)})"
+        return policy
 
     @property
     def engine_name(self) -> str:

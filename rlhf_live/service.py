@@ -324,6 +324,8 @@ class Service:
         trainer = self.trainer.status() if self.trainer is not None else {"state": "not running", "running": False}
         return {
             "live_version": self.policy.version,
+            "engine": self.policy.engine_name,
+            "engine_note": self.policy.engine_note,
             "trainer": trainer,
             "votes_since_last_round": max(0, stats["watermark"] - (trainer.get("watermark") or 0)),
             "votes_per_round": self.cfg.train_min_new_votes,

@@ -191,6 +191,17 @@ def test_engine_choice(tiny_cfg):
     model = attach_adapter(base, tiny_cfg)
     assert start_engine(Config(engine="torch"), model) is None
     assert start_engine(dataclasses.replace(tiny_cfg, engine="auto"), model) is None  # a folder, not a GGUF: torch
+    policy = Policy.from_config(dataclasses.replace(tiny_cfg, engine="auto"))
+    assert policy.engine_name == "torch"
+    assert (
+        policy.engine_note == "serving with torch: llama.cpp cannot run here (the base is not from a GGUF file "
+        "(llama.cpp needs its tokenizer metadata))"
+    )
+    from rlhf_live.service import Service
+    from rlhf_live.store import Store
+
+    status = Service(policy, Store.from_config(tiny_cfg), tiny_cfg).status()
+    assert (status["engine"], status["engine_note"]) == ("torch", policy.engine_note)
     with pytest.raises(EngineError, match="not from a GGUF file"):
         start_engine(dataclasses.replace(tiny_cfg, engine="llamacpp"), model)
     with pytest.raises(ValueError, match="engine must be"):

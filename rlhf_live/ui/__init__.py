@@ -90,6 +90,8 @@ def serve(cfg: Config) -> None:
     hub.start(store)
     adapter, version = serving_choice(cfg, store)
     policy = Policy.from_config(cfg, adapter_path=adapter, version=version)
+    if policy.engine_note:
+        print(f"rlhf-live: {policy.engine_note}", flush=True)
     from ..trainer import Follower, Trainer
 
     trainer = None

@@ -74,7 +74,8 @@ def _status_lines(status: dict, has_curve: bool) -> list[str]:
     trainer = status["trainer"]
     progress = f" ({trainer['progress']})" if trainer.get("progress") else ""
     lines = [
-        f"**Live version:** `{status['live_version']}`  ·  **Trainer:** {trainer.get('state', 'unknown')}{progress}",
+        f"**Live version:** `{status['live_version']}`  ·  **Trainer:** {trainer.get('state', 'unknown')}{progress}"
+        f"  ·  **Engine:** {status.get('engine', 'torch')}",
         f"**Votes since the last round:** {status['votes_since_last_round']}",
     ]
     running = trainer.get("running")
