@@ -59,6 +59,30 @@ def measure(policy: Policy, tokens: int, prompt: list[dict] = PROMPT) -> dict:
     }
 
 
+def measure_concurrent(policy: Policy, tokens: int, n: int = 4) -> dict:
+    """`n` chats at once (threads, as n people): aggregate decode tokens/s and each chat's time to first token."""
+    import threading
+
+    results: list[dict] = [None] * n  # type: ignore[list-item]
+    prompts = [[{"role": "user", "content": f"{PROMPT[0]['content']} Version {i}."}] for i in range(n)]
+
+    def one(i: int) -> None:
+        results[i] = measure(policy, tokens, prompts[i])
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - start
+    return {
+        "chats": n,
+        "aggregate_tok_s": sum(r["tokens"] for r in results) / took,
+        "max_ttft_s": max(r["ttft_s"] for r in results),
+    }
+
+
 def measure_plain(policy: Policy, tokens: int, prompt: list[dict] = PROMPT) -> dict:
     """The same greedy answer from plain llama.cpp on the shipped Q4_1 GGUF, no adapter: the issue's yardstick."""
     import queue
@@ -90,6 +114,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--out", default="bench/generation.json")
     parser.add_argument("--adapter", default="", help="a trained adapter folder to serve (default: a fresh LoRA)")
+    parser.add_argument("--concurrent", type=int, default=4, help="also N chats at once per variant (0: skip)")
     parser.add_argument("--only", default="", help="comma-separated substrings: run the variants whose name has one")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -111,15 +136,23 @@ def main() -> None:
         runs = [measure(policy, args.tokens) for _ in range(args.runs)]
         long_runs = [measure(policy, 8, LONG) for _ in range(max(1, args.runs // 2))]
         rows.append(_row(name, runs, long_runs, policy.model.get_memory_footprint()))
+        if args.concurrent:
+            rows[-1]["concurrent"] = measure_concurrent(policy, args.tokens, args.concurrent)
     base = rows[0]["decode_tok_s"]
     long_n = rows[0]["long_prompt_tokens"]
     long_head = f"TTFT@{long_n}"
     print(f"{'variant':<42} {'TTFT s':>8} {'decode tok/s':>13} {'vs NF4':>8} {'tokens':>7} {'MB':>7} {long_head:>10}")
     for r in rows:
         r["decode_vs_nf4"] = r["decode_tok_s"] / base
+        c = r.get("concurrent")
+        together = (
+            f"  {c['chats']} at once: {c['aggregate_tok_s']:.1f} tok/s ({c['aggregate_tok_s'] / r['decode_tok_s']:.2f}x), max TTFT {c['max_ttft_s']:.2f} s"
+            if c
+            else ""
+        )
         print(
             f"{r['variant']:<42} {r['ttft_s']:>8.3f} {r['decode_tok_s']:>13.1f} {r['decode_vs_nf4']:>7.2f}x "
-            f"{r['tokens']:>7.0f} {r['memory_mb']:>7.0f} {r['long_ttft_s']:>10.2f}"
+            f"{r['tokens']:>7.0f} {r['memory_mb']:>7.0f} {r['long_ttft_s']:>10.2f}{together}"
         )
     meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
