@@ -145,11 +145,11 @@ def main() -> None:
     for r in rows:
         r["decode_vs_nf4"] = r["decode_tok_s"] / base
         c = r.get("concurrent")
-        together = (
-            f"  {c['chats']} at once: {c['aggregate_tok_s']:.1f} tok/s ({c['aggregate_tok_s'] / r['decode_tok_s']:.2f}x), max TTFT {c['max_ttft_s']:.2f} s"
-            if c
-            else ""
-        )
+        together = ""
+        if c:
+            ratio = c["aggregate_tok_s"] / r["decode_tok_s"]
+            together = f"  {c['chats']} at once: {c['aggregate_tok_s']:.1f} tok/s ({ratio:.2f}x)"
+            together += f", max TTFT {c['max_ttft_s']:.2f} s"
         print(
             f"{r['variant']:<42} {r['ttft_s']:>8.3f} {r['decode_tok_s']:>13.1f} {r['decode_vs_nf4']:>7.2f}x "
             f"{r['tokens']:>7.0f} {r['memory_mb']:>7.0f} {r['long_ttft_s']:>10.2f}{together}"
