@@ -208,6 +208,8 @@ class Config:
     """How often the trainer thread looks for new votes, in seconds."""
     follow_check_s: float = 5.0
     """With --no-train: how often serving looks for a version another process (`train --watch`) made live."""
+    train_nice: int = 10
+    """Niceness of the in-app trainer's threads (0-19; 0 = same priority as serving): answers get the cores first."""
     train_max_yield_s: float = 120.0
     """Longest the trainer waits between steps for running generations to finish (serving has priority)."""
     ppo_updates_per_round: int = 4

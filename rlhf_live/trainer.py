@@ -8,6 +8,8 @@ Knows nothing of Gradio.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import threading
 import time
@@ -519,6 +521,12 @@ class Trainer:
         return self.store.watermark() - self._status["watermark"]
 
     def _loop(self) -> None:
+        # Lower this thread's CPU priority before it starts any torch work: the OpenMP threads torch then starts for
+        # it inherit the niceness, so on a busy machine the kernel gives serving's threads the cores first.
+        if self.cfg.train_nice > 0 and hasattr(os, "setpriority"):
+            with contextlib.suppress(OSError):  # not permitted here: training then competes as an equal
+                me = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + self.cfg.train_nice))
         while not self._stop.is_set():
             self._wake.wait(self.cfg.train_check_s)
             self._wake.clear()

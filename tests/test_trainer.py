@@ -220,3 +220,19 @@ def test_rollback_waits_for_no_round_and_compare_previous_skips_unserved_version
     assert policy.comparable_versions == ["v0004", "base", "v0001"]
     policy.swap(tmp_path / "v0001", "v0001")  # comparison adapters are unloaded with the old live one
     assert policy.comparable_versions == ["v0001", "base"]
+
+
+def test_the_trainer_thread_runs_at_a_lower_cpu_priority_than_serving(loop_cfg):
+    import os
+    import threading
+
+    store = Store.from_config(loop_cfg)
+    trainer = Trainer(loop_cfg, store, Policy.from_config(loop_cfg))
+    trainer.start()
+    try:
+        time.sleep(0.3)
+        (thread,) = [t for t in threading.enumerate() if t.name == "trainer"]
+        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(19, mine + loop_cfg.train_nice)
+    finally:
+        trainer.stop()
