@@ -7,6 +7,7 @@ Usage: python bench/generation.py [--runs 5] [--tokens 128] [--out bench/generat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -83,6 +84,38 @@ def measure_concurrent(policy: Policy, tokens: int, n: int = 4) -> dict:
     }
 
 
+def measure_trainer_busy(policy: Policy, runs: int = 5) -> dict:
+    """Time to first token of short chats while the in-app trainer runs a PPO round, against the same idle."""
+    import tempfile
+
+    from rlhf_live.store import Store
+    from rlhf_live.trainer import Trainer
+
+    short = [{"role": "user", "content": "Name three fruits."}]
+    idle = [measure(policy, 4, short)["ttft_s"] for _ in range(runs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = dataclasses.replace(policy.cfg, data_dir=tmp, ppo_updates_per_round=50)
+        store = Store.from_config(cfg)
+        for i in range(16):  # a few A/B votes so a round has something to fit
+            cid = store.new_conversation("bench")
+            q = store.add_message(cid, "user", f"Question {i}: tell me about fruit.")
+            a = store.add_message(cid, "assistant", "Apples.", parent_id=q)
+            b = store.add_message(cid, "assistant", "Fruit grows on trees and bushes everywhere.", parent_id=q)
+            store.choose(store.new_comparison(cid, a, b, a_source="base", b_source="base", voter="b"), "b", "A")
+        trainer = Trainer(cfg, store, policy)
+        trainer.start()
+        trainer.request_round()
+        while trainer.status()["state"] != "PPO":  # past loading and the reward fit: PPO updates are running
+            time.sleep(0.2)
+        time.sleep(2)
+        busy = []
+        for _ in range(runs):
+            busy.append(measure(policy, 4, short)["ttft_s"])
+            time.sleep(1)  # the trainer gets the cores back between chats, as between people's messages
+        trainer.stop()
+    return {"idle_ttft_s": statistics.median(idle), "busy_ttft_s": statistics.median(busy), "busy": busy}
+
+
 def measure_plain(policy: Policy, tokens: int, prompt: list[dict] = PROMPT) -> dict:
     """The same greedy answer from plain llama.cpp on the shipped Q4_1 GGUF, no adapter: the issue's yardstick."""
     import queue
@@ -115,6 +148,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/generation.json")
     parser.add_argument("--adapter", default="", help="a trained adapter folder to serve (default: a fresh LoRA)")
     parser.add_argument("--concurrent", type=int, default=4, help="also N chats at once per variant (0: skip)")
+    parser.add_argument("--busy", action="store_true", help="also time to first token while a PPO round trains")
     parser.add_argument("--only", default="", help="comma-separated substrings: run the variants whose name has one")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -138,6 +172,8 @@ def main() -> None:
         rows.append(_row(name, runs, long_runs, policy.model.get_memory_footprint()))
         if args.concurrent:
             rows[-1]["concurrent"] = measure_concurrent(policy, args.tokens, args.concurrent)
+        if args.busy:
+            rows[-1]["trainer_busy"] = measure_trainer_busy(policy)
     base = rows[0]["decode_tok_s"]
     long_n = rows[0]["long_prompt_tokens"]
     long_head = f"TTFT@{long_n}"
@@ -150,6 +186,9 @@ def main() -> None:
             ratio = c["aggregate_tok_s"] / r["decode_tok_s"]
             together = f"  {c['chats']} at once: {c['aggregate_tok_s']:.1f} tok/s ({ratio:.2f}x)"
             together += f", max TTFT {c['max_ttft_s']:.2f} s"
+        if r.get("trainer_busy"):
+            b = r["trainer_busy"]
+            together += f"  training: TTFT {b['busy_ttft_s']:.3f} s vs {b['idle_ttft_s']:.3f} idle"
         print(
             f"{r['variant']:<42} {r['ttft_s']:>8.3f} {r['decode_tok_s']:>13.1f} {r['decode_vs_nf4']:>7.2f}x "
             f"{r['tokens']:>7.0f} {r['memory_mb']:>7.0f} {r['long_ttft_s']:>10.2f}{together}"
