@@ -39,7 +39,18 @@ class TrainingRejected(RuntimeError):
     """A round finished but its result failed a guardrail, so it was not made live; the message says which."""
 
 
-ROUND_FAILURES = (RewardDataError, TrainingRejected, PPODivergence, DirectDivergence, recovery.TrainingBusy)
+class TrainingStopped(RuntimeError):
+    """The trainer was stopped (the app is shutting down) in the middle of a round; nothing was published."""
+
+
+ROUND_FAILURES = (
+    RewardDataError,
+    TrainingRejected,
+    TrainingStopped,
+    PPODivergence,
+    DirectDivergence,
+    recovery.TrainingBusy,
+)
 """Failures a round expects and explains in one sentence (recorded without a traceback type name)."""
 
 
@@ -477,6 +488,8 @@ class Trainer:
         while self.policy.generating and waited < self.cfg.train_max_yield_s and not self._stop.is_set():
             time.sleep(0.2)
             waited += 0.2
+        if self._stop.is_set():
+            raise TrainingStopped("The trainer was stopped before this round finished; nothing was published.")
 
     def run_once(self) -> dict:
         """One round now, in this thread: train, gate, go live, hot-swap; a failure is recorded and raised."""
@@ -537,5 +550,7 @@ class Trainer:
             self._force = False
             try:
                 self.run_once()
+            except TrainingStopped:
+                break
             except Exception:  # serving must survive any training failure
                 traceback.print_exc()

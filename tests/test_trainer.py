@@ -236,3 +236,21 @@ def test_the_trainer_thread_runs_at_a_lower_cpu_priority_than_serving(loop_cfg):
         assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(19, mine + loop_cfg.train_nice)
     finally:
         trainer.stop()
+
+
+def test_stopping_the_trainer_ends_a_round_in_flight_and_publishes_nothing(loop_cfg):
+    store = Store.from_config(loop_cfg)
+    policy = Policy.from_config(loop_cfg)
+    _vote(Service(policy, store, loop_cfg))
+    loop_cfg.ppo_updates_per_round = 10_000  # a round that would run for hours
+    trainer = Trainer(loop_cfg, store, policy)
+    trainer.start()
+    trainer.request_round()
+    deadline = time.time() + 60
+    while trainer.status()["state"] != "PPO" and time.time() < deadline:
+        time.sleep(0.1)
+    trainer.stop()
+    trainer._thread.join(30)
+    assert not trainer._thread.is_alive()
+    assert store.adapters() == [] and store.runs(1)[0]["status"] == "failed"
+    assert "stopped before this round finished" in store.runs(1)[0]["error"]
