@@ -308,3 +308,24 @@ def test_the_trainers_prebuilt_file_is_the_one_serving_swaps_to(served, adapters
         assert served._lora_gguf(adapters[1]) == built and built.stat().st_mtime_ns == mtime  # found, not rewritten
     finally:
         served.cfg = before
+
+
+@pytest.mark.slow
+def test_llamacpp_a_stream_in_flight_finishes_on_its_version_when_a_swap_comes(served, adapters):
+    settings = GenerationSettings(max_new_tokens=24, temperature=0.0)
+    served.swap(adapters[0], "v0001")
+    stream = served.stream(PROMPTS[1], settings)
+    steps = iter(stream)
+    next(steps)  # the answer has started on v0001
+    swapped = threading.Event()
+    threading.Thread(target=lambda: (served.swap(adapters[1], "v0002"), swapped.set()), daemon=True).start()
+    for _ in steps:
+        pass
+    (answer,) = stream.answers
+    assert answer.adapter_version == "v0001"
+    assert swapped.wait(30) and served.version == "v0002"  # the swap went through once the answer was done
+    # Greedy under v0001, so far likelier under v0001 than under v0002 (teacher-forced, torch): not v0002's answer.
+    served.load_for_comparison(adapters[0], "v0001")
+    prompt = served.build_prompt(PROMPTS[1], settings)[0]
+    lp1, lp2 = (served._answer_logprobs([prompt], [answer.token_ids], [v], 1.0)[0] for v in ("v0001", "v0002"))
+    assert lp1 > lp2 + 5, (lp1, lp2)
