@@ -230,3 +230,21 @@ def test_bad_input_shows_a_readable_error_keeps_the_chat_and_writes_nothing(page
     assert page.locator("#chatbot .error").count() == 0
     assert page.input_value("#chat-input textarea") == too_long
     assert bot_messages(page).count() == 1
+
+
+def test_delete_my_data_from_the_data_tab(page, tiny_app):
+    send_chat(page, "Something only I said", 1)
+    assert rows(
+        tiny_app.db_path, "SELECT count(*) AS n FROM messages WHERE content = ?", ("Something only I said",)
+    ) == [{"n": 1}]
+    page.get_by_role("tab", name="Data").click()
+    page.click("#delete-my-data")
+    page.get_by_text("Tick the box first").wait_for()  # nothing happens without the checkbox
+    shot(page, "10-delete-refused")
+    page.get_by_label("Delete all my conversations and votes (cannot be undone)").check()
+    page.click("#delete-my-data")
+    page.get_by_text("Deleted 1 conversation(s) with 2 message(s)").wait_for()
+    shot(page, "10-deleted")
+    assert rows(
+        tiny_app.db_path, "SELECT count(*) AS n FROM messages WHERE content = ?", ("Something only I said",)
+    ) == [{"n": 0}]

@@ -44,7 +44,9 @@ class DataTab:
 
     def wire_delete(self, client: gr.BrowserState) -> None:
         """The delete button needs the browser's voter id (the Chat tab's client state)."""
-        self.delete.click(self.do_delete, [self.sure, client], [self.deleted, self.sure], **PRIVATE)
+        # A refusal is explained by the toast; without `quiet` Gradio would also cover the checkbox with "Error".
+        quiet = {"show_progress": "hidden", "show_progress_on": [self.deleted]}
+        self.delete.click(self.do_delete, [self.sure, client], [self.deleted, self.sure], **PRIVATE, **quiet)
 
     def do_delete(self, sure: bool, client_value, request: gr.Request, profile: gr.OAuthProfile | None = None):
         """Delete this browser's (or signed-in person's) conversations and votes, after the checkbox."""
