@@ -27,8 +27,20 @@ LIMIT_MESSAGES = ("Too many requests", "busy")
 """Deliberate refusals (rate limit, full queue): counted, not errors."""
 
 
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def _fds(pid: int) -> dict[str, int]:
+    """Open file descriptors of `pid` by kind (sockets, pipes, SQLite files, other), its DB connections and threads."""
+    kinds = {"socket": 0, "pipe": 0, "db": 0, "other": 0, "connections": 0}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed between listdir and readlink
+            continue
+        kind = target.split(":", 1)[0] if target.startswith(("socket:", "pipe:")) else "other"
+        kinds["db" if ".db" in target else kind] += 1
+        # Each SQLite connection holds one descriptor on the main file (the WAL and shm ones are shared or extra).
+        kinds["connections"] += target.endswith(".db")
+    kinds["threads"] = len(os.listdir(f"/proc/{pid}/task"))
+    return kinds
 
 
 def drive(url: str, *, users: int, seconds: float, server_pid: int | None = None, seed: int = 0) -> dict:
@@ -158,7 +170,7 @@ def main() -> None:
     result["db"] = check_db(Path(args.data) / "rlhf_live.db", result.pop("acked"))
     print("| users | seconds | requests | req/s | p50 s | p95 s | errors | limit refusals | fds min-max | rounds |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
-    f = result["fds"] or [0]
+    f = [k["socket"] + k["pipe"] + k["db"] + k["other"] for k in result["fds"]] or [0]
     print(
         f"| {result['users']} | {result['seconds']} | {result['requests']} | {result['requests_per_s']} "
         f"| {result['p50_s']:.2f} | {result['p95_s']:.2f} | {len(result['errors'])} | {result['limited']} "

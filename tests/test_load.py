@@ -22,8 +22,12 @@ def test_twenty_users_for_three_minutes_while_training(tiny_lm_dir, tmp_path):
     db = check_db(data / "rlhf_live.db", result["acked"])
     assert db["missing_thumbs"] == [] and db["missing_choices"] == [] and db["integrity"] == "ok"
     assert ("ok", 1) in db["rounds"] or any(status == "ok" for status, _ in db["rounds"]), db["rounds"]
-    # Flat after warm-up: sockets come and go with requests in flight, but no upward trend (a leak grows with time;
-    # tests/test_store.py shows the per-thread connection leak itself over 2,000 requests from changing threads).
-    fds, third = result["fds"], len(result["fds"]) // 3
-    middle, late = sorted(fds[third : 2 * third]), sorted(fds[2 * third :])
-    assert late[len(late) // 2] <= middle[len(middle) // 2] + 5, fds
+    # Each worker thread holds one SQLite connection for its life and closes it when it ends, so connections never
+    # outnumber live threads and stop growing once the pool has grown; the per-thread leak this guards against grew
+    # with requests (tests/test_store.py shows it over 2,000 requests from changing threads). Sockets come and go
+    # with requests in flight and a round opens model files, so the total is not held to flat.
+    samples, third = result["fds"][3:], len(result["fds"][3:]) // 3
+    assert all(s["connections"] <= s["threads"] for s in samples), samples
+    conns = [s["connections"] for s in samples]
+    middle, late = sorted(conns[third : 2 * third]), sorted(conns[2 * third :])
+    assert late[len(late) // 2] <= middle[len(middle) // 2] + 5, samples
