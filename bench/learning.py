@@ -10,6 +10,7 @@ single-run times the 30-minute goal is about). Prints a table; writes bench/lear
 bench/learning/<rater>/{result.json,samples.json,curve.png}. Extra arguments after `--` go to every simulate run
 (e.g. `-- --ppo-lr 3e-4`). With `--learners`, every rater runs once per learner (same seed, prompts and votes
 schedule) into OUT/<learner>/<rater>/, and OUT/learners.png has one panel per rater with a curve per learner.
+`--resume` reuses the result of every run that finished before (same OUT) and runs only the rest.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def run_one(rater: str, learner: str | None, args: argparse.Namespace, extra: li
     name = rater.replace(":", "_") if learner is None else f"{learner}/{rater.replace(':', '_')}"
     out = Path(args.out) / name
     data = Path(args.work) / name
+    if args.resume and (out / "result.json").exists():
+        return json.loads((out / "result.json").read_text())
     subprocess.run(["rm", "-rf", str(data)], check=True)
     cmd = [sys.executable, "-m", "rlhf_live", "simulate", "--rater", rater, "--votes", str(args.votes)]
     cmd += ["--round-every", str(args.round_every), "--eval-prompts", str(args.eval_prompts)]
@@ -102,6 +105,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with one thread when > 1)")
     parser.add_argument("--learners", default="", help="e.g. ppo,dpo,kto: every rater once per learner")
     parser.add_argument("--out", default=str(HERE / "learning"))
+    parser.add_argument("--resume", action="store_true", help="reuse OUT/.../result.json where a run finished")
     parser.add_argument("--work", default="/tmp/rlhf-live-bench-learning", help="data dirs of the runs")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
