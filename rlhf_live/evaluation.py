@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 from collections.abc import Callable, Sequence
 
 from .policy import BASE, Answer, GenerationSettings, Policy
 
 FLUENCY_MARGINS = {"distinct2": 0.05, "eos_rate": 0.10, "answered_rate": 0.05}
-"""How much lower than the base's a version's distinct-2, EOS rate and share of non-blank answers may be and still
-count as fluent (an empty answer ends with EOS and has perfect distinct-2: only the last one catches it)."""
+"""How much lower than the base's a version's distinct-2, EOS rate and share of real answers may be and still count
+as fluent (a blank or parroted answer ends with EOS and has perfect distinct-2: only the last one catches it)."""
 
 
 def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -34,15 +35,28 @@ def distinct_n(text: str, n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-def answer_stats(answers: Sequence[Answer]) -> dict:
-    """Mean words and tokens per answer, EOS rate, share of non-blank answers and mean per-answer distinct-2."""
+def _words_of(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def is_answer(prompt: list[dict], text: str) -> bool:
+    """Whether `text` says something: not blank, and not just a piece of the conversation (question, system prompt)."""
+    words = _words_of(text)
+    # Found by reading answers: a version rewarded for brevity learned to answer "What is X?" with "What is X" or
+    # with its system prompt; such answers end with EOS and never repeat, so no other statistic flags them.
+    return bool(words) and not any(f" {words} " in f" {_words_of(m['content'])} " for m in prompt)
+
+
+def answer_stats(answers: Sequence[Answer], prompts: Sequence[list[dict]] | None = None) -> dict:
+    """Mean words and tokens per answer, EOS rate, share of real answers (`is_answer`) and mean distinct-2."""
     n = max(1, len(answers))
+    prompts = prompts if prompts is not None else [[]] * len(answers)
     return {
         "answer_words": sum(len(a.text.split()) for a in answers) / n,
         "answer_tokens": sum(len(a.token_ids) for a in answers) / n,
         "eos_rate": sum(a.finish_reason == "eos" for a in answers) / n,
         "distinct2": sum(distinct_n(a.text) for a in answers) / n,
-        "answered_rate": sum(bool(a.text.split()) for a in answers) / n,
+        "answered_rate": sum(is_answer(p, a.text) for p, a in zip(prompts, answers)) / n,
     }
 
 
@@ -63,7 +77,7 @@ class Evaluator:
         self.settings = dataclasses.replace(settings, seed=seed)
         self.base_answers = policy.generate_many(prompts, self.settings, versions=[BASE] * len(prompts))
         self.live_settings = dataclasses.replace(settings, seed=seed + 1)
-        self.base = answer_stats(self.base_answers)
+        self.base = answer_stats(self.base_answers, prompts)
 
     def evaluate(self, reward_model=None) -> dict:
         """Win-rate of the live version vs the base (ties half, Wilson 95%), KL, length, EOS rate, distinct-2."""
@@ -78,7 +92,7 @@ class Evaluator:
             outcomes.append(0.5 if won is None else float(won))
         win_rate = sum(outcomes) / len(outcomes)
         kl = self.policy.kl_to_base(self.prompts, answers, self.settings) if version != BASE else [0.0] * len(answers)
-        stats = answer_stats(answers)
+        stats = answer_stats(answers, self.prompts)
         result = {
             "version": version,
             "win_rate": win_rate,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlhf_live.evaluation import Evaluator, answer_stats, distinct_n, wilson_interval
+from rlhf_live.evaluation import Evaluator, answer_stats, distinct_n, is_answer, wilson_interval
 from rlhf_live.policy import Answer, GenerationSettings, Policy
 from rlhf_live.raters import load_rater
 
@@ -31,6 +31,15 @@ def test_distinct_2_and_answer_stats():
         "distinct2": pytest.approx((2 / 3 + 1 + 1) / 3),
         "answered_rate": 2 / 3,
     }
+
+
+def test_a_blank_or_parroted_answer_is_not_an_answer():
+    prompt = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "What is X?"}]
+    assert is_answer(prompt, "X is a letter.")
+    assert not is_answer(prompt, "  ") and not is_answer(prompt, "What is X") and not is_answer(prompt, "is x?")
+    assert not is_answer(prompt, "You are a helpful assistant.") and is_answer(prompt, "h")  # words, not letters
+    answers = [Answer("What is X?", [1], "eos"), Answer("X is a letter.", [2], "eos")]
+    assert answer_stats(answers, [prompt, prompt])["answered_rate"] == 0.5
 
 
 def test_base_against_itself_ties_and_has_zero_kl(tiny_cfg):
