@@ -224,6 +224,9 @@ class Config:
     """Gate: a round whose sampled answers average fewer tokens than this is not made live (silence as reward hack)."""
     min_distinct2: float = 0.7
     """Gate: a round whose sampled answers' mean distinct-2 falls below this (repeating themselves) is not made live."""
+    min_answered_rate: float = 0.8
+    """Gate: a round where fewer of the sampled answers say something (not blank, not the question or system prompt
+    parroted back) is not made live."""
     keep_versions: int = 10
     """Adapter folders kept on disk: the live version, its parent and the newest N (older ones are deleted)."""
     gate_prompts: int = 16

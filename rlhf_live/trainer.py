@@ -24,7 +24,7 @@ from . import recovery
 from .adapters import AdapterRegistry
 from .config import Config
 from .direct import LEARNERS, DirectDivergence, reward_ranked_pairs, train_direct
-from .evaluation import distinct_n
+from .evaluation import distinct_n, is_answer
 from .models import load_base, prepare_cpu_4bit, resolve
 from .policy import BASE, InvalidRequest, Policy, attach_adapter, prebuild_engine_file
 from .ppo import PPODivergence, PPOTrainer, load_seed_prompts
@@ -212,9 +212,11 @@ def _ppo(r: _Round, reward_model: RewardModel) -> Callable[[Path], None]:
     r.say("PPO", "loading policy copy")
     policy_model = r.bench.policy_copy(r.live_path)
     last_answers: list[str] = []
+    last_prompts: list[list[dict]] = []
 
     def reward_fn(prompts, texts):
         last_answers[:] = texts
+        last_prompts[:] = prompts
         return reward_model.score(prompts, texts, normalise=True)
 
     learner = PPOTrainer(policy_model, r.bench.tokenizer, cfg, reward_fn)
@@ -232,6 +234,7 @@ def _ppo(r: _Round, reward_model: RewardModel) -> Callable[[Path], None]:
     # The gate reads the rollouts PPO sampled anyway: mean KL over the round, length of the last update's.
     r.metrics.update({"sample/kl": ppo_metrics["kl"], "sample/answer_tokens": updates[-1]["answer_tokens"]})
     r.metrics["sample/distinct2"] = _mean_distinct2(last_answers)
+    r.metrics["sample/answered_rate"] = _answered_rate(last_prompts, last_answers)
     r.mark("ppo_updates")
     return learner.save_adapter
 
@@ -257,8 +260,11 @@ def _direct(r: _Round, pairs: list, pointwise: list, reward_model: RewardModel |
     # What the gate needs, measured as PPO measures it: sampled answers, KL to the base, their length.
     r.say("evaluating", "sampling answers for the gate")
     sampler = PPOTrainer(policy_model, r.bench.tokenizer, cfg, reward_fn=None)
-    drift = sampler.drift([r.pool[r.rng.randrange(len(r.pool))] for _ in range(cfg.gate_prompts)])
-    r.metrics["sample/distinct2"] = _mean_distinct2(drift.pop("answers"))
+    prompts = [r.pool[r.rng.randrange(len(r.pool))] for _ in range(cfg.gate_prompts)]
+    drift = sampler.drift(prompts)
+    answers = drift.pop("answers")
+    r.metrics["sample/distinct2"] = _mean_distinct2(answers)
+    r.metrics["sample/answered_rate"] = _answered_rate(prompts, answers)
     r.metrics.update({f"sample/{k}": v for k, v in drift.items()})
     r.mark("sample")
     return sampler.save_adapter
@@ -281,6 +287,11 @@ def _ranked_pairs(cfg: Config, policy_model, tokenizer, reward_model, pool: list
 def _mean_distinct2(answers: list[str]) -> float:
     """Mean per-answer distinct-2 of sampled answers (1.0 for none): the gate's degeneracy signal."""
     return sum(distinct_n(a) for a in answers) / len(answers) if answers else 1.0
+
+
+def _answered_rate(prompts: list[list[dict]], answers: list[str]) -> float:
+    """Share of sampled answers that say something (`is_answer`; 1.0 for none): the gate's parroting signal."""
+    return sum(is_answer(p, a) for p, a in zip(prompts, answers)) / len(answers) if answers else 1.0
 
 
 def _fmt(args: tuple) -> str:
@@ -315,6 +326,14 @@ def gate(cfg: Config, metrics: dict) -> None:
         raise TrainingRejected(
             f"answers repeat themselves: mean distinct-2 {distinct2:.2f} is under the gate of {cfg.min_distinct2}: "
             "the version stays a candidate."
+        )
+    # Rewarded for brevity, PPO went live answering "What is X?" with "What is X" or its system prompt for 11 of 32
+    # held-out prompts (bench/RESULTS.md ## Learners): short, fluent-looking, and not an answer.
+    answered = metrics.get("sample/answered_rate")
+    if answered is not None and answered < cfg.min_answered_rate:
+        raise TrainingRejected(
+            f"only {answered:.0%} of sampled answers say something (the rest are blank or repeat the question or "
+            f"system prompt; gate: {cfg.min_answered_rate:.0%}): the version stays a candidate."
         )
 
 

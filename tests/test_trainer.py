@@ -11,7 +11,7 @@ from rlhf_live.config import Config
 from rlhf_live.policy import InvalidRequest, Policy
 from rlhf_live.service import Service
 from rlhf_live.store import Store
-from rlhf_live.trainer import Trainer, TrainingRejected, _mean_distinct2, gate, run_round
+from rlhf_live.trainer import Trainer, TrainingRejected, _answered_rate, _mean_distinct2, gate, run_round
 
 
 @pytest.fixture
@@ -96,6 +96,17 @@ def test_gate_refuses_answers_that_repeat_themselves():
         gate(
             cfg, {"sample/kl": 5.0, "sample/answer_tokens": 60.0, "sample/distinct2": _mean_distinct2([looping, fresh])}
         )
+
+
+def test_gate_refuses_answers_that_parrot_the_question():
+    cfg = Config(min_answered_rate=0.8)
+    prompt = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "What is X?"}]
+    real, parrot = "X is the 24th letter of the alphabet.", "What is X"  # what PPO on the concise rater went live with
+    gate(cfg, {"sample/answered_rate": _answered_rate([prompt] * 5, [real] * 4 + [parrot])})  # 80%: at the limit
+    assert _answered_rate([], []) == 1.0
+    with pytest.raises(TrainingRejected, match=r"only 60% of sampled answers say something"):
+        answers = [real] * 3 + [parrot, "You are a helpful assistant."]
+        gate(cfg, {"sample/kl": 5.0, "sample/answered_rate": _answered_rate([prompt] * 5, answers)})
 
 
 def test_nan_rewards_leave_serving_untouched(loop_cfg, monkeypatch):
