@@ -34,22 +34,27 @@ def _permute(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def write_gguf_lora(adapter_dir: str | Path, base_config: dict, out: str | Path) -> Path:
-    """Write `adapter_dir` (a PEFT LoRA folder) as a GGUF LoRA for the base described by `base_config` (config.json)."""
-    adapter_dir, out = Path(adapter_dir), Path(out)
+def _read_lora(adapter_dir: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """A PEFT LoRA folder's config and its A/B weights by module, in float32; refuses what llama.cpp cannot express."""
     lora = json.loads((adapter_dir / "adapter_config.json").read_text())
     if lora.get("peft_type") != "LORA" or lora.get("use_dora") or lora.get("use_rslora"):
-        raise GGUFExportError(f"{adapter_dir}: only plain LoRA converts (no DoRA, no rsLoRA).")
+        raise GGUFExportError(f"{adapter_dir}: only plain LoRA converts or merges (no DoRA, no rsLoRA).")
     if lora.get("rank_pattern") or lora.get("alpha_pattern") or lora.get("modules_to_save"):
-        raise GGUFExportError(f"{adapter_dir}: per-module ranks/alphas and modules_to_save do not convert.")
-    arch, names, n_head, n_head_kv = _layout(base_config)
-
+        raise GGUFExportError(f"{adapter_dir}: per-module ranks/alphas and modules_to_save do not convert or merge.")
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
         match = _KEY.match(key)
         if not match:
             raise GGUFExportError(f"{adapter_dir}: unexpected tensor {key!r} (not a LoRA A/B weight).")
         pairs.setdefault(match["module"], {})[match["ab"]] = tensor.astype(np.float32)
+    return lora, pairs
+
+
+def write_gguf_lora(adapter_dir: str | Path, base_config: dict, out: str | Path) -> Path:
+    """Write `adapter_dir` (a PEFT LoRA folder) as a GGUF LoRA for the base described by `base_config` (config.json)."""
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    lora, pairs = _read_lora(adapter_dir)
+    arch, names, n_head, n_head_kv = _layout(base_config)
 
     writer = gguf.GGUFWriter(None, arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
@@ -171,18 +176,8 @@ def cached_model_gguf(state_dict: dict, base_config: dict, template: Path, cache
 def merge_lora(base_state: dict, adapter_dir: str | Path) -> dict:
     """The served base weights (transformers names) with a PEFT LoRA folded in: W + alpha / r * B @ A, in float32."""
     adapter_dir = Path(adapter_dir)
-    lora = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if lora.get("peft_type") != "LORA" or lora.get("use_dora") or lora.get("use_rslora"):
-        raise GGUFExportError(f"{adapter_dir}: only plain LoRA merges (no DoRA, no rsLoRA).")
-    if lora.get("rank_pattern") or lora.get("alpha_pattern") or lora.get("modules_to_save"):
-        raise GGUFExportError(f"{adapter_dir}: per-module ranks/alphas and modules_to_save do not merge.")
+    lora, pairs = _read_lora(adapter_dir)
     scale = float(lora["lora_alpha"]) / float(lora["r"])  # PEFT's LoraLayer.scaling for plain LoRA
-    pairs: dict[str, dict[str, np.ndarray]] = {}
-    for key, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
-        match = _KEY.match(key)
-        if not match:
-            raise GGUFExportError(f"{adapter_dir}: unexpected tensor {key!r} (not a LoRA A/B weight).")
-        pairs.setdefault(match["module"], {})[match["ab"]] = tensor.astype(np.float32)
     merged = dict(base_state)
     for module, ab in pairs.items():
         key = f"{module}.weight"
