@@ -305,36 +305,39 @@ def _fmt(args: tuple) -> str:
 
 def gate(cfg: Config, metrics: dict) -> None:
     """Refuse to make a round live when it drifted too far, or its answers collapsed or repeat (TrainingRejected)."""
-    kl = metrics.get("sample/kl")
-    if kl is not None and kl > cfg.max_kl_per_answer:
-        raise TrainingRejected(
-            f"mean KL to the base model {kl:.2f} nats per answer is over the gate of {cfg.max_kl_per_answer}: "
-            "the version stays a candidate."
-        )
-    # A reward model fitted on "shorter won" votes scores an empty answer highest; its KL can stay under the gate
-    # (measured: 19.6 nats, 0 words, bench/RESULTS.md ## Simulated raters), so length is gated on its own.
-    tokens = metrics.get("sample/answer_tokens")
-    if tokens is not None and tokens < cfg.min_answer_tokens:
-        raise TrainingRejected(
-            f"answers shrank to {tokens:.1f} tokens on average (gate: {cfg.min_answer_tokens}): "
-            "the version stays a candidate."
-        )
-    # Reward hacking by repetition ("I'm so glad! I'm so glad! ...") kept KL near the gate while distinct-2 fell
-    # from 0.93 to 0.62 (bench/RESULTS.md ## Simulated raters, cheerful): a degenerate round is refused on its own.
-    distinct2 = metrics.get("sample/distinct2")
-    if distinct2 is not None and distinct2 < cfg.min_distinct2:
-        raise TrainingRejected(
-            f"answers repeat themselves: mean distinct-2 {distinct2:.2f} is under the gate of {cfg.min_distinct2}: "
-            "the version stays a candidate."
-        )
-    # Rewarded for brevity, PPO went live answering "What is X?" with "What is X" or its system prompt for 11 of 32
-    # held-out prompts (bench/RESULTS.md ## Learners): short, fluent-looking, and not an answer.
-    answered = metrics.get("sample/answered_rate")
-    if answered is not None and answered < cfg.min_answered_rate:
-        raise TrainingRejected(
-            f"only {answered:.0%} of sampled answers say something (the rest are blank or repeat the question or "
-            f"system prompt; gate: {cfg.min_answered_rate:.0%}): the version stays a candidate."
-        )
+    # (metric, refuse when it is over (+1) or under (-1) the limit, limit, why), checked in this order.
+    checks = [
+        (
+            "sample/kl",
+            +1,
+            cfg.max_kl_per_answer,
+            "mean KL to the base model {v:.2f} nats per answer is over the gate of {g}",
+        ),
+        # A reward model fitted on "shorter won" votes scores an empty answer highest; its KL can stay under the gate
+        # (measured: 19.6 nats, 0 words, bench/RESULTS.md ## Simulated raters), so length is gated on its own.
+        ("sample/answer_tokens", -1, cfg.min_answer_tokens, "answers shrank to {v:.1f} tokens on average (gate: {g})"),
+        # Reward hacking by repetition ("I'm so glad! I'm so glad! ...") kept KL near the gate while distinct-2 fell
+        # from 0.93 to 0.62 (bench/RESULTS.md ## Simulated raters, cheerful): a degenerate round is refused on its own.
+        (
+            "sample/distinct2",
+            -1,
+            cfg.min_distinct2,
+            "answers repeat themselves: mean distinct-2 {v:.2f} is under the gate of {g}",
+        ),
+        # Rewarded for brevity, PPO went live answering "What is X?" with "What is X" or its system prompt for 11 of
+        # 32 held-out prompts (bench/RESULTS.md ## Learners): short, fluent-looking, and not an answer.
+        (
+            "sample/answered_rate",
+            -1,
+            cfg.min_answered_rate,
+            "only {v:.0%} of sampled answers say something (the rest are blank or repeat the question or "
+            "system prompt; gate: {g:.0%})",
+        ),
+    ]
+    for metric, side, limit, why in checks:
+        value = metrics.get(metric)
+        if value is not None and side * (value - limit) > 0:
+            raise TrainingRejected(why.format(v=value, g=limit) + ": the version stays a candidate.")
 
 
 def run_round(cfg: Config, store: Store, **kwargs) -> dict:
