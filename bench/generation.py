@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import time
@@ -127,7 +128,7 @@ def measure_plain(policy: Policy, tokens: int, prompt: list[dict] = PROMPT) -> d
     engine = getattr(measure_plain, "engine", None)
     if engine is None:
         cfg = policy.cfg
-        threads = cfg.engine_threads or __import__("os").cpu_count() or 1
+        threads = cfg.engine_threads or os.cpu_count() or 1
         engine = measure_plain.engine = LlamaCppEngine(source_gguf(cfg), threads=threads, parallel=1, n_ctx=2048)
     ids, _ = policy.build_prompt(prompt, GenerationSettings(max_new_tokens=tokens))
     sink: queue.Queue = queue.Queue()

@@ -103,7 +103,7 @@ def start_engine(cfg: Config, model: PeftModel) -> llama.LlamaCppEngine | None:
 def engine_unavailable(cfg: Config, model: PeftModel) -> str:
     """Why llama.cpp cannot serve this model here ('' when it can)."""
     template = source_gguf(cfg)
-    state = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    state = served_base(model)
     reason = ""
     if not llama.available():
         reason = "the xllamacpp package is not installed"

@@ -206,8 +206,9 @@ class Service:
         return pair
 
     def _previous_version(self, live: str) -> dict | None:
-        """The version that served before the live one: its parent if that was live once (retired), else the newest"""
-        # retired version; never a rejected candidate or a rolled-back version, and only with its folder on disk.
+        """The version that served before the live one, with its folder on disk (None if there is none)."""
+        # Its parent if that was live once (retired), else the newest retired version; never a rejected candidate or
+        # a rolled-back version.
         rows = {a["version"]: a for a in self.store.adapters()}
         usable = {v: a for v, a in rows.items() if a["status"] == "retired" and v != live and Path(a["path"]).is_dir()}
         parent = (rows.get(live) or {}).get("parent")

@@ -374,8 +374,8 @@ def train_once(cfg: Config) -> dict:
 
 
 def watch(cfg: Config, *, rounds: int | None = None, stop: threading.Event | None = None, hub=None) -> None:
-    """`rlhf-live train --watch`: a round whenever train_min_new_votes new votes have arrived (the trainer as its own"""
-    # process beside `serve --no-train`, on the same data dir); one JSON line per round on stdout.
+    """`rlhf-live train --watch`: a round whenever train_min_new_votes new votes arrive; a JSON line per round."""
+    # The trainer as its own process beside `serve --no-train`, on the same data dir.
     import json
 
     store, bench, stop = Store.from_config(cfg), Workbench(cfg), stop or threading.Event()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import gradio as gr
 
@@ -19,13 +19,10 @@ def add_api(service: Service, generate: dict) -> None:
     """Register the five endpoints inside the current gr.Blocks."""
 
     def api_chat(message: str, conversation_id: str = "", request: gr.Request = None) -> Iterator[dict]:
-        """Answer `message` in a new ("") or existing conversation of this client; streams the text as it is written"""
-        # (`response_id` is None until the last update, which has the stored answer's ids: what predict() returns).
-        with UserError():
-            stream = service.chat(voter_of(service, None, request), message, conversation_id or "")
-            first = next(stream)
-        for update in itertools.chain([first], stream):
-            yield {k: update[k] for k in ("conversation_id", "response_id", "text", "adapter_version")}
+        """Answer `message` in a new ("") or existing conversation of this client, streamed as it is written."""
+        # `response_id` is None until the last update, which has the stored answer's ids: what predict() returns.
+        start = lambda: service.chat(voter_of(service, None, request), message, conversation_id or "")  # noqa: E731
+        yield from _streamed(start, ("conversation_id", "response_id", "text", "adapter_version"))
 
     def api_feedback(response_id: str, value: str, reason: str = "", request: gr.Request = None) -> dict:
         """Thumb an answer: value is up, down or clear."""
@@ -35,11 +32,8 @@ def add_api(service: Service, generate: dict) -> None:
 
     def api_compare(message: str, conversation_id: str = "", request: gr.Request = None) -> Iterator[dict]:
         """Two answers of the live model to `message`, streamed; the last update has the pair id: vote with /choose."""
-        with UserError():
-            stream = service.compare(voter_of(service, None, request), message, conversation_id or "")
-            first = next(stream)
-        for update in itertools.chain([first], stream):
-            yield {"pair_id": update["pair_id"], "a": update["a"], "b": update["b"]}
+        start = lambda: service.compare(voter_of(service, None, request), message, conversation_id or "")  # noqa: E731
+        yield from _streamed(start, ("pair_id", "a", "b"))
 
     def api_choose(pair_id: str, choice: str, reason: str = "", request: gr.Request = None) -> dict:
         """Pick the better answer of a pair: A, B, tie or both_bad (once per pair)."""
@@ -56,3 +50,12 @@ def add_api(service: Service, generate: dict) -> None:
     gr.api(api_compare, api_name="compare", **generate)
     gr.api(api_choose, api_name="choose")
     gr.api(api_status, api_name="status")
+
+
+def _streamed(start: Callable[[], Iterator[dict]], keys: tuple[str, ...]) -> Iterator[dict]:
+    """The service's updates, cut to the endpoint's result shape; a refusal at the start is a gr.Error."""
+    with UserError():  # the service checks the request when the first update is asked for
+        stream = start()
+        first = next(stream)
+    for update in itertools.chain([first], stream):
+        yield {k: update[k] for k in keys}

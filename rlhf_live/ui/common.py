@@ -67,8 +67,9 @@ class UserError:
 
 
 def voter_of(service: Service, client: dict | None, request: gr.Request, profile=None) -> str:
-    """Who votes: a person signed in with Hugging Face is their user name (their votes follow them across devices);"""
-    # otherwise browser tabs carry a random id in localStorage (survives reloads) and API clients their session.
+    """Who votes: the signed-in Hugging Face user name, else this browser's (or API session's) random id."""
+    # A signed-in person's votes follow them across devices; browser tabs keep their id in localStorage (it survives
+    # reloads) and API clients have their session.
     key = (client or {}).get("id") or request.session_hash or ""
     return service.voter(key, getattr(profile, "username", None) or getattr(request, "username", None))
 
@@ -114,8 +115,9 @@ def chat_state(conversation_id: str = "", ids: list[str] | None = None, leaf: st
 
 
 def require_admin(cfg: Config, token, profile=None) -> None:
-    """Raise the error a person reads unless `token` is the admin token (constant time) or the signed-in Hugging Face"""
-    # user is an admin (the Space's owner or Config.admin_users); with neither configured, nobody is.
+    """Raise the error a person reads unless `token` is the admin token or the signed-in user is an admin."""
+    # The token is compared in constant time; admins are the Space's owner and Config.admin_users; with neither
+    # configured, nobody is.
     # Checked inside each handler: hiding a control does not stop the browser's queue protocol from calling it.
     if cfg.admin_token and hmac.compare_digest(str(token or "").encode(), cfg.admin_token.encode()):
         return
