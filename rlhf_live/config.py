@@ -58,6 +58,8 @@ class Config:
     work: runtime LoRA added 210 small matmuls a token for SmolLM2); off: one base file plus runtime LoRAs."""
     engine_weights: str = "f16"
     """GGUF type of the served base in llama.cpp: f16 (NF4's values to f16 rounding), bf16/f32 (exact), q8_0."""
+    engine_cache_mib: int = 1024
+    """Host memory each llama.cpp server keeps for earlier prompts' KV cache (a chat's next turn reuses it)."""
     adapter: str = ""
     """Adapter folder to serve at start; empty serves the live version from the data dir, or a fresh LoRA."""
     lora_r: int = 16

@@ -1,22 +1,26 @@
 """llama.cpp as the serving engine: token streams from a GGUF base with the live and comparison adapters as GGUF LoRAs.
 
-Knows xllamacpp (llama.cpp's server, in process: continuous batching across requests, a LoRA chosen per request) and
-the sampling settings that make it sample as transformers does; knows nothing of chat templates, SQL or training.
+Knows the llama.cpp server's requests (continuous batching across requests, a LoRA chosen per request, a prefix cache
+per slot), the sampling settings that make it sample as transformers does, and the processes that run it
+(`engine_worker`, one per served file); knows nothing of chat templates, SQL or training.
 `Policy` builds the prompt tokens and the GGUF files (`gguf_export`) and hands them here.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
+import json
+import os
 import queue
-import secrets
+import subprocess
+import sys
 import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-try:
-    import xllamacpp
-except ImportError:  # the torch engine serves instead
-    xllamacpp = None
 
 
 class EngineError(RuntimeError):
@@ -35,37 +39,104 @@ class Sampling:
 
 def available() -> bool:
     """Whether the llama.cpp engine can run here (xllamacpp installed)."""
-    return xllamacpp is not None
+    return importlib.util.find_spec("xllamacpp") is not None
 
 
 class _Server:
-    """One llama.cpp server: the base plus a fixed list of adapters."""
+    """One llama.cpp server in its own process (`engine_worker`): a GGUF model plus a fixed list of adapters."""
 
-    def __init__(self, model: Path, adapters: dict[str, Path], threads: int, parallel: int, n_ctx: int):
-        p = xllamacpp.CommonParams()
-        p.model.path = str(model)
-        p.n_parallel = parallel
-        p.n_ctx = n_ctx * parallel  # split evenly: every slot holds a whole context
-        p.cpuparams.n_threads = threads
-        p.cpuparams_batch.n_threads = threads
-        p.warmup = False
-        p.verbosity = -1
-        # The embedded server also listens on loopback HTTP; a random key keeps other local processes out.
-        p.api_keys = [secrets.token_hex(16)]
-        # Loaded at scale 0: every request names its own adapter (https://github.com/xorbitsai/xllamacpp#lora).
-        p.lora_adapters = [xllamacpp.CommonAdapterLoraInfo(str(path), 0.0) for path in adapters.values()]
-        try:
-            self.server = xllamacpp.Server(p)
-        except RuntimeError as exc:
-            raise EngineError(f"llama.cpp could not load {model} with adapters {list(adapters)}: {exc}") from exc
+    def __init__(self, model: Path, adapters: dict[str, Path], threads: int, parallel: int, n_ctx: int, cache_mib: int):
         self.ids = {version: i for i, version in enumerate(adapters)}
         self.path = Path(model)
+        settings = {"model": str(model), "adapters": [str(p) for p in adapters.values()], "threads": threads}
+        settings |= {"parallel": parallel, "n_ctx": n_ctx, "cache_mib": cache_mib}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")])}
+        self._proc = _SPAWNER.submit(
+            subprocess.Popen,
+            [sys.executable, "-m", "rlhf_live.engine_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        ).result()
+        self._proc.stdin.write(json.dumps(settings) + "\n")
+        self._proc.stdin.flush()
+        first = json.loads(self._proc.stdout.readline() or '{"error": "the llama.cpp process exited"}')
+        if not first.get("ready"):
+            self._proc.kill()
+            raise EngineError(f"llama.cpp could not load {model} with adapters {list(adapters)}: {first['error']}")
+        self._write = threading.Lock()
+        self._ids = itertools.count()
+        self._routes: dict[int, Callable[[dict], None]] = {}
+        threading.Thread(target=_read, args=(self._proc, self._routes), name="llama.cpp reader", daemon=True).start()
+        weakref.finalize(self, _stop, self._proc)  # the process ends when the last answer using it does
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
 
     def lora(self, version: str | None) -> list[dict]:
         """Every adapter with its scale: 1 for `version`, 0 for the rest (None = the base; unknown is an error)."""
         if version is not None and version not in self.ids:
             raise EngineError(f"Adapter {version!r} is not loaded in llama.cpp.")
         return [{"id": i, "scale": 1.0 if v == version else 0.0} for v, i in self.ids.items()]
+
+    def new_id(self) -> int:
+        """A request id not used before on this server."""
+        return next(self._ids)
+
+    def request(self, rid: int, body: dict, on_message: Callable[[dict], None]) -> None:
+        """Send one completion request; `on_message` gets every reply line for it, the last one with `done`."""
+        self._routes[rid] = on_message
+        self._send({"id": rid, "op": "complete", "body": body}, rid)
+
+    def cancel(self, rid: int) -> None:
+        """Stop request `rid` at its next token (nothing if it already ended)."""
+        if rid in self._routes:
+            self._send({"id": rid, "op": "cancel"}, None)
+
+    def _send(self, message: dict, rid: int | None) -> None:
+        try:
+            with self._write:
+                self._proc.stdin.write(json.dumps(message) + "\n")
+                self._proc.stdin.flush()
+        except (OSError, ValueError) as exc:  # the process died: the request ends with an error
+            route = self._routes.pop(rid, None) if rid is not None else None
+            if route is not None:
+                route({"error": f"the llama.cpp process is gone ({exc})"})
+                route({"done": True})
+
+
+def _read(proc: subprocess.Popen, routes: dict[int, Callable[[dict], None]]) -> None:
+    """Hand each reply line to its request; if the process dies, end every open request with an error."""
+    for line in proc.stdout:
+        message = json.loads(line)
+        route = routes.pop(message["id"], None) if message.get("done") else routes.get(message["id"])
+        if route is not None:
+            route(message)
+    code = proc.wait()
+    for rid in list(routes):
+        route = routes.pop(rid, None)
+        if route is not None:
+            route({"error": f"the llama.cpp process exited ({code})"})
+            route({"done": True})
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a server's process: closing its stdin ends it; kill if it does not go at once."""
+    try:
+        proc.stdin.close()
+        proc.wait(timeout=2)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        proc.kill()
+
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama.cpp spawner")
+"""Starts every llama.cpp process from one thread: a child inherits the niceness of the thread that forks it, and
+the trainer's thread (which publishes versions) is niced; this one is made now, by whoever imports the engine."""
+_SPAWNER.submit(int).result()
 
 
 class LlamaCppEngine:
@@ -75,41 +146,50 @@ class LlamaCppEngine:
     LoRA work) or as a runtime LoRA on the base file (`set_adapters`); a version in neither samples as the base.
     """
 
-    def __init__(self, model: str | Path, *, threads: int, parallel: int, n_ctx: int):
+    def __init__(self, model: str | Path, *, threads: int, parallel: int, n_ctx: int, cache_mib: int = 1024):
         if not available():
             raise EngineError("llama.cpp engine needs the xllamacpp package: pip install xllamacpp")
         self.model, self.threads, self.parallel, self.n_ctx = Path(model), threads, parallel, n_ctx
+        self.cache_mib = cache_mib
         self._lock = threading.Lock()
-        self._server = _Server(self.model, {}, threads, parallel, n_ctx)
+        self._adapters: dict[str, Path] = {}
+        self._server = self._start(self.model, self._adapters)
         self._merged: dict[str, _Server] = {}  # version -> a server on its merged GGUF
 
     def set_adapters(self, adapters: dict[str, Path]) -> None:
         """Serve exactly these adapters (version -> GGUF LoRA) from now on; answers already running finish first."""
         # llama.cpp's server takes adapter files only at start, so a new set is a new server on the same file
         # (~0.6 s for 135M); the old one is dropped when its last answer ends.
-        new = _Server(self.model, dict(adapters), self.threads, self.parallel, self.n_ctx)
+        new = self._start(self.model, dict(adapters))
         with self._lock:
-            self._server = new
+            self._server, self._adapters = new, dict(adapters)
 
     def set_models(self, models: dict[str, Path]) -> None:
         """Serve exactly these versions from their merged GGUF files (version -> path); running answers finish first."""
         with self._lock:
             current = dict(self._merged)
         new = {
-            v: current[v] if v in current and current[v].path == Path(p) else self._start(Path(p))
+            v: current[v] if v in current and current[v].path == Path(p) and current[v].alive else self._start(Path(p))
             for v, p in models.items()
         }
         with self._lock:
             self._merged = new
 
-    def _start(self, path: Path) -> _Server:
-        return _Server(path, {}, self.threads, self.parallel, self.n_ctx)
+    def _start(self, path: Path, adapters: dict[str, Path] | None = None) -> _Server:
+        return _Server(path, adapters or {}, self.threads, self.parallel, self.n_ctx, self.cache_mib)
 
     def _route(self, version: str | None) -> tuple[_Server, list[dict]]:
         """The server that samples `version` and the LoRA scales to send with the request."""
         with self._lock:  # a later set_* does not stop an answer: it keeps the server it started on
             merged = self._merged.get(version) if version is not None else None
             server = merged or self._server
+        if not server.alive:  # llama.cpp crashed (its process, not ours): serve on from a fresh one
+            server = self._start(server.path, None if merged else self._adapters)
+            with self._lock:
+                if merged:
+                    self._merged[version] = server
+                else:
+                    self._server = server
         return server, [] if merged else server.lora(version)
 
     def submit(
@@ -120,46 +200,62 @@ class LlamaCppEngine:
         cancel: threading.Event,
         sink: queue.Queue,
         tag: int = 0,
-    ) -> threading.Thread:
-        """Start one answer; `sink` gets (tag, kind, value): 'token' id, 'finish' reason, 'error' exception, 'done'."""
+    ) -> Request:
+        """Start one answer; `sink` gets (tag, kind, value): token, finish, cached (reused prompt), error, done."""
         server, lora = self._route(version)
         request = {
             "prompt": list(prompt_ids),
             "max_tokens": sampling.max_new_tokens,
             "stream": True,
             "n_probs": 1,  # each chunk then carries its token id
+            # A chat's next turn starts with the whole previous prompt and answer: llama.cpp keeps them in the slot's
+            # KV cache and prefills only what is new (https://github.com/ggml-org/llama.cpp/tree/master/tools/server).
             "cache_prompt": True,
             **({"lora": lora} if lora else {}),
             **_sampler(sampling),
         }
+        handle, rid = Request(), server.new_id()
 
-        def on_chunk(chunk: dict) -> bool:
-            choice = (chunk.get("choices") or [{}])[0]
-            for item in (choice.get("logprobs") or {}).get("content") or []:
-                sink.put((tag, "token", item["id"]))
-            if choice.get("finish_reason"):
-                sink.put((tag, "finish", {"stop": "eos"}.get(choice["finish_reason"], choice["finish_reason"])))
-            return cancel.is_set()  # True stops this request at the next token
-
-        def work() -> None:
-            try:
-                server.server.handle_completions(request, on_chunk)
-            except BaseException as exc:  # surfaced to the reader
-                sink.put((tag, "error", EngineError(f"llama.cpp failed while generating: {exc}")))
-            finally:
+        def on_message(m: dict) -> None:
+            if "tok" in m:
+                sink.put((tag, "token", m["tok"]))
+                if cancel.is_set():
+                    server.cancel(rid)  # `server` is held here until the answer ends: it must outlive it
+            elif "finish" in m:
+                sink.put((tag, "finish", {"stop": "eos"}.get(m["finish"], m["finish"])))
+                sink.put((tag, "cached", m.get("cached", 0)))
+            elif "error" in m:
+                sink.put((tag, "error", EngineError(f"llama.cpp failed while generating: {m['error']}")))
+            elif m.get("done"):
                 sink.put((tag, "done", None))
+                handle.done.set()
 
-        thread = threading.Thread(target=work, name="llama.cpp", daemon=True)
-        thread.start()
-        return thread
+        server.request(rid, request, on_message)
+        return handle
 
     def next_logprobs(self, prompt_ids: list[int], version: str | None, n_vocab: int) -> dict[int, float]:
         """Log-softmax of the raw next-token logits after `prompt_ids` (token id -> logprob), for tests."""
         server, lora = self._route(version)
         request = {"prompt": list(prompt_ids), "max_tokens": 1, "temperature": 0, "n_probs": n_vocab}
-        reply = server.server.handle_completions({**request, "cache_prompt": False, **({"lora": lora} if lora else {})})
+        request |= {"cache_prompt": False, **({"lora": lora} if lora else {})}
+        replies: queue.Queue = queue.Queue()
+        server.request(server.new_id(), request, replies.put)
+        while "done" not in (m := replies.get()):
+            if "error" in m:
+                raise EngineError(f"llama.cpp failed: {m['error']}")
+            reply = m["reply"]
         top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
         return {t["id"]: t["logprob"] for t in top}
+
+
+class Request:
+    """One answer in flight: `join` waits until llama.cpp has sent its last token."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.done.wait(timeout)
 
 
 def _sampler(s: Sampling) -> dict:

@@ -97,7 +97,9 @@ def start_engine(cfg: Config, model: PeftModel) -> llama.LlamaCppEngine | None:
     template = source_gguf(cfg)
     path = cached_model_gguf(served_base(model), model.config.to_dict(), template, cfg.cache_dir, cfg.engine_weights)
     threads = cfg.engine_threads or os.cpu_count() or 1
-    return llama.LlamaCppEngine(path, threads=threads, parallel=cfg.engine_parallel, n_ctx=cfg.max_context_tokens)
+    return llama.LlamaCppEngine(
+        path, threads=threads, parallel=cfg.engine_parallel, n_ctx=cfg.max_context_tokens, cache_mib=cfg.engine_cache_mib
+    )
 
 
 def engine_unavailable(cfg: Config, model: PeftModel) -> str:
@@ -205,6 +207,8 @@ class Answer:
     finish_reason: str = ""
     """'eos' (the model ended it), 'length' (max_new_tokens) or 'cancelled'."""
     adapter_version: str = BASE
+    cached_prompt_tokens: int = 0
+    """Prompt tokens the engine reused from an earlier request (llama.cpp's prefix cache); always 0 on torch."""
 
 
 class Stream:
@@ -443,6 +447,8 @@ class Policy:
                     a.finish_reason = value if value in ("eos", "length") else ""
                 elif kind == "error":
                     errors.append(value)
+                elif kind == "cached":
+                    a.cached_prompt_tokens = value
                 elif kind == "done":
                     running -= 1
             yield self._finish(answers, errors, cancel)

@@ -2,7 +2,10 @@
 
 import dataclasses
 import json
+import os
+import signal
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -334,3 +337,35 @@ def test_llamacpp_a_stream_in_flight_finishes_on_its_version_when_a_swap_comes(s
     served.load_for_comparison(adapters[0], "v0001")
     again, other = (served.generate(PROMPTS[1], settings, versions=[v])[0] for v in ("v0001", "v0002"))
     assert answer.token_ids == again.token_ids != other.token_ids
+
+
+@pytest.mark.slow
+def test_llamacpp_a_chats_next_turn_prefills_only_what_is_new(served):
+    settings = GenerationSettings(max_new_tokens=24, temperature=0.0)
+    history = [{"role": "user", "content": "Tell me about the history of bread in Europe. " * 20}]
+    first = served.stream(history, settings)
+    (answer,) = first.wait()
+    turn = [*history, {"role": "assistant", "content": answer.text}, {"role": "user", "content": "And cheese?"}]
+    second = served.stream(turn, settings)
+    (reply,) = second.wait()
+    assert reply.text and second.prompt_tokens > first.prompt_tokens + len(answer.token_ids)
+    # The slot still holds the first prompt and the answer's tokens: all but the last one sampled, never fed back
+    # (an end token is not in token_ids).
+    fed = len(answer.token_ids) - (answer.finish_reason == "length")
+    assert reply.cached_prompt_tokens == first.prompt_tokens + fed
+
+
+@pytest.mark.slow
+def test_llamacpp_serving_survives_its_process_dying(served):
+    server, _ = served.engine._route(served.version)
+    maps = Path(f"/proc/{server._proc.pid}/maps").read_text() if os.path.exists("/proc") else ""
+    assert "libtorch" not in maps  # torch's OpenMP threads would slow every llama.cpp barrier in the same process
+    stream = served.stream(PROMPTS[1], GenerationSettings(max_new_tokens=200, temperature=1.0, seed=0))
+    steps = iter(stream)
+    next(steps)
+    os.kill(server._proc.pid, signal.SIGKILL)
+    with pytest.raises(EngineError, match="exited"):
+        for _ in steps:
+            pass
+    (answer,) = served.generate(PROMPTS[0], GenerationSettings(max_new_tokens=8, temperature=0.0))
+    assert answer.token_ids and served.engine._route(served.version)[0]._proc.pid != server._proc.pid
