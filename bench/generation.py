@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from rlhf_live.config import Config
-from rlhf_live.models import resolve
-from rlhf_live.policy import GenerationSettings, Policy
+from rlhf_live.gguf_export import cached_model_gguf
+from rlhf_live.models import resolve, source_gguf
+from rlhf_live.policy import GenerationSettings, Policy, served_base
 
 PROMPT = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread."}]
 LONG = [  # ~1,000 prompt tokens: a conversation with history, where prefill dominates the first token
@@ -59,6 +60,30 @@ def measure(policy: Policy, tokens: int, prompt: list[dict] = PROMPT) -> dict:
         "tokens": n,
         "prompt": stream.prompt_tokens,
     }
+
+
+def short(i: int) -> list[dict]:
+    """PROMPT, new to every cache (llama.cpp would otherwise reuse the previous run's prompt)."""
+    return [{"role": "user", "content": f"{PROMPT[0]['content']} ({i})"}]
+
+
+def long_history(i: int) -> list[dict]:
+    """LONG, made new to every cache by its first words (a history the engine has not seen)."""
+    first = {**LONG[0], "content": f"Conversation {i}. {LONG[0]['content']}"}
+    return [first, *LONG[1:]]
+
+
+def measure_next_turn(policy: Policy, i: int) -> dict:
+    """A chat's next turn after a ~1,000-token history: the history and its answer were the previous request."""
+    history = long_history(1000 + i)
+    (answer,) = policy.stream(history, GenerationSettings(max_new_tokens=64, temperature=0.0)).wait()
+    turn = [*history, {"role": "assistant", "content": answer.text}, {"role": "user", "content": "And in Asia?"}]
+    stream = policy.stream(turn, GenerationSettings(max_new_tokens=8, temperature=0.0))
+    start = time.perf_counter()
+    next(iter(stream))
+    ttft = time.perf_counter() - start
+    (reply,) = stream.wait()
+    return {"ttft_s": ttft, "prompt": stream.prompt_tokens, "cached": reply.cached_prompt_tokens}
 
 
 def measure_concurrent(policy: Policy, tokens: int, n: int = 4) -> dict:
@@ -117,19 +142,18 @@ def measure_trainer_busy(policy: Policy, runs: int = 5) -> dict:
     return {"idle_ttft_s": statistics.median(idle), "busy_ttft_s": statistics.median(busy), "busy": busy}
 
 
-def measure_plain(policy: Policy, tokens: int, prompt: list[dict] = PROMPT) -> dict:
-    """The same greedy answer from plain llama.cpp on the shipped Q4_1 GGUF, no adapter: the issue's yardstick."""
+def measure_plain(policy: Policy, tokens: int, prompt: list[dict], model: Path) -> dict:
+    """The same greedy answer from plain llama.cpp on a GGUF file, no adapter, no Policy: the issue's yardstick."""
     import queue
     import threading
 
     from rlhf_live.engine import LlamaCppEngine, Sampling
-    from rlhf_live.models import source_gguf
 
-    engine = getattr(measure_plain, "engine", None)
-    if engine is None:
-        cfg = policy.cfg
-        threads = cfg.engine_threads or os.cpu_count() or 1
-        engine = measure_plain.engine = LlamaCppEngine(source_gguf(cfg), threads=threads, parallel=1, n_ctx=2048)
+    engines = measure_plain.__dict__.setdefault("engines", {})
+    if model not in engines:
+        threads = policy.cfg.engine_threads or os.cpu_count() or 1
+        engines[model] = LlamaCppEngine(model, threads=threads, parallel=1, n_ctx=2048)
+    engine = engines[model]
     ids, _ = policy.build_prompt(prompt, GenerationSettings(max_new_tokens=tokens))
     sink: queue.Queue = queue.Queue()
     start, first, n = time.perf_counter(), None, 0
@@ -158,19 +182,31 @@ def main() -> None:
     wanted = [w for w in args.only.split(",") if w]
     variants = [v for v in VARIANTS if not wanted or any(w in v[0] for w in wanted)]
     policy = Policy.from_config(Config(model=source, engine="torch"))  # for the plain row's tokenizer and template
-    for name, overrides in [*variants, ("plain llama.cpp, shipped Q4_1, no adapter", dict(engine="plain"))]:
+    plain = [
+        ("plain llama.cpp, served NF4 values q8_0, no adapter", dict(engine="plain", weights="q8_0")),
+        ("plain llama.cpp, shipped Q4_1, no adapter", dict(engine="plain")),
+    ]
+    for name, overrides in [*variants, *plain]:
         if overrides.get("engine") == "plain":  # measured through the last policy's tokenizer and template
-            runs = [measure_plain(policy, args.tokens) for _ in range(args.runs + 1)][1:]
-            long_runs = [measure_plain(policy, 8, LONG) for _ in range(max(1, args.runs // 2))]
-            rows.append(_row(name, runs, long_runs, 85e6))
+            model = source_gguf(policy.cfg)
+            if "weights" in overrides:  # the file the llama.cpp rows serve, before any adapter is merged in
+                weights = overrides["weights"]
+                model = cached_model_gguf(
+                    served_base(policy.model), policy.model.config.to_dict(), model, policy.cfg.cache_dir, weights
+                )
+            runs = [measure_plain(policy, args.tokens, short(i), model) for i in range(args.runs + 1)][1:]
+            long_runs = [measure_plain(policy, 8, long_history(i), model) for i in range(max(1, args.runs // 2))]
+            rows.append(_row(name, runs, long_runs, model.stat().st_size))
             continue
         model = Config().model if overrides.get("engine") == "llamacpp" else source  # llama.cpp needs the GGUF
         cfg = Config(model=model, max_new_tokens=args.tokens, **overrides)
         policy = Policy.from_config(cfg, args.adapter or None)
         measure(policy, 8)  # warm-up: first call pays one-off allocation costs
-        runs = [measure(policy, args.tokens) for _ in range(args.runs)]
-        long_runs = [measure(policy, 8, LONG) for _ in range(max(1, args.runs // 2))]
+        runs = [measure(policy, args.tokens, short(i)) for i in range(args.runs)]
+        long_runs = [measure(policy, 8, long_history(i)) for i in range(max(1, args.runs // 2))]
         rows.append(_row(name, runs, long_runs, policy.model.get_memory_footprint()))
+        turns = [measure_next_turn(policy, i) for i in range(max(1, args.runs // 2))]
+        rows[-1]["next_turn"] = {k: statistics.median(t[k] for t in turns) for k in ("ttft_s", "prompt", "cached")}
         if args.concurrent:
             rows[-1]["concurrent"] = measure_concurrent(policy, args.tokens, args.concurrent)
         if args.busy:
@@ -178,9 +214,13 @@ def main() -> None:
     base = rows[0]["decode_tok_s"]
     long_n = rows[0]["long_prompt_tokens"]
     long_head = f"TTFT@{long_n}"
-    print(f"{'variant':<42} {'TTFT s':>8} {'decode tok/s':>13} {'vs NF4':>8} {'tokens':>7} {'MB':>7} {long_head:>10}")
+    head = f"{'variant':<42} {'TTFT s':>8} {'decode tok/s':>13} {'vs NF4':>8} {'vs plain':>8} {'tokens':>7} {'MB':>7}"
+    print(f"{head} {long_head:>10} {'next turn':>10}")
+    plain = rows[-1]["decode_tok_s"]
     for r in rows:
         r["decode_vs_nf4"] = r["decode_tok_s"] / base
+        r["decode_vs_plain"] = r["decode_tok_s"] / plain
+        turn = f"{r['next_turn']['ttft_s']:>10.3f}" if r.get("next_turn") else f"{'-':>10}"
         c = r.get("concurrent")
         together = ""
         if c:
@@ -192,7 +232,8 @@ def main() -> None:
             together += f"  training: TTFT {b['busy_ttft_s']:.3f} s vs {b['idle_ttft_s']:.3f} idle"
         print(
             f"{r['variant']:<42} {r['ttft_s']:>8.3f} {r['decode_tok_s']:>13.1f} {r['decode_vs_nf4']:>7.2f}x "
-            f"{r['tokens']:>7.0f} {r['memory_mb']:>7.0f} {r['long_ttft_s']:>10.2f}{together}"
+            f"{r['decode_vs_plain']:>7.2f}x {r['tokens']:>7.0f} {r['memory_mb']:>7.0f} {r['long_ttft_s']:>10.2f}"
+            f"{turn}{together}"
         )
     meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

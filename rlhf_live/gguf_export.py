@@ -200,6 +200,7 @@ def cached_merged_gguf(
     key = _key(template.resolve(), stat.st_size, stat.st_mtime_ns, qtype, dtypes, _digest(adapter_dir))
     out = Path(cache_dir).expanduser() / "gguf" / f"{template.stem}-merged-{qtype}-{key}.gguf"
     if out.is_file():
+        os.utime(out)  # used again: recent for prune_cache
         return out
     return write_gguf_model(merge_lora(base_state, adapter_dir), base_config, template, out, qtype)
 
@@ -216,4 +217,29 @@ def _digest(adapter_dir: str | Path) -> str:
 def cached_lora_gguf(adapter_dir: str | Path, base_config: dict, cache_dir: str | Path) -> Path:
     """An adapter folder as GGUF LoRA in `cache_dir`, keyed by the adapter's content."""
     out = Path(cache_dir).expanduser() / "gguf" / f"lora-{_digest(adapter_dir)}.gguf"
-    return out if out.is_file() else write_gguf_lora(adapter_dir, base_config, out)
+    if out.is_file():
+        os.utime(out)
+        return out
+    return write_gguf_lora(adapter_dir, base_config, out)
+
+
+def prune_cache(cache_dir: str | Path, keep: set[Path], newest: int) -> list[Path]:
+    """Delete per-version files (merged models, LoRAs) beyond the `newest` most recently used, never those in `keep`."""
+    # Each version's merged model is a whole model (145-271 MB for SmolLM2-135M), one per round: unpruned, a live app
+    # fills its disk. A running llama.cpp process keeps a deleted file it has mapped, so only a restart needs it.
+    files = [*Path(cache_dir).expanduser().joinpath("gguf").glob("*-merged-*.gguf")]
+    files += Path(cache_dir).expanduser().joinpath("gguf").glob("lora-*.gguf")
+    keep = {Path(p).resolve() for p in keep}
+    dropped = []
+    for path in sorted(files, key=_mtime, reverse=True)[newest:]:
+        if path.resolve() not in keep:
+            path.unlink(missing_ok=True)
+            dropped.append(path)
+    return dropped
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # another process pruned it meanwhile
+        return 0.0

@@ -21,7 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 from . import engine as llama
 from .adapters import AdapterError, check_folder
 from .config import Config
-from .gguf_export import cached_lora_gguf, cached_merged_gguf, cached_model_gguf
+from .gguf_export import cached_lora_gguf, cached_merged_gguf, cached_model_gguf, prune_cache
 from .models import load_base, prepare_cpu_4bit, source_gguf
 
 BASE = "base"
@@ -98,7 +98,11 @@ def start_engine(cfg: Config, model: PeftModel) -> llama.LlamaCppEngine | None:
     path = cached_model_gguf(served_base(model), model.config.to_dict(), template, cfg.cache_dir, cfg.engine_weights)
     threads = cfg.engine_threads or os.cpu_count() or 1
     return llama.LlamaCppEngine(
-        path, threads=threads, parallel=cfg.engine_parallel, n_ctx=cfg.max_context_tokens, cache_mib=cfg.engine_cache_mib
+        path,
+        threads=threads,
+        parallel=cfg.engine_parallel,
+        n_ctx=cfg.max_context_tokens,
+        cache_mib=cfg.engine_cache_mib,
     )
 
 
@@ -127,9 +131,12 @@ def prebuild_engine_file(cfg: Config, model: PeftModel | None, adapter_path: str
         return False
     try:
         base = served_base(model)
-        cached_merged_gguf(base, adapter_path, model.config.to_dict(), template, cfg.cache_dir, cfg.engine_weights)
+        path = cached_merged_gguf(
+            base, adapter_path, model.config.to_dict(), template, cfg.cache_dir, cfg.engine_weights
+        )
     except Exception:  # serving will try again (and report) at the swap
         return False
+    prune_cache(cfg.cache_dir, {path}, newest=cfg.keep_versions + 2)
     return True
 
 
@@ -271,10 +278,17 @@ class Policy:
         path = adapter_path or cfg.adapter or None
         model = attach_adapter(base, cfg, path)
         model.eval()
-        engine = start_engine(cfg, model)
+        note = ""
+        try:
+            engine = start_engine(cfg, model)
+        except (llama.EngineError, OSError) as exc:  # e.g. a wheel this CPU cannot run: 'auto' serves on with torch
+            if cfg.engine != "auto":
+                raise
+            engine, note = None, f"serving with torch: llama.cpp failed to start ({exc})"
+        if engine is None and cfg.engine == "auto" and not note:
+            note = f"serving with torch: llama.cpp cannot run here ({engine_unavailable(cfg, model)})"
         policy = cls(model, tokenizer, cfg, version or (Path(path).name if path else BASE), engine, path)
-        if engine is None and cfg.engine == "auto":
-            policy.engine_note = f"serving with torch: llama.cpp cannot run here ({engine_unavailable(cfg, model)})"
+        policy.engine_note = note
         return policy
 
     @property
@@ -300,6 +314,7 @@ class Policy:
             self.engine.set_models(files)
         else:
             self.engine.set_adapters(files)
+        prune_cache(self.cfg.cache_dir, set(files.values()), newest=self.cfg.keep_versions + 2)
 
     # --- prompts -------------------------------------------------------------------------------------------
     def check_message(self, text: str) -> str:

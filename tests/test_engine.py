@@ -92,10 +92,11 @@ def test_llamacpp_serves_the_trained_policy(served, adapters, tmp_path):
                 _kl(_torch_logprobs(served, ids, version), _engine_logprobs(served.engine, ids, version, n_vocab))
             )
         effect.append(_kl(_torch_logprobs(served, ids, "v0001"), _torch_logprobs(served, ids, BASE)))
-    # What llama.cpp samples from is what was trained (NF4 values in f16, LoRA at run time), far within what the
-    # adapter itself changes: measured 0.001-0.002 nats against an adapter effect of ~0.1-0.6.
-    assert max(mismatch) < 0.01, mismatch
-    assert np.mean(effect) > 20 * np.mean(mismatch), (effect, mismatch)
+    # What llama.cpp samples from is what was trained (NF4 values in q8_0, the default, with the LoRA merged), far
+    # within what the adapter itself changes: measured mean 0.006, max 0.015 nats (f16 weights: 0.001-0.002) against
+    # an adapter effect of ~0.1-0.6. At 0.01 a token, a 100-token answer moves 1 nat: 5% of PPO's KL budget.
+    assert np.mean(mismatch) < 0.01 and max(mismatch) < 0.03, mismatch
+    assert np.mean(effect) > 10 * np.mean(mismatch), (np.mean(effect), np.mean(mismatch))
 
     # Converted without llama.cpp's q/k row permutation, an adapter is measurably a different policy. A strong
     # adapter, so that the error shows above the quantization noise (with B ~ 0.05 the two were within 2x-8x).
@@ -167,8 +168,8 @@ def test_llamacpp_swap_serves_the_new_adapter_and_survives_a_corrupt_folder(serv
     served.swap(adapters[1], "v0002")
     assert "v0001-old" not in served.comparable_versions  # comparison adapters go with the old live one
     now = _engine_logprobs(served.engine, ids, "v0002", n_vocab)
-    assert _kl(_torch_logprobs(served, ids, "v0002"), now) < 0.01
-    assert _kl(now, before) > 0.01  # a different adapter is served
+    match = _kl(_torch_logprobs(served, ids, "v0002"), now)
+    assert match < 0.03 and _kl(now, before) > 5 * match  # the new adapter is served, not the old one
     served.load_for_comparison(adapters[0], "v0001-old")  # loaded again when a Compare asks for it
     old = _engine_logprobs(served.engine, ids, "v0001-old", n_vocab)
     np.testing.assert_allclose(old, before, atol=1e-3)
@@ -215,6 +216,23 @@ def test_engine_choice(tiny_cfg):
         start_engine(dataclasses.replace(tiny_cfg, engine="llamacpp"), model)
     with pytest.raises(ValueError, match="engine must be"):
         start_engine(Config(engine="vllm"), model)
+
+
+@pytest.mark.slow
+def test_auto_serves_the_default_model_with_llamacpp_and_torch_when_it_cannot_start(monkeypatch):
+    policy = Policy.from_config(Config(max_new_tokens=8))
+    assert Config().engine == "auto" and (policy.engine_name, policy.engine_note) == ("llamacpp", "")
+
+    def broken(*args, **kwargs):
+        raise EngineError("the llama.cpp process exited")
+
+    monkeypatch.setattr("rlhf_live.engine.LlamaCppEngine", broken)
+    fallback = Policy.from_config(Config(max_new_tokens=8))
+    assert fallback.engine_name == "torch"
+    assert fallback.engine_note == "serving with torch: llama.cpp failed to start (the llama.cpp process exited)"
+    assert fallback.generate(PROMPTS[0], GenerationSettings(max_new_tokens=4, temperature=0.0))[0].token_ids
+    with pytest.raises(EngineError, match="exited"):  # asked for by name, it is an error, not a fallback
+        Policy.from_config(Config(engine="llamacpp", max_new_tokens=8))
 
 
 def test_lora_gguf_names_shapes_alpha_and_refusals(tiny_cfg, tmp_path):
@@ -264,6 +282,20 @@ def test_served_gguf_cache_is_keyed_by_what_the_weights_are(monkeypatch, tmp_pat
     assert gguf_export.cached_model_gguf(bf16, {}, template, tmp_path, "f16") in paths  # same inputs, same file
 
 
+def test_per_version_files_are_pruned_to_the_newest_but_never_what_serves(tmp_path):
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    names = ["m-served-f16-a.gguf", *(f"m-merged-f16-{i}.gguf" for i in range(5)), "lora-x.gguf", "lora-y.gguf"]
+    for age, name in enumerate(names):  # the first written is the oldest
+        (folder / name).write_bytes(b"GGUF")
+        os.utime(folder / name, (1000 + age, 1000 + age))
+    serving = folder / "m-merged-f16-0.gguf"  # the oldest, but a version still served
+    dropped = gguf_export.prune_cache(tmp_path, {serving}, newest=3)
+    left = sorted(p.name for p in folder.iterdir())
+    assert left == ["lora-x.gguf", "lora-y.gguf", "m-merged-f16-0.gguf", "m-merged-f16-4.gguf", "m-served-f16-a.gguf"]
+    assert sorted(p.name for p in dropped) == ["m-merged-f16-1.gguf", "m-merged-f16-2.gguf", "m-merged-f16-3.gguf"]
+
+
 def test_a_merged_version_is_the_base_plus_alpha_over_r_b_a(tiny_cfg, tmp_path):
     """merge_lora folds the LoRA in exactly as PEFT computes it: W + alpha / r * B @ A on every target."""
     from rlhf_live.gguf_export import merge_lora
@@ -297,7 +329,7 @@ def test_runtime_lora_mode_serves_the_trained_policy_too(adapters):
     policy = Policy.from_config(Config(engine="llamacpp", engine_merge=False, max_new_tokens=8), adapters[0], "v0001")
     n_vocab = len(policy.tokenizer)
     ids = _contexts(policy)[0]
-    assert _kl(_torch_logprobs(policy, ids, "v0001"), _engine_logprobs(policy.engine, ids, "v0001", n_vocab)) < 0.01
+    assert _kl(_torch_logprobs(policy, ids, "v0001"), _engine_logprobs(policy.engine, ids, "v0001", n_vocab)) < 0.03
 
 
 @pytest.mark.slow
@@ -311,10 +343,10 @@ def test_the_trainers_prebuilt_file_is_the_one_serving_swaps_to(served, adapters
     bench.policy_copy(str(adapters[1]))  # the trainer's copy, as a round leaves it
     assert prebuild_engine_file(cfg, bench.policy_model, adapters[1])
     (built,) = (tmp_path / "cache" / "gguf").glob("*-merged-*.gguf")
-    mtime = built.stat().st_mtime_ns
+    inode = built.stat().st_ino  # a rewrite would replace the file
     served.cfg, before = cfg, served.cfg
     try:
-        assert served._lora_gguf(adapters[1]) == built and built.stat().st_mtime_ns == mtime  # found, not rewritten
+        assert served._lora_gguf(adapters[1]) == built and built.stat().st_ino == inode  # found, not rewritten
     finally:
         served.cfg = before
 
