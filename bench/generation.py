@@ -139,6 +139,7 @@ def measure_trainer_busy(policy: Policy, runs: int = 5) -> dict:
             busy.append(measure(policy, 4, short)["ttft_s"])
             time.sleep(1)  # the trainer gets the cores back between chats, as between people's messages
         trainer.stop()
+        trainer.join(600)  # the next measurement gets the cores back
     return {"idle_ttft_s": statistics.median(idle), "busy_ttft_s": statistics.median(busy), "busy": busy}
 
 

@@ -52,7 +52,7 @@ class Config:
     engine_threads: int = 0
     """CPU threads of the llama.cpp engine; 0 = all cores."""
     engine_parallel: int = 4
-    """Answers llama.cpp decodes at once (slots, batched together when they share an adapter)."""
+    """Answers llama.cpp decodes at once (slots, batched together); with it, also how many chats generate at once."""
     engine_merge: bool = True
     """llama.cpp serves each version from its own GGUF with the adapter merged into the weights (no per-token LoRA
     work: runtime LoRA added 210 small matmuls a token for SmolLM2); off: one base file plus runtime LoRAs."""
@@ -259,7 +259,7 @@ class Config:
     queue_max_size: int = 64
     """Most requests waiting in Gradio's queue; more are refused with a 'busy, try again' message."""
     generation_concurrency: int = 2
-    """How many answers are generated at once; more requests queue."""
+    """How many answers torch generates at once (llama.cpp: engine_parallel); more requests queue."""
 
     @property
     def db_path(self) -> Path:

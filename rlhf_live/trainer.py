@@ -480,6 +480,11 @@ class Trainer:
         self._stop.set()
         self._wake.set()
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the thread has ended (after stop())."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def request_round(self) -> str:
         """Admin: train now, whatever the vote count."""
         self._force = True

@@ -415,6 +415,15 @@ def test_the_queue_has_a_bounded_size(tiny_cfg, policy):
     cfg = replace(tiny_cfg, queue_max_size=7, generation_concurrency=3)
     demo = build(Service(policy, store, cfg), cfg)
     assert demo._queue.max_size == 7 and demo._queue.default_concurrency_limit == 3
+    limits = {fn.api_name: fn.concurrency_limit for fn in demo.fns.values()}
+    assert limits["chat"] == limits["compare"] == 3  # torch generates generation_concurrency answers at once
+    engine, policy.engine = policy.engine, object()  # as if llama.cpp served: its slots batch, nobody waits
+    try:
+        demo = build(Service(policy, store, replace(cfg, engine_parallel=5)), replace(cfg, engine_parallel=5))
+    finally:
+        policy.engine = engine
+    limits = {fn.api_name: fn.concurrency_limit for fn in demo.fns.values()}
+    assert limits["chat"] == limits["compare"] == 5
     store.close()
 
 

@@ -261,7 +261,7 @@ def test_stopping_the_trainer_ends_a_round_in_flight_and_publishes_nothing(loop_
     while trainer.status()["state"] != "PPO" and time.time() < deadline:
         time.sleep(0.1)
     trainer.stop()
-    trainer._thread.join(30)
+    trainer.join(30)
     assert not trainer._thread.is_alive()
     assert store.adapters() == [] and store.runs(1)[0]["status"] == "failed"
     assert "stopped before this round finished" in store.runs(1)[0]["error"]

@@ -50,7 +50,9 @@ def storage_is_ephemeral(cfg: Config) -> bool:
 
 def build(service: Service, cfg: Config) -> gr.Blocks:
     """The whole app around a Service."""
-    generate = {"concurrency_limit": cfg.generation_concurrency, "concurrency_id": "generate"}
+    # llama.cpp batches answers across its slots, so as many chats generate at once; torch, generation_concurrency.
+    limit = cfg.engine_parallel if service.policy.engine is not None else cfg.generation_concurrency
+    generate = {"concurrency_limit": limit, "concurrency_id": "generate"}
     with gr.Blocks(title="rlhf-live") as demo:
         # A stable secret (derived from the DB's salt) keeps browsers' saved conversations readable after a restart.
         secret = hashlib.sha256(f"browser-state:{service.store.voter_salt()}".encode()).hexdigest()[:32]
