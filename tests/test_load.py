@@ -26,8 +26,14 @@ def test_twenty_users_for_three_minutes_while_training(tiny_lm_dir, tmp_path):
     # outnumber live threads and stop growing once the pool has grown; the per-thread leak this guards against grew
     # with requests (tests/test_store.py shows it over 2,000 requests from changing threads). Sockets come and go
     # with requests in flight and a round opens model files, so the total is not held to flat.
+    # The pool itself may grow late in the run (a round slows answers, so more requests are in flight at once):
+    # connections may grow as much as live threads do, not more.
     samples, third = result["fds"][3:], len(result["fds"][3:]) // 3
     assert all(s["connections"] <= s["threads"] for s in samples), samples
-    conns = [s["connections"] for s in samples]
-    middle, late = sorted(conns[third : 2 * third]), sorted(conns[2 * third :])
-    assert late[len(late) // 2] <= middle[len(middle) // 2] + 5, samples
+
+    def median(key: str, part: list[dict]) -> int:
+        return sorted(s[key] for s in part)[len(part) // 2]
+
+    middle, late = samples[third : 2 * third], samples[2 * third :]
+    grown = median("connections", late) - median("connections", middle)
+    assert grown <= max(0, median("threads", late) - median("threads", middle)) + 5, samples
