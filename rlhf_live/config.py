@@ -57,7 +57,7 @@ class Config:
     """llama.cpp serves each version from its own GGUF with the adapter merged into the weights (no per-token LoRA
     work: runtime LoRA added 210 small matmuls a token for SmolLM2); off: one base file plus runtime LoRAs."""
     engine_weights: str = "q8_0"
-    """GGUF type of the served base in llama.cpp: q8_0 (KL to torch ~0.008/token, fastest), f16 (~0.001), bf16/f32."""
+    """GGUF type llama.cpp serves the base in: q8_0 (KL to torch 0.006-0.011/token, fastest), f16 (~0.001), bf16."""
     engine_cache_mib: int = 1024
     """Host memory each llama.cpp server keeps for earlier prompts' KV cache (a chat's next turn reuses it)."""
     adapter: str = ""

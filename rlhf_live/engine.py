@@ -50,7 +50,8 @@ class _Server:
         self.path = Path(model)
         settings = {"model": str(model), "adapters": [str(p) for p in adapters.values()], "threads": threads}
         settings |= {"parallel": parallel, "n_ctx": n_ctx, "cache_mib": cache_mib}
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")])}
+        path = [_PACKAGE_ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         self._proc = _SPAWNER.submit(
             subprocess.Popen,
             [sys.executable, "-m", "rlhf_live.engine_worker"],
