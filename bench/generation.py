@@ -217,10 +217,10 @@ def main() -> None:
     long_head = f"TTFT@{long_n}"
     head = f"{'variant':<42} {'TTFT s':>8} {'decode tok/s':>13} {'vs NF4':>8} {'vs plain':>8} {'tokens':>7} {'MB':>7}"
     print(f"{head} {long_head:>10} {'next turn':>10}")
-    plain = rows[-1]["decode_tok_s"]
+    plain_tok_s = rows[-1]["decode_tok_s"]
     for r in rows:
         r["decode_vs_nf4"] = r["decode_tok_s"] / base
-        r["decode_vs_plain"] = r["decode_tok_s"] / plain
+        r["decode_vs_plain"] = r["decode_tok_s"] / plain_tok_s
         turn = f"{r['next_turn']['ttft_s']:>10.3f}" if r.get("next_turn") else f"{'-':>10}"
         c = r.get("concurrent")
         together = ""

@@ -21,7 +21,7 @@ import sys
 import threading
 
 
-def _params(settings: dict):
+def _start_server(settings: dict):
     import xllamacpp
 
     p = xllamacpp.CommonParams()
@@ -87,7 +87,7 @@ def main() -> None:
     out = _Out()
     settings = json.loads(sys.stdin.readline())
     try:
-        server = _params(settings)
+        server = _start_server(settings)
     except Exception as exc:  # a corrupt or foreign file: the parent reports it and keeps what it served
         out.send(error=str(exc) or type(exc).__name__)
         return

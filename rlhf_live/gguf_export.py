@@ -227,8 +227,8 @@ def prune_cache(cache_dir: str | Path, keep: set[Path], newest: int) -> list[Pat
     """Delete per-version files (merged models, LoRAs) beyond the `newest` most recently used, never those in `keep`."""
     # Each version's merged model is a whole model (145-271 MB for SmolLM2-135M), one per round: unpruned, a live app
     # fills its disk. A running llama.cpp process keeps a deleted file it has mapped, so only a restart needs it.
-    files = [*Path(cache_dir).expanduser().joinpath("gguf").glob("*-merged-*.gguf")]
-    files += Path(cache_dir).expanduser().joinpath("gguf").glob("lora-*.gguf")
+    folder = Path(cache_dir).expanduser() / "gguf"
+    files = [*folder.glob("*-merged-*.gguf"), *folder.glob("lora-*.gguf")]
     keep = {Path(p).resolve() for p in keep}
     dropped = []
     for path in sorted(files, key=_mtime, reverse=True)[newest:]:

@@ -136,8 +136,13 @@ def prebuild_engine_file(cfg: Config, model: PeftModel | None, adapter_path: str
         )
     except Exception:  # serving will try again (and report) at the swap
         return False
-    prune_cache(cfg.cache_dir, {path}, newest=cfg.keep_versions + 2)
+    prune_engine_files(cfg, {path})
     return True
+
+
+def prune_engine_files(cfg: Config, keep: set[Path]) -> None:
+    """Delete per-version llama.cpp files past as many as the data dir keeps versions (+ live, parent), never `keep`."""
+    prune_cache(cfg.cache_dir, keep, newest=cfg.keep_versions + 2)
 
 
 def served_base(model: PeftModel) -> dict:
@@ -314,7 +319,7 @@ class Policy:
             self.engine.set_models(files)
         else:
             self.engine.set_adapters(files)
-        prune_cache(self.cfg.cache_dir, set(files.values()), newest=self.cfg.keep_versions + 2)
+        prune_engine_files(self.cfg, set(files.values()))
 
     # --- prompts -------------------------------------------------------------------------------------------
     def check_message(self, text: str) -> str:
