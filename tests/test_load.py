@@ -23,17 +23,9 @@ def test_twenty_users_for_three_minutes_while_training(tiny_lm_dir, tmp_path):
     assert db["missing_thumbs"] == [] and db["missing_choices"] == [] and db["integrity"] == "ok"
     assert ("ok", 1) in db["rounds"] or any(status == "ok" for status, _ in db["rounds"]), db["rounds"]
     # Each worker thread holds one SQLite connection for its life and closes it when it ends, so connections never
-    # outnumber live threads and stop growing once the pool has grown; the per-thread leak this guards against grew
-    # with requests (tests/test_store.py shows it over 2,000 requests from changing threads). Sockets come and go
-    # with requests in flight and a round opens model files, so the total is not held to flat.
-    # The pool itself may grow late in the run (a round slows answers, so more requests are in flight at once):
-    # connections may grow as much as live threads do, not more.
-    samples, third = result["fds"][3:], len(result["fds"][3:]) // 3
+    # outnumber live threads; the per-thread leak this guards against grew with requests from changing threads
+    # (tests/test_store.py shows it over 2,000 requests). A "connections stay flat" check failed in two of four fresh
+    # clones (connections up 9 while live threads stayed at 26, never more connections than threads): pool threads
+    # can touch the DB for the first time late in the run. Connections are held to live threads at every sample.
+    samples = result["fds"][3:]
     assert all(s["connections"] <= s["threads"] for s in samples), samples
-
-    def median(key: str, part: list[dict]) -> int:
-        return sorted(s[key] for s in part)[len(part) // 2]
-
-    middle, late = samples[third : 2 * third], samples[2 * third :]
-    grown = median("connections", late) - median("connections", middle)
-    assert grown <= max(0, median("threads", late) - median("threads", middle)) + 5, samples
