@@ -60,6 +60,8 @@ class Config:
     """GGUF type llama.cpp serves the base in: q8_0 (KL to torch 0.006-0.011/token, fastest), f16 (~0.001), bf16."""
     engine_cache_mib: int = 1024
     """Host memory each llama.cpp server keeps for earlier prompts' KV cache (a chat's next turn reuses it)."""
+    engine_warm_conversations: int = 4
+    """Recent chats whose history a new version's llama.cpp server prefills before it serves (0 = none)."""
     adapter: str = ""
     """Adapter folder to serve at start; empty serves the live version from the data dir, or a fresh LoRA."""
     lora_r: int = 16
@@ -80,6 +82,12 @@ class Config:
     """Sampling temperature; 0 means greedy."""
     top_p: float = 0.9
     """Nucleus sampling mass."""
+    repetition_penalty: float = 1.0
+    """llama.cpp's repeat penalty on the last repetition_last_n tokens, the same in every engine and PPO; 1 = off."""
+    repetition_last_n: int = 64
+    """How many newest tokens (prompt + answer) the repetition penalty looks back over."""
+    stop_loops: bool = True
+    """Cut an answer after the first copy once it repeats the same tokens 3+ times (finish_reason 'loop')."""
     max_context_tokens: int = 2048
     """Prompt + answer budget; older turns are dropped to fit (the system prompt is kept)."""
     max_message_chars: int = 4000

@@ -11,11 +11,13 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import math
 import os
 import queue
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +37,8 @@ class Sampling:
     temperature: float
     top_p: float
     seed: int | None = None
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
 
 
 def available() -> bool:
@@ -167,14 +171,28 @@ class LlamaCppEngine:
 
     def set_models(self, models: dict[str, Path]) -> None:
         """Serve exactly these versions from their merged GGUF files (version -> path); running answers finish first."""
+        self.use_models(self.prepare_models(models))
+
+    def prepare_models(
+        self, models: dict[str, Path], warm: dict[str, list[list[int]]] | None = None, timeout: float = 30.0
+    ) -> dict[str, _Server]:
+        """Servers for these versions (running ones reused); a new one first prefills its `warm` token sequences."""
         with self._lock:
             current = dict(self._merged)
-        new = {
-            v: current[v] if v in current and current[v].path == Path(p) and current[v].alive else self._start(Path(p))
-            for v, p in models.items()
-        }
+        new = {}
+        for v, p in models.items():
+            old = current.get(v)
+            if old is not None and old.path == Path(p) and old.alive:
+                new[v] = old
+            else:
+                new[v] = self._start(Path(p))
+                _prefill(new[v], (warm or {}).get(v, []), timeout)
+        return new
+
+    def use_models(self, servers: dict[str, _Server]) -> None:
+        """Serve from these servers (from `prepare_models`) from now on."""
         with self._lock:
-            self._merged = new
+            self._merged = dict(servers)
 
     def _start(self, path: Path, adapters: dict[str, Path] | None = None) -> _Server:
         return _Server(path, adapters or {}, self.threads, self.parallel, self.n_ctx, self.cache_mib)
@@ -234,10 +252,15 @@ class LlamaCppEngine:
         server.request(rid, request, on_message)
         return handle
 
-    def next_logprobs(self, prompt_ids: list[int], version: str | None, n_vocab: int) -> dict[int, float]:
-        """Log-softmax of the raw next-token logits after `prompt_ids` (token id -> logprob), for tests."""
+    def next_logprobs(
+        self, prompt_ids: list[int], version: str | None, n_vocab: int, penalty: tuple[float, int] | None = None
+    ) -> dict[int, float]:
+        """Next-token log-probs after `prompt_ids` (token id -> logprob), raw or after (penalty, last_n), for tests."""
         server, lora = self._route(version)
         request = {"prompt": list(prompt_ids), "max_tokens": 1, "temperature": 0, "n_probs": n_vocab}
+        if penalty is not None:  # the distribution after the penalties sampler alone (temperature 1)
+            request |= {"temperature": 1.0, "samplers": ["penalties"], "post_sampling_probs": True}
+            request |= {"repeat_penalty": penalty[0], "repeat_last_n": penalty[1]}
         request |= {"cache_prompt": False, **({"lora": lora} if lora else {})}
         replies: queue.Queue = queue.Queue()
         server.request(server.new_id(), request, replies.put)
@@ -245,8 +268,26 @@ class LlamaCppEngine:
             if "error" in m:
                 raise EngineError(f"llama.cpp failed: {m['error']}")
             reply = m["reply"]
-        top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-        return {t["id"]: t["logprob"] for t in top}
+        first = reply["choices"][0]["logprobs"]["content"][0]
+        if penalty is not None:
+            return {t["id"]: math.log(t["prob"]) for t in first["top_probs"] if t["prob"] > 0}
+        return {t["id"]: t["logprob"] for t in first["top_logprobs"]}
+
+
+def _prefill(server: _Server, sequences: list[list[int]], timeout: float) -> None:
+    """Put these token sequences into a new server's prompt cache (a chat's next turn then reuses its history)."""
+    # A swap to a new version starts a server with empty caches: without this, every conversation's next turn
+    # would prefill its whole history again (~2-3 s for 1,000 tokens on 2 cores) right after the swap.
+    replies: queue.Queue = queue.Queue()
+    for ids in sequences:
+        body = {"prompt": list(ids), "max_tokens": 1, "temperature": 0.0, "cache_prompt": True}
+        server.request(server.new_id(), body, replies.put)
+    left, deadline = len(sequences), time.monotonic() + timeout
+    while left:
+        try:
+            left -= "done" in replies.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:  # serving matters more than a warm cache: go on with what was prefilled
+            return
 
 
 class Request:
@@ -260,12 +301,15 @@ class Request:
 
 
 def _sampler(s: Sampling) -> dict:
-    """llama.cpp sampler settings equal to transformers' generate(do_sample, temperature, top_p, top_k=0)."""
+    """llama.cpp sampler settings equal to `sampling.generate_kwargs`: penalty, temperature, top-p, nothing else."""
+    # llama.cpp's default chain has DRY, top-k 40, min-p 0.05 and temperature last; naming the samplers runs only
+    # these, in this order. The penalty window counts the prompt's tokens too, as `sampling.windows` does.
+    penalty = {"repeat_penalty": s.repeat_penalty, "repeat_last_n": s.repeat_last_n}
+    penalty |= {"frequency_penalty": 0.0, "presence_penalty": 0.0, "dry_multiplier": 0.0}
     if s.temperature <= 0:
-        return {"temperature": 0.0}
-    # transformers applies temperature before top-p; llama.cpp's default chain has top-k 40, min-p 0.05 and
-    # temperature last. Naming the samplers runs only these two, in this order.
-    settings = {"temperature": s.temperature, "top_p": s.top_p, "samplers": ["temperature", "top_p"]}
+        return {"temperature": 0.0, "samplers": ["penalties", "temperature"], **penalty}
+    settings = {"temperature": s.temperature, "top_p": s.top_p, "samplers": ["penalties", "temperature", "top_p"]}
+    settings |= penalty
     if s.seed is not None:
         settings["seed"] = s.seed
     return settings

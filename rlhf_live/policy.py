@@ -5,6 +5,7 @@ Knows prompts, sampling and adapters in memory; knows nothing of SQL, the UI or 
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import threading
@@ -23,7 +24,10 @@ from .adapters import AdapterError, check_folder
 from .config import Config
 from .gguf_export import cached_lora_gguf, cached_merged_gguf, cached_model_gguf, prune_cache
 from .models import load_base, prepare_cpu_4bit, source_gguf
+from .sampling import LoopStop, generate_kwargs, loop_cut, penalize_positions
 
+WARM_WINDOW_S = 900.0
+"""Chats active this many seconds ago or later are prefilled into a new version's llama.cpp cache at a swap."""
 BASE = "base"
 """Adapter name meaning 'no adapter' (PEFT's mixed-batch name for the base model)."""
 _PEFT_BASE = "__base__"
@@ -42,11 +46,16 @@ class GenerationSettings:
     top_p: float = 0.9
     system_prompt: str = ""
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    repetition_last_n: int = 64
+    stop_loops: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> GenerationSettings:
         """Defaults from Config, then per-request overrides (None means keep)."""
         base = cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.system_prompt)
+        base.repetition_penalty, base.repetition_last_n = cfg.repetition_penalty, cfg.repetition_last_n
+        base.stop_loops = cfg.stop_loops
         for key, value in overrides.items():
             if value is not None:
                 setattr(base, key, value)
@@ -202,6 +211,33 @@ class _TokenQueue(BaseStreamer):
         self.q.put(None)
 
 
+def sampling_kwargs(settings: GenerationSettings, start: list[int] | None = None) -> dict:
+    """generate() arguments for these settings (`start`: each row's left padding)."""
+    s = settings
+    return generate_kwargs(s.temperature, s.top_p, s.repetition_penalty, s.repetition_last_n, start)
+
+
+class _Either:
+    """Set when either event is (the engine's cancel flag for one answer of several)."""
+
+    def __init__(self, a: threading.Event, b: threading.Event):
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.a.is_set() or self.b.is_set()
+
+
+class _AllStopped(StoppingCriteria):
+    """generate() ends once every answer has ended (EOS or its loop stop)."""
+
+    def __init__(self, stops: list[threading.Event]):
+        self.stops = stops
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = all(s.is_set() for s in self.stops)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
 class _Cancel(StoppingCriteria):
     def __init__(self, event: threading.Event):
         self.event = event
@@ -217,7 +253,7 @@ class Answer:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
-    """'eos' (the model ended it), 'length' (max_new_tokens) or 'cancelled'."""
+    """'eos' (the model ended it), 'length' (max_new_tokens), 'loop' (cut after its first repeat), 'cancelled'."""
     adapter_version: str = BASE
     cached_prompt_tokens: int = 0
     """Prompt tokens the engine reused from an earlier request (llama.cpp's prefix cache); always 0 on torch."""
@@ -271,6 +307,8 @@ class Policy:
         self._lock = _RWLock()
         self._extra: dict[str, str] = {}  # version -> PEFT adapter name, for comparisons with older versions
         self._gguf: dict[str, Path] = {}  # version -> its GGUF in the engine; a version not here samples as base
+        self._recent: collections.OrderedDict[int, tuple[float, list[int]]] = collections.OrderedDict()
+        self._recent_lock = threading.Lock()
         if engine is not None and adapter_path:
             self._gguf[version] = self._lora_gguf(adapter_path)
             self._engine_serve(self._gguf)
@@ -437,45 +475,62 @@ class Policy:
 
     def _run(self, prompt_ids, settings, answers, names, cancel) -> Iterator[tuple[str, ...]]:
         if self.engine is not None:
-            return self._run_engine([prompt_ids] * len(answers), settings, answers, cancel)
+            return self._run_engine([prompt_ids] * len(answers), settings, answers, cancel, remember=True)
         return self._run_torch(prompt_ids, settings, answers, names, cancel)
 
     def _sampling(self, settings: GenerationSettings, i: int) -> llama.Sampling:
         seed = None if settings.seed is None else settings.seed + i  # n answers to one prompt must differ
-        return llama.Sampling(settings.max_new_tokens, settings.temperature, settings.top_p, seed)
+        s = settings
+        return llama.Sampling(s.max_new_tokens, s.temperature, s.top_p, seed, s.repetition_penalty, s.repetition_last_n)
 
-    def _run_engine(self, prompts, settings, answers, cancel) -> Iterator[tuple[str, ...]]:
+    def _run_engine(self, prompts, settings, answers, cancel, remember=False) -> Iterator[tuple[str, ...]]:
         """Answers sampled by llama.cpp, one request each (batched there); texts after every token."""
         eos = self.tokenizer.eos_token_id
         sink: queue.Queue = queue.Queue()
         threads, errors = [], []
+        loops = [LoopStop() if settings.stop_loops else None for _ in answers]
+        stops = [threading.Event() for _ in answers]  # one answer's loop stop ends that request only
         try:
             for i, (prompt, a) in enumerate(zip(prompts, answers)):
                 version = a.adapter_version if a.adapter_version in self._gguf else None
-                threads.append(self.engine.submit(prompt, self._sampling(settings, i), version, cancel, sink, i))
+                sampling = self._sampling(settings, i)
+                threads.append(self.engine.submit(prompt, sampling, version, _Either(cancel, stops[i]), sink, i))
             running = len(threads)
             while running:
                 i, kind, value = sink.get()
                 a = answers[i]
-                if kind == "token" and value != eos:
-                    a.token_ids.append(value)
-                    text = self.tokenizer.decode(a.token_ids, skip_special_tokens=True)
-                    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                        a.text = text
+                if kind == "token" and value != eos and not stops[i].is_set():
+                    self._push(a, value, loops[i], stops[i])
                     yield tuple(x.text for x in answers)
                 elif kind == "finish":
-                    a.finish_reason = value if value in ("eos", "length") else ""
+                    if not a.finish_reason:
+                        a.finish_reason = value if value in ("eos", "length") else ""
                 elif kind == "error":
                     errors.append(value)
                 elif kind == "cached":
                     a.cached_prompt_tokens = value
                 elif kind == "done":
                     running -= 1
-            yield self._finish(answers, errors, cancel)
+            final = self._finish(answers, errors, cancel)
+            if remember and answers[0].adapter_version == self.version:
+                self._remember(prompts[0], answers[0])
+            yield final
         finally:
             cancel.set()
             for t in threads:
                 t.join()
+
+    def _push(self, a: Answer, token: int, loop: LoopStop | None, stop: threading.Event) -> None:
+        """One new token of an answer: its text so far, or the cut after the loop's first copy."""
+        a.token_ids.append(token)
+        cut = loop.push(token) if loop is not None else None
+        if cut is not None:
+            del a.token_ids[cut:]
+            a.finish_reason = "loop"
+            stop.set()
+        text = self.tokenizer.decode(a.token_ids, skip_special_tokens=True)
+        if cut is not None or not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            a.text = text
 
     def _finish(self, answers: list[Answer], errors: list[BaseException], cancel: threading.Event) -> tuple:
         """Raise a generation error, else the final texts and finish reasons of every answer."""
@@ -492,18 +547,18 @@ class Policy:
         eos = self.tokenizer.eos_token_id
         tokens = _TokenQueue()
         input_ids = torch.tensor([prompt_ids] * n, device=self.device)
+        loops = [LoopStop() if settings.stop_loops else None for _ in answers]
+        stops = [threading.Event() for _ in answers]
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=settings.max_new_tokens,
-            do_sample=settings.temperature > 0,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=eos,
             streamer=tokens,
-            stopping_criteria=StoppingCriteriaList([_Cancel(cancel)]),
+            stopping_criteria=StoppingCriteriaList([_Cancel(cancel), _AllStopped(stops)]),
+            **sampling_kwargs(settings),
         )
-        if settings.temperature > 0:
-            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
         # Mixed-adapter batch (https://huggingface.co/docs/peft/developer_guides/lora#inference-with-different-lora-adapters-in-the-same-batch)
         if any(name != self.model.active_adapter for name in names):
             kwargs["adapter_names"] = names
@@ -522,18 +577,15 @@ class Policy:
         thread = threading.Thread(target=work, name="generate", daemon=True)
         try:
             thread.start()
-            done = [False] * n
             while (step := tokens.q.get()) is not None:
                 for i, tok in enumerate(step[:n]):
-                    if done[i]:
+                    if stops[i].is_set():
                         continue
                     if tok == eos:
-                        done[i], answers[i].finish_reason = True, "eos"
+                        stops[i].set()
+                        answers[i].finish_reason = "eos"
                         continue
-                    answers[i].token_ids.append(tok)
-                    text = self.tokenizer.decode(answers[i].token_ids, skip_special_tokens=True)
-                    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                        answers[i].text = text
+                    self._push(answers[i], tok, loops[i], stops[i])
                 yield tuple(a.text for a in answers)
             thread.join()
             yield self._finish(answers, errors, cancel)
@@ -587,12 +639,10 @@ class Policy:
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=settings.max_new_tokens,
-            do_sample=settings.temperature > 0,
             pad_token_id=pad,
             eos_token_id=self.tokenizer.eos_token_id,
+            **sampling_kwargs(settings, [width - len(p) for p in prompts]),
         )
-        if settings.temperature > 0:
-            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
         names, release = self._hold(versions)
         try:
             if any(name != self.model.active_adapter for name in names):
@@ -606,6 +656,9 @@ class Policy:
             eos = self.tokenizer.eos_token_id
             ids = row[: row.index(eos)] if eos in row else row
             finish = "eos" if eos in row else "length"
+            cut = loop_cut(ids) if settings.stop_loops else None
+            if cut is not None:  # what the streaming loop stop would have kept
+                ids, finish = ids[:cut], "loop"
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             answers.append(Answer(text=text, token_ids=ids, finish_reason=finish, adapter_version=version))
         return answers
@@ -614,8 +667,8 @@ class Policy:
         self, conversations: list[list[dict]], answers: list[Answer], settings: GenerationSettings, batch_size: int = 8
     ) -> list[float]:
         """Per answer, sum over its tokens of log pi(y_t) - log pi_base(y_t) at the sampling temperature (k1)."""
-        # The KL that PPO's leash and the trainer's gate measure: logits / temperature, no top-p, answers sampled
-        # from the version itself (k1 is unbiased then; http://joschu.net/blog/kl-approx.html).
+        # The KL that PPO's leash and the trainer's gate measure: penalised logits / temperature, no top-p, answers
+        # sampled from the version itself (k1 is unbiased then; http://joschu.net/blog/kl-approx.html).
         temperature = settings.temperature if settings.temperature > 0 else 1.0
         out: list[float] = []
         for start in range(0, len(answers), batch_size):
@@ -626,12 +679,12 @@ class Policy:
                 for i in chunk
             ]
             versions = [answers[i].adapter_version for i in chunk]
-            lp = self._answer_logprobs(prompts, replies, versions, temperature)
-            lp_base = self._answer_logprobs(prompts, replies, [BASE] * len(prompts), temperature)
+            lp = self._answer_logprobs(prompts, replies, versions, temperature, settings)
+            lp_base = self._answer_logprobs(prompts, replies, [BASE] * len(prompts), temperature, settings)
             out += [a - b for a, b in zip(lp, lp_base)]
         return out
 
-    def _answer_logprobs(self, prompts, replies, versions, temperature: float) -> list[float]:
+    def _answer_logprobs(self, prompts, replies, versions, temperature: float, settings) -> list[float]:
         """Summed log-probs of each reply after its prompt under its version, one right-padded forward."""
         seqs = [p + r for p, r in zip(prompts, replies)]
         width = max(len(s) for s in seqs)
@@ -649,9 +702,12 @@ class Policy:
             if not r:
                 sums.append(0.0)
                 continue
-            row = (
-                logits[i, len(p) - 1 : len(p) - 1 + len(r)].float() / temperature
-            )  # (T, V), predicting each reply token
+            row = logits[i, len(p) - 1 : len(p) - 1 + len(r)].float()  # (T, V), predicting each reply token
+            penalty, last_n = settings.repetition_penalty, settings.repetition_last_n
+            row = penalize_positions(
+                row[None], ids[i : i + 1], torch.zeros(1, dtype=torch.long), len(p), penalty, last_n
+            )
+            row = row[0] / temperature
             target = torch.tensor(r, device=row.device)
             sums.append(float((row.gather(-1, target[:, None])[:, 0] - torch.logsumexp(row, -1)).sum()))
         return sums
@@ -665,6 +721,9 @@ class Policy:
         served = {}
         if self.engine is not None and adapter_path is not None:
             served[version] = self._lora_gguf(adapter_path)  # before anything changes: a bad file changes nothing
+        servers = None
+        if served and self.cfg.engine_merge:  # started and prefilled before the lock: nobody waits for it
+            servers = self.engine.prepare_models(served, warm={version: self._warm_sequences()})
         self._lock.acquire_write()
         try:
             old = self.model.active_adapter
@@ -676,9 +735,12 @@ class Policy:
                     self.model.load_adapter(str(adapter_path), adapter_name=name)
                 except Exception as exc:
                     raise AdapterError(f"Could not load adapter {version} from {adapter_path}: {exc}") from exc
-            if self.engine is not None:
+            if servers is not None:
+                self.engine.use_models(servers)
+                prune_engine_files(self.cfg, set(served.values()))
+            elif self.engine is not None:
                 self._engine_serve(served)
-                self._gguf = served
+            self._gguf = served
             self.model.set_adapter(name)
             self.model.requires_grad_(False)
             for gone in {old, *self._extra.values()}:
@@ -687,6 +749,23 @@ class Policy:
             self.version = version
         finally:
             self._lock.release_write()
+
+    def _remember(self, prompt: list[int], answer: Answer) -> None:
+        """Keep a served chat's tokens, so that a swap can prefill them into the next version's cache."""
+        ids = [*prompt, *answer.token_ids]
+        key = hash(tuple(ids[:256]))  # a conversation's turns share their start: its newest turn replaces the older
+        with self._recent_lock:
+            self._recent.pop(key, None)
+            self._recent[key] = (time.monotonic(), ids)
+            while len(self._recent) > 4 * max(1, self.cfg.engine_warm_conversations):
+                self._recent.popitem(last=False)
+
+    def _warm_sequences(self) -> list[list[int]]:
+        """The newest chats of the last WARM_WINDOW_S seconds (engine_warm_conversations of them), newest first."""
+        now = time.monotonic()
+        with self._recent_lock:
+            recent = [ids for t, ids in reversed(self._recent.values()) if now - t <= WARM_WINDOW_S]
+        return recent[: self.cfg.engine_warm_conversations]
 
     def load_for_comparison(self, adapter_path: str | Path, version: str) -> None:
         """Keep an older version loaded beside the live one, for A/B answers between versions."""

@@ -59,6 +59,7 @@ from transformers import GenerationConfig
 
 from .config import Config
 from .models import disable_cpu_4bit_packing
+from .sampling import generate_kwargs, loop_cut, penalize_positions
 
 SEED_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "seed_prompts.jsonl"
 
@@ -258,22 +259,25 @@ class PPOTrainer:
             query_mask[i, P - len(ids) :] = 1
         query, query_mask = query.to(self.device), query_mask.to(self.device)
         gen = GenerationConfig(
-            do_sample=True,
-            temperature=self.cfg.ppo_temperature,
-            top_k=0,  # N details: no top-k / top-p, so the sampled distribution is the one PPO's ratio uses
-            top_p=1.0,
-            max_new_tokens=self.cfg.ppo_max_new_tokens,
-            eos_token_id=self.eos_id,
-            pad_token_id=self.pad_id,
+            max_new_tokens=self.cfg.ppo_max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id
         )
+        # N details: no top-k / top-p, so the sampled distribution is the one PPO's ratio uses; the serving
+        # repetition penalty stays, because it is part of the policy that serves (sampling.py).
+        cfg, pads = self.cfg, [P - len(ids) for ids in encoded]
+        sampler = generate_kwargs(cfg.ppo_temperature, 1.0, cfg.repetition_penalty, cfg.repetition_last_n, pads)
         self.model.eval()
-        out = self.model.generate(input_ids=query, attention_mask=query_mask, generation_config=gen)
+        out = self.model.generate(input_ids=query, attention_mask=query_mask, generation_config=gen, **sampler)
         responses = out[:, P:]  # (B, T)
         # Truncate at the first EOS: the EOS token itself is an action and stays in; everything after is padding.
         is_eos = responses == self.eos_id
         after_eos = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
         response_mask = ~after_eos  # (B, T)
         has_eos = is_eos.any(dim=1)  # (B,)
+        if cfg.stop_loops:  # serving's loop stop: the answer ends after the loop's first copy, without an EOS
+            for b in range(responses.shape[0]):
+                cut = loop_cut(responses[b][response_mask[b] & ~is_eos[b]].tolist())
+                if cut is not None:
+                    response_mask[b, cut:], has_eos[b] = False, False
         responses = torch.where(response_mask, responses, torch.full_like(responses, self.pad_id))
         T = int(response_mask.sum(1).max()) if responses.shape[1] else 0
         responses, response_mask = responses[:, :T], response_mask[:, :T]
@@ -305,7 +309,10 @@ class PPOTrainer:
             logits = F.linear(h.float(), self._head_w, self._head_b)  # (B, T, V) float32
         else:
             logits = self._lm_head(h).float()
-        logits = logits / self.cfg.ppo_temperature  # N details: the sampling temperature, also when recomputing
+        start = (query_mask == 0).sum(1)  # (B,): each row's first real token (left padding)
+        cfg = self.cfg
+        logits = penalize_positions(logits, input_ids, start, P, cfg.repetition_penalty, cfg.repetition_last_n)
+        logits = logits / cfg.ppo_temperature  # N details: the sampling temperature, also when recomputing
         logprobs = logprobs_of(logits, responses)  # (B, T)
         v = self.value_head(h.float()).squeeze(-1) if values else None  # (B, T)
         ent = entropy_of(logits) if entropy else None

@@ -17,6 +17,7 @@ from rlhf_live.engine import EngineError, LlamaCppEngine
 from rlhf_live.gguf_export import GGUFExportError, write_gguf_lora
 from rlhf_live.models import load_base, prepare_cpu_4bit
 from rlhf_live.policy import BASE, AdapterError, GenerationSettings, Policy, attach_adapter, start_engine
+from rlhf_live.sampling import penalize
 
 PROMPTS = [
     [{"role": "user", "content": "What is the tallest mountain in the world?"}],
@@ -59,9 +60,9 @@ def _torch_logprobs(policy, ids, version) -> np.ndarray:
     return torch.log_softmax(out.logits[0, -1].float(), -1).numpy()
 
 
-def _engine_logprobs(engine, ids, version, n_vocab) -> np.ndarray:
+def _engine_logprobs(engine, ids, version, n_vocab, penalty=None) -> np.ndarray:
     lp = np.full(n_vocab, -np.inf)
-    for token, value in engine.next_logprobs(ids, None if version == BASE else version, n_vocab).items():
+    for token, value in engine.next_logprobs(ids, None if version == BASE else version, n_vocab, penalty).items():
         lp[token] = value
     return lp
 
@@ -119,6 +120,29 @@ def test_llamacpp_serves_the_trained_policy(served, adapters, tmp_path):
             for ids in _contexts(served)[:2]
         ]
     assert np.mean(kl_by_permutation[False]) > 5 * np.mean(kl_by_permutation[True]), kl_by_permutation
+
+
+@pytest.mark.slow
+def test_llamacpp_penalises_repetition_as_torch_does(served):
+    """The repetition penalty in llama.cpp is sampling.penalize over the same window: prompt and answer tokens."""
+    n_vocab, penalty, last_n = len(served.tokenizer), 1.5, 64
+    mismatch, prompt_excluded = [], []
+    contexts = _contexts(served)
+    for k, ids in enumerate(contexts):
+        with torch.inference_mode():
+            logits = served.model(input_ids=torch.tensor([ids]), adapter_names=[served._peft_name("v0001")]).logits
+        last = logits[0, -1:].float()  # (1, V)
+        window = torch.tensor([ids[-last_n:]])
+        ours = torch.log_softmax(penalize(last, window, torch.ones_like(window, dtype=torch.bool), penalty), -1)
+        engine = _engine_logprobs(served.engine, ids, "v0001", n_vocab, (penalty, last_n))
+        mismatch.append(_kl(ours[0].numpy(), engine))
+        # The same rule over the answer's tokens alone (not the prompt's) is measurably another distribution.
+        answer = torch.tensor([ids[len(contexts[k - k % 2]) :][-last_n:] or [0]])  # contexts: prompt, prompt+answer
+        alone = torch.log_softmax(penalize(last, answer, torch.ones_like(answer, dtype=torch.bool), penalty), -1)
+        prompt_excluded.append(_kl(alone[0].numpy(), engine))
+    print("penalty parity KL", mismatch, "prompt excluded", prompt_excluded)
+    assert np.mean(mismatch) < 0.02 and max(mismatch) < 0.05, mismatch
+    assert np.mean(prompt_excluded) > 10 * np.mean(mismatch), (prompt_excluded, mismatch)
 
 
 @pytest.mark.slow
@@ -386,6 +410,29 @@ def test_llamacpp_a_chats_next_turn_prefills_only_what_is_new(served):
     # (an end token is not in token_ids).
     fed = len(answer.token_ids) - (answer.finish_reason == "length")
     assert reply.cached_prompt_tokens == first.prompt_tokens + fed
+
+
+@pytest.mark.slow
+def test_llamacpp_a_swap_prefills_recent_chats_into_the_new_versions_cache(served, adapters):
+    settings = GenerationSettings(max_new_tokens=24, temperature=0.0)
+    served.swap(adapters[0], "v0001")
+    history = [{"role": "user", "content": "Tell me about the history of cheese in Europe. " * 20}]
+    first = served.stream(history, settings)
+    (answer,) = first.wait()
+    served.swap(adapters[1], "v0002")  # a new server, on v0002's file: its caches start empty but for the prefill
+    turn = [*history, {"role": "assistant", "content": answer.text}, {"role": "user", "content": "And bread?"}]
+    second = served.stream(turn, settings)
+    (reply,) = second.wait()
+    assert reply.adapter_version == "v0002"
+    fed = len(answer.token_ids) - (answer.finish_reason == "length")
+    assert reply.cached_prompt_tokens >= first.prompt_tokens + fed - 1  # the history, prefilled before the swap
+    served.cfg.engine_warm_conversations = 0  # without the prefill, the same next turn starts cold
+    try:
+        served.swap(adapters[0], "v0001")
+        (cold,) = served.stream(turn, settings).wait()
+    finally:
+        served.cfg.engine_warm_conversations = 4
+    assert cold.cached_prompt_tokens < first.prompt_tokens // 2
 
 
 @pytest.mark.slow

@@ -182,8 +182,9 @@ def test_truncates_at_first_eos_and_penalises_answers_without_eos(tiny_cfg, monk
     eos = tok.eos_token_id
     a, b = tok("Hello", add_special_tokens=False)["input_ids"], tok("Paris", add_special_tokens=False)["input_ids"]
 
-    def fake_generate(input_ids, attention_mask, generation_config):
-        assert generation_config.top_k == 0 and generation_config.top_p == 1.0  # PPO samples the full distribution
+    def fake_generate(input_ids, attention_mask, generation_config, **sampler):
+        assert sampler["top_k"] == 0 and sampler["top_p"] == 1.0  # PPO samples the full distribution
+        assert [type(p).__name__ for p in sampler["logits_processor"]] == ["TemperatureLogitsWarper"]
         rows = [a + [eos] + b + [eos] + b, (b * 12)[:12]]
         width = max(map(len, rows))
         rows = [r + [eos] * (width - len(r)) for r in rows]
