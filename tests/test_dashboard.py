@@ -121,8 +121,8 @@ def test_values_from_fewer_than_the_minimum_votes_are_not_plotted_and_empty_seri
         "PPO score (reward model, normalised)": [(1, 0.4)],
     }
     assert notes == [
-        "agreement with held-out votes (round 1: 1, round 3: ? held-out A/B pairs)",
-        "win-rate vs the original model (round 2: 2 Compare votes)",
+        "agreement with held-out votes (held-out A/B pairs: 1 in round 1, ? in round 3)",
+        "win-rate vs the original model (Compare votes: 2 in round 2)",
     ]
 
 

@@ -212,7 +212,8 @@ def dashboard_parts(service: Service, now: float | None = None) -> dict:
     status = service.status()
     curve = service.learning_curve()
     quality, drift, notes = curve_rows(curve)
-    rounds = [row["round"] for row in curve]
+    # Each round's tick says which version it made, and whether the gate refused it or the owner took it back.
+    rounds = [(row["round"], f"{row['round']}\n{row['version']}" + ROUND_NOTES.get(row["status"], "")) for row in curve]
     board = board_rows(service.leaderboard())
     versions = version_rows(status["versions"])
     text = status_text(status, now)
@@ -361,13 +362,13 @@ def curve_rows(curve: list[dict]) -> tuple[dict, dict, list[str]]:
             if value is None:
                 continue
             if n is None or n < MIN_VOTES:
-                few.setdefault(key, []).append(f"round {row['round']}: {'?' if n is None else n}")
+                few.setdefault(key, []).append(f"{'?' if n is None else n} in round {row['round']}")
             else:
                 quality.setdefault(label, []).append((row["round"], float(value)))
         for key, label in DRIFT.items():
             if row.get(key) is not None:
                 drift.setdefault(label, []).append((row["round"], float(row[key])))
-    notes = [f"{QUALITY[k][1].split(': ')[1]} ({', '.join(v)} {QUALITY[k][2]})" for k, v in few.items()]
+    notes = [f"{QUALITY[k][1].split(': ')[1]} ({QUALITY[k][2]}: {', '.join(v)})" for k, v in few.items()]
     return quality, drift, notes
 
 
@@ -383,7 +384,7 @@ _FIGURES: dict[str, tuple] = {}
 
 
 def figure(key: tuple, draw) -> PlotData:
-    """The plot for `key` = (name, rounds, series) as a PNG, drawn by `draw(ax_factory, rounds, series)` once."""
+    """The plot for `key` = (name, rounds, series) as a PNG, drawn by `draw(figure, rounds, series)` once."""
     name, rounds, series = key
     cached = _FIGURES.get(name)
     if cached and cached[0] == key:
@@ -399,11 +400,15 @@ def figure(key: tuple, draw) -> PlotData:
     return plot
 
 
-def _rounds_axis(ax, rounds: list[int]) -> None:
-    """Whole rounds on the x axis, one tick each (thinned past 12), with room around a single round."""
-    ax.set_xlim(min(rounds, default=1) - 0.5, max(rounds, default=1) + 0.5)
-    step = max(1, math.ceil(len(rounds) / 12))
-    ax.set_xticks(rounds[::step])
+ROUND_NOTES = {"candidate": "\n(refused)", "rolled_back": "\n(taken back)"}
+
+
+def _rounds_axis(ax, rounds: list[tuple[int, str]]) -> None:
+    """Whole rounds on the x axis, one labelled tick each (thinned past 12), with room around a single round."""
+    numbers = [n for n, _ in rounds] or [1]
+    ax.set_xlim(min(numbers) - 0.5, max(numbers) + 0.5)
+    shown = rounds[:: max(1, math.ceil(len(rounds) / 12))]
+    ax.set_xticks([n for n, _ in shown], [label for _, label in shown], fontsize=8)
     ax.set_xlabel("training round")
     ax.grid(alpha=0.3)
 
@@ -414,7 +419,7 @@ def _series(ax, series: dict) -> None:
         ax.plot(xs, ys, marker="o", label=label)
 
 
-def _quality_fig(fig, rounds: list[int], series: dict) -> None:
+def _quality_fig(fig, rounds: list[tuple[int, str]], series: dict) -> None:
     ax = fig.add_subplot()
     ax.set_title("Is each version better?", fontsize=11)
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
@@ -428,7 +433,7 @@ def _quality_fig(fig, rounds: list[int], series: dict) -> None:
         ax.text(0.5, 0.7, f"No point has {MIN_VOTES} votes yet", ha="center", transform=ax.transAxes, color="grey")
 
 
-def _drift_fig(fig, rounds: list[int], series: dict) -> None:
+def _drift_fig(fig, rounds: list[tuple[int, str]], series: dict) -> None:
     axes = fig.subplots(len(series) or 1, 1, sharex=True, squeeze=False)[:, 0]
     axes[0].set_title("How far did training move the model?", fontsize=11)
     for ax, (label, points) in zip(axes, series.items()):
