@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 SCALE, BASE_RATING = 400.0, 1000.0
 """Elo-style display: a 400-point gap means 10:1 odds of winning; the mean rating is 1000."""
+MIN_BATTLES = 10
+"""Fewest battles a version's 95% interval is given for: resampling one or two votes gives a point, not a range."""
+MIN_VOTES = 10
+"""Fewest votes a win-rate or an accuracy is plotted from (one vote makes a rate of 0 or 1)."""
 
 
 @dataclass
@@ -51,7 +55,10 @@ def _fit(battles: Sequence[Battle], players: list[str], iters: int = 200) -> dic
 
 
 def leaderboard(battles: Sequence[Battle], *, rounds: int = 200, seed: int = 0) -> list[dict]:
-    """Rows sorted by rating: version, rating, 95% interval (bootstrap over battles), battles, win rate."""
+    """Rows sorted by rating: version, rating, 95% interval (bootstrap over battles), battles, win rate.
+
+    The interval (lower, upper) is None for a version with fewer than MIN_BATTLES battles.
+    """
     battles = [b for b in battles if b.a != b.b and b.winner in {"a", "b", "tie"}]
     if not battles:
         return []
@@ -73,12 +80,13 @@ def leaderboard(battles: Sequence[Battle], *, rounds: int = 200, seed: int = 0) 
             for b in battles
             if p in (b.a, b.b)
         )
+        enough = n >= MIN_BATTLES
         rows.append(
             {
                 "version": p,
                 "rating": round(point[p], 1),
-                "lower": round(s[int(0.025 * (len(s) - 1))], 1),
-                "upper": round(s[int(0.975 * (len(s) - 1))], 1),
+                "lower": round(s[int(0.025 * (len(s) - 1))], 1) if enough else None,
+                "upper": round(s[int(0.975 * (len(s) - 1))], 1) if enough else None,
                 "battles": n,
                 "win_rate": round(won / n, 3),
             }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import threading
 import time
 import traceback
@@ -33,6 +34,18 @@ from .reward_probe import ProbeRewardModel
 from .store import Store
 
 Progress = Callable[[str, str], None]
+"""progress(state, detail): the round's stage (one of `round_stages`) and what it is doing, e.g. 'update 3/8'."""
+
+
+def round_stages(learner: str) -> tuple[str, ...]:
+    """The states a round of `learner` goes through, in order (what `progress` reports as its first argument)."""
+    if learner == "ppo":
+        train = ("fitting reward model", "PPO")
+    elif learner == "rm-dpo":
+        train = ("fitting reward model", "RM-DPO", "evaluating")
+    else:  # dpo, kto: no reward model; answers are sampled afterwards for the gate
+        train = (learner.upper(), "evaluating")
+    return (*train, "publishing", "gate", "going live")
 
 
 class TrainingRejected(RuntimeError):
@@ -173,10 +186,12 @@ def train_round(
     else:
         since = 0 if cfg.direct_votes == "all" or not r.live else int((r.live.get("metrics") or {}).get("watermark", 0))
         new_pairs, new_labels = [p for p in pairs if p["seq"] > since], [p for p in pointwise if p["seq"] > since]
+        if reward_model is None:  # rm-dpo's reward model saw every vote; DPO and KTO only those after `since`
+            r.metrics["votes_since"] = since
         save = _direct(r, new_pairs, new_labels, reward_model, seed=cfg.seed + watermark)
 
     # 3. Publish atomically as a candidate; the caller decides whether it goes live.
-    say("evaluating", "publishing")
+    say("publishing", "saving the new version")
     metrics, live = r.metrics, r.live
     metrics.update({"watermark": watermark, "parent": live["version"] if live else BASE})
     version = recovery.next_version(store, registry)  # free on disk too: a crash may have left a folder
@@ -350,6 +365,7 @@ def _recorded_round(cfg: Config, store: Store, **kwargs) -> dict:
     run_id = store.start_run("round", owner=recovery.owner())
     try:
         metrics = train_round(cfg, store, **kwargs)
+        (kwargs.get("progress") or (lambda stage, detail: None))("gate", "checking the new version")
         gate(cfg, metrics)
         old = store.live_adapter()
         if old:
@@ -442,6 +458,9 @@ class Follower:
 class Trainer:
     """Background thread: trains when enough new votes arrived (or on request) and hot-swaps the served adapter."""
 
+    _IDLE = {"stage": 0, "stages": 0, "step": None, "steps": None, "round_started": None, "stage_started": None}
+    """Progress fields while no round runs (times are Unix seconds)."""
+
     def __init__(self, cfg: Config, store: Store, policy: Policy, hub=None):
         self.cfg, self.store, self.policy, self.hub = cfg, store, policy, hub
         self.bench = Workbench(cfg)
@@ -459,6 +478,7 @@ class Trainer:
             "watermark": int(last.get("watermark", 0)) if isinstance(last, dict) else 0,
             "last_error": "",
             "rounds": 0,
+            **self._IDLE,
         }
 
     def reward_model(self) -> RewardModel | None:
@@ -466,8 +486,23 @@ class Trainer:
         return self.bench.reward_model if self.cfg.learner in ("ppo", "rm-dpo") else None
 
     def status(self) -> dict:
-        """State for the dashboard: idle / fitting reward model / PPO / evaluating, progress, last error."""
+        """State for the dashboard: idle or a stage of `round_stages`, with progress, stage k of n, times, last error.
+
+        While a round runs: `stage` (1-based) of `stages`, `step`/`steps` within the stage when its detail says
+        ('update 3/8'), `round_started` and `stage_started` (Unix seconds).
+        """
         return dict(self._status)
+
+    def _progress(self, state: str, detail: str) -> None:
+        """Record what the round is doing; a new state starts a new stage (its clock starts now)."""
+        plan = round_stages(self.cfg.learner)
+        stage = plan.index(state) + 1 if state in plan else self._status["stage"]
+        step = re.search(r"(\d+)/(\d+)", detail or "")
+        update = {"state": state, "progress": detail, "stage": stage, "stages": len(plan)}
+        if stage != self._status["stage"]:
+            update["stage_started"] = time.time()
+        update["step"], update["steps"] = (int(step[1]), int(step[2])) if step else (None, None)
+        self._status.update(update)
 
     def start(self) -> None:
         """Run rounds in a daemon thread until stop()."""
@@ -523,14 +558,11 @@ class Trainer:
         with self._round:
             try:
                 before = self.store.live_adapter()
+                self._status.update(round_started=time.time(), stage=0)
                 metrics = run_round(
-                    self.cfg,
-                    self.store,
-                    progress=lambda stage, detail: self._status.update(state=stage, progress=detail),
-                    pause=self._yield_to_serving,
-                    bench=self.bench,
+                    self.cfg, self.store, progress=self._progress, pause=self._yield_to_serving, bench=self.bench
                 )
-                self._status["state"], self._status["progress"] = "evaluating", "swapping in the new version"
+                self._progress("going live", "switching serving to the new version")
                 self._swap_in(metrics["version"], before)
                 removed = recovery.prune(self.store, self.cfg.keep_versions)
                 metrics["pruned"] = removed
@@ -545,7 +577,7 @@ class Trainer:
                 self._status["watermark"] = self.store.watermark()  # do not retry the same data in a loop
                 raise
             finally:
-                self._status.update(state="idle", progress="")
+                self._status.update(state="idle", progress="", **self._IDLE)
 
     def _swap_in(self, version: str, before: dict | None) -> None:
         """Serve the round's new version; if it cannot be served, the DB goes back to saying what serves."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_live.leaderboard import BASE_RATING, Battle, leaderboard
+from rlhf_live.leaderboard import BASE_RATING, MIN_BATTLES, Battle, leaderboard
 
 
 def by_version(rows: list[dict]) -> dict[str, dict]:
@@ -70,3 +70,17 @@ def test_three_versions_are_ordered_and_deterministic():
     assert [r["version"] for r in rows] == ["v3", "v2", "v1"]
     assert by_version(rows)["v2"]["battles"] == 80
     assert leaderboard(battles) == rows  # fixed seed: the same intervals every time
+
+
+def test_an_interval_needs_the_minimum_number_of_battles():
+    # One battle: its bootstrap is a single point ("1091.7 [1091.7-1091.7]"), so no interval is given.
+    (winner, loser) = leaderboard([Battle("v1", "base", "a")])
+    assert (winner["version"], winner["battles"], winner["lower"], winner["upper"]) == ("v1", 1, None, None)
+    assert (loser["lower"], loser["upper"]) == (None, None) and winner["rating"] > loser["rating"]
+    # v2 plays MIN_BATTLES times, v3 once fewer: only v2 gets an interval.
+    battles = [Battle("v2", "base", "a" if i % 3 else "b") for i in range(MIN_BATTLES)]
+    battles += [Battle("v3", "base", "a" if i % 2 else "b") for i in range(MIN_BATTLES - 1)]
+    rows = by_version(leaderboard(battles))
+    assert rows["v2"]["battles"] == MIN_BATTLES and rows["v2"]["lower"] < rows["v2"]["rating"] < rows["v2"]["upper"]
+    assert rows["v3"]["battles"] == MIN_BATTLES - 1 and (rows["v3"]["lower"], rows["v3"]["upper"]) == (None, None)
+    assert rows["base"]["battles"] == 2 * MIN_BATTLES - 1 and rows["base"]["lower"] is not None

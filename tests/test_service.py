@@ -312,7 +312,7 @@ def test_learning_curve_counts_compare_votes_between_versions(tiny_cfg, tmp_path
     service = Service(policy, store, replace(tiny_cfg, train_min_new_votes=5))
     text = _dashboard(service)[0]
     assert service.learning_curve() == []
-    assert "No training round yet" in text and "more votes" not in text  # no trainer running: no promise
+    assert "no trained version has gone live yet" in text and "more votes" not in text  # no trainer: no promise
     policy.model.save_pretrained(tmp_path / "v0001")
     store.add_adapter("v0001", str(tmp_path / "v0001"), status="live", metrics={"reward/accuracy": 0.75, "ppo/kl": 1.5})
     policy.swap(tmp_path / "v0001", "v0001")
@@ -340,7 +340,7 @@ def test_dashboard_says_how_many_votes_start_the_first_round(tiny_cfg):
     *_, last = service.chat(ALICE, "Hello")
     service.feedback(ALICE, last["response_id"], "up")
     text, curve, *_ = _dashboard(service)
-    assert "4 more votes" in text and "start the first one" in text
+    assert "waiting for 4 more votes (👍/👎 or Compare choices) before the next training round (1 of 5" in text
     assert curve.visible is False
     store.close()
 

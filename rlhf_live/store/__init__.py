@@ -13,7 +13,7 @@ concern lives in its own module:
 | training_rows.py | (reads all of them) | `watermark`, `preference_pairs`, `ties`, `pointwise_labels`, `prompts` |
 | versions.py | adapters, training_runs | `add_adapter`, `set_adapter_status`, `live_adapter`, `start_run` |
 | transfer.py | (all) | `export`, `import_pairs`, `stats` |
-| people.py | (all, one voter's rows) | `delete_voter` ("delete my data") |
+| people.py | (all, one voter's rows) | `voter_data` ("download my data"), `delete_voter` ("delete my data") |
 
 Guarantees:
 - One `sqlite_utils.Database` per thread (SQLite connections are bound to their creating thread), WAL mode so readers

@@ -20,6 +20,23 @@ class TrainingRows(Database):
         """Increases with every thumb write and every choice: train on what came after the last round's value."""
         return self.db().conn.execute("SELECT value FROM counters WHERE name = 'watermark'").fetchone()[0]
 
+    def votes_between(self, after: int, upto: int, voter: str | None = None) -> int:
+        """Votes with watermark in (after, upto] (a round's training rows), of everyone or of one voter.
+
+        Standing thumbs (not cleared) and chosen comparisons, each counted once.
+        """
+        mine, params = (" AND voter = ?", (voter,)) if voter is not None else ("", ())
+        with self._read() as conn:
+            thumbs = conn.execute(
+                f"SELECT count(*) FROM feedback WHERE value != 'cleared' AND seq > ? AND seq <= ?{mine}",
+                (after, upto, *params),
+            ).fetchone()[0]
+            choices = conn.execute(
+                f"SELECT count(*) FROM comparisons WHERE choice IS NOT NULL AND seq > ? AND seq <= ?{mine}",
+                (after, upto, *params),
+            ).fetchone()[0]
+        return thumbs + choices
+
     def _comparison_rows(self, conn: sqlite3.Connection, choices: tuple[str, ...], since: int, limit_ids=None):
         marks = ",".join("?" * len(choices))
         rows = self._rows(

@@ -1,7 +1,8 @@
 """The Gradio app: one module per tab (chat, compare, training, data), the HTTP API (api) and this composition.
 
 This package is the only place that imports gradio; every request goes to `Service`. `build` puts the tabs together
-and does the shared wiring (browser state, queue limits, the dashboard refresh, the API); `serve` starts it all.
+and does the shared wiring (browser state, queue limits, the new-version notice, when the Training tab polls, the
+API); `serve` starts it all.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .chat import ChatTab
 from .common import PRIVATE, on_space
 from .compare import CompareTab
 from .data import DataTab
-from .training import TrainingTab, dashboard
+from .training import TrainingTab, VersionNotice, dashboard
 
 CSS_FILE = Path(__file__).resolve().parents[2] / "assets" / "style.css"
 INTRO = (
@@ -53,7 +54,8 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
     # llama.cpp batches answers across its slots, so as many chats generate at once; torch, generation_concurrency.
     limit = cfg.engine_parallel if service.policy.engine is not None else cfg.generation_concurrency
     generate = {"concurrency_limit": limit, "concurrency_id": "generate"}
-    with gr.Blocks(title="rlhf-live") as demo:
+    # Downloads (a visitor's own data, an admin's export) leave Gradio's cache after 10 minutes.
+    with gr.Blocks(title="rlhf-live", delete_cache=(600, 600)) as demo:
         # A stable secret (derived from the DB's salt) keeps browsers' saved conversations readable after a restart.
         secret = hashlib.sha256(f"browser-state:{service.store.voter_salt()}".encode()).hexdigest()[:32]
         empty = {"id": "", "conversation_id": "", "leaf": ""}
@@ -63,6 +65,7 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
             gr.LoginButton()
         if storage_is_ephemeral(cfg):
             gr.Markdown(EPHEMERAL, elem_id="storage-notice")
+        notice = VersionNotice(service, secret)
         with gr.Tabs() as tabs:
             chat = ChatTab(service, cfg, client, generate)
             CompareTab(service, cfg, chat, tabs, generate)
@@ -70,11 +73,9 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
             data = DataTab(service, cfg)
         data.wire_delete(client)
         demo.load(chat.load, [client], [client, chat.state, chat.chatbot], **PRIVATE)
-        # Fresh numbers on load, on Refresh and whenever a dashboard tab is opened.
-        refresh = lambda: dashboard(service)  # noqa: E731
-        outputs = [*training.outputs, data.summary]
-        for event in (demo.load, training.refresh.click, training.tab.select, data.tab.select):
-            event(refresh, None, outputs, **PRIVATE)
+        notice.wire(demo, client)
+        # The Training tab polls only while it is open: its own select starts the timer, any other tab's stops it.
+        tabs.select(training.deactivate, None, [training.timer], **PRIVATE, queue=False, show_progress="hidden")
         add_api(service, generate)
     # A bounded queue: past max_size, Gradio tells the next person the app is busy instead of queueing forever.
     demo.queue(default_concurrency_limit=cfg.generation_concurrency, max_size=cfg.queue_max_size)

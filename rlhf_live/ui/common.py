@@ -13,6 +13,7 @@ import re
 import gradio as gr
 
 from ..config import Config
+from ..logs import refusal
 from ..policy import GenerationSettings
 from ..service import USER_ERRORS, Service
 
@@ -54,6 +55,14 @@ def answer_md(text: str, version: str | None) -> str:
     return show(text) + tag
 
 
+def refused(message: str) -> gr.Error:
+    """The gr.Error for a refused request: the person reads `message`; the log gets one line, not a traceback."""
+    # Gradio prints the traceback of every error a handler raises unless print_exception is off; for refused input
+    # (an empty message, a limit) that was ~39 lines per request.
+    refusal(message)
+    return gr.Error(message, print_exception=False)
+
+
 class UserError:
     """Turn a service error into the gr.Error a person reads (use as `with UserError():` inside handlers)."""
 
@@ -62,8 +71,8 @@ class UserError:
 
     def __exit__(self, typ, exc, tb):
         if exc is not None and isinstance(exc, USER_ERRORS):
-            raise gr.Error(str(exc)) from None
-        return False
+            raise refused(str(exc)) from None
+        return False  # anything else is a real error: Gradio prints its traceback
 
 
 def voter_of(service: Service, client: dict | None, request: gr.Request, profile=None) -> str:
@@ -123,4 +132,4 @@ def require_admin(cfg: Config, token, profile=None) -> None:
         return
     if getattr(profile, "username", None) in admin_users(cfg):
         return
-    raise gr.Error("Admin token required (or sign in as the Space's owner): this control is for the app's owner.")
+    raise refused("Admin token required (or sign in as the Space's owner): this control is for the app's owner.")
