@@ -28,17 +28,18 @@ from rlhf_live.policy import Answer, GenerationSettings, Policy
 from rlhf_live.ppo import load_seed_prompts
 from rlhf_live.sampling import loop_cut
 
-VARIANTS = {  # name -> (what it is, settings over the defaults)
-    "default": ("T 0.7, top-p 0.9 (the defaults)", {}),
-    "stop": ("+ loop stop", {"stop_loops": True}),
-    "rp1.1": ("+ repetition penalty 1.1", {"repetition_penalty": 1.1}),
-    "rp1.2": ("+ repetition penalty 1.2", {"repetition_penalty": 1.2}),
-    "rp1.3": ("+ repetition penalty 1.3", {"repetition_penalty": 1.3}),
-    "rp1.2+stop": ("+ repetition penalty 1.2 + loop stop", {"repetition_penalty": 1.2, "stop_loops": True}),
-    "t0.3": ("T 0.3", {"temperature": 0.3}),
-    "t1.0": ("T 1.0", {"temperature": 1.0}),
-    "greedy": ("greedy", {"temperature": 0.0}),
-    "original": ("plain llama.cpp on the shipped Q4_1 file, T 0.7, top-p 0.9", {}),
+OFF = {"repetition_penalty": 1.0, "stop_loops": False}
+VARIANTS = {  # name -> (what it is, settings over Config's defaults)
+    "before": ("T 0.7, top-p 0.9, no repetition control (the defaults until 2026-12-02)", OFF),
+    "default": ("today's defaults: repetition penalty 1.1 + loop stop", {}),
+    "stop": ("loop stop only", {**OFF, "stop_loops": True}),
+    "rp1.1": ("repetition penalty 1.1 only", {**OFF, "repetition_penalty": 1.1}),
+    "rp1.2": ("repetition penalty 1.2 only", {**OFF, "repetition_penalty": 1.2}),
+    "rp1.3": ("repetition penalty 1.3 only", {**OFF, "repetition_penalty": 1.3}),
+    "t0.3": ("T 0.3, no repetition control", {**OFF, "temperature": 0.3}),
+    "t1.0": ("T 1.0, no repetition control", {**OFF, "temperature": 1.0}),
+    "original": ("plain llama.cpp on the shipped Q4_1 file, no repetition control", OFF),
+    "no-nf4": ("torch on the shipped weights in bf16 (no NF4 re-quantization), no repetition control", OFF),
 }
 
 
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--out", default="bench/loops.json")
     args = parser.parse_args()
-    cfg = Config(train=False, stop_loops=False, seed=0)
+    cfg = Config(train=False, seed=0)
     policy = Policy.from_config(cfg)
     prompts = load_seed_prompts()[: args.prompts]
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()] or list(VARIANTS)
@@ -106,6 +107,10 @@ def main() -> None:
         start = time.perf_counter()
         if name == "original":
             answers = plain_llamacpp(source_gguf(cfg), policy, prompts, settings)
+        elif name == "no-nf4":
+            other = Policy.from_config(dataclasses.replace(cfg, engine="torch", load_in_4bit=False))
+            answers = other.generate_many(prompts, settings)
+            del other
         else:
             answers = policy.generate_many(prompts, settings)
         row = {

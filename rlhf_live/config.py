@@ -82,7 +82,7 @@ class Config:
     """Sampling temperature; 0 means greedy."""
     top_p: float = 0.9
     """Nucleus sampling mass."""
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.1
     """llama.cpp's repeat penalty on the last repetition_last_n tokens, the same in every engine and PPO; 1 = off."""
     repetition_last_n: int = 64
     """How many newest tokens (prompt + answer) the repetition penalty looks back over."""

@@ -49,11 +49,20 @@ def available() -> bool:
 class _Server:
     """One llama.cpp server in its own process (`engine_worker`): a GGUF model plus a fixed list of adapters."""
 
-    def __init__(self, model: Path, adapters: dict[str, Path], threads: int, parallel: int, n_ctx: int, cache_mib: int):
+    def __init__(
+        self,
+        model: Path,
+        adapters: dict[str, Path],
+        threads: int,
+        parallel: int,
+        n_ctx: int,
+        cache_mib: int,
+        options: dict | None = None,
+    ):
         self.ids = {version: i for i, version in enumerate(adapters)}
         self.path = Path(model)
         settings = {"model": str(model), "adapters": [str(p) for p in adapters.values()], "threads": threads}
-        settings |= {"parallel": parallel, "n_ctx": n_ctx, "cache_mib": cache_mib}
+        settings |= {"parallel": parallel, "n_ctx": n_ctx, "cache_mib": cache_mib, **(options or {})}
         path = [_PACKAGE_ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         self._proc = _SPAWNER.submit(
@@ -151,11 +160,20 @@ class LlamaCppEngine:
     LoRA work) or as a runtime LoRA on the base file (`set_adapters`); a version in neither samples as the base.
     """
 
-    def __init__(self, model: str | Path, *, threads: int, parallel: int, n_ctx: int, cache_mib: int = 1024):
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        threads: int,
+        parallel: int,
+        n_ctx: int,
+        cache_mib: int = 1024,
+        options: dict | None = None,
+    ):
         if not available():
             raise EngineError("llama.cpp engine needs the xllamacpp package: pip install xllamacpp")
         self.model, self.threads, self.parallel, self.n_ctx = Path(model), threads, parallel, n_ctx
-        self.cache_mib = cache_mib
+        self.cache_mib, self.options = cache_mib, dict(options or {})  # more engine_worker settings: flash_attn, ubatch
         self._lock = threading.Lock()
         self._adapters: dict[str, Path] = {}
         self._server = self._start(self.model, self._adapters)
@@ -195,7 +213,7 @@ class LlamaCppEngine:
             self._merged = dict(servers)
 
     def _start(self, path: Path, adapters: dict[str, Path] | None = None) -> _Server:
-        return _Server(path, adapters or {}, self.threads, self.parallel, self.n_ctx, self.cache_mib)
+        return _Server(path, adapters or {}, self.threads, self.parallel, self.n_ctx, self.cache_mib, self.options)
 
     def _route(self, version: str | None) -> tuple[_Server, list[dict]]:
         """The server that samples `version` and the LoRA scales to send with the request."""

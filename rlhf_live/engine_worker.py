@@ -34,7 +34,9 @@ def _start_server(settings: dict):
     # Flash attention off: on 2 CPU cores it decoded 136 vs 128 tok/s at a short context and 100 vs 73 after 1,100
     # tokens, and a next turn's 50 new tokens took 122 vs 178 ms; only a cold 1,000-token prefill was faster with it
     # (1.6 vs 2.0 s), and a chat's next turn reuses its cache instead.
-    p.flash_attn_type = 0
+    p.flash_attn_type = settings.get("flash_attn", 0)
+    if settings.get("ubatch"):  # tokens per prefill step (llama.cpp's default 512)
+        p.n_ubatch = p.n_batch = settings["ubatch"]
     p.warmup = False
     p.verbosity = -1
     # The embedded server also listens on loopback HTTP; a random key keeps other local processes out.
