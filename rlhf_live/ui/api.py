@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 
 from ..service import Service
-from .common import UserError, voter_of
+from .common import UserError, coalesced, voter_of
 
 
 def add_api(service: Service, generate: dict) -> None:
@@ -57,5 +57,8 @@ def _streamed(start: Callable[[], Iterator[dict]], keys: tuple[str, ...]) -> Ite
     with UserError():  # the service checks the request when the first update is asked for
         stream = start()
         first = next(stream)
-    for update in itertools.chain([first], stream):
-        yield {k: update[k] for k in keys}
+    try:
+        for update in coalesced(itertools.chain([first], stream)):
+            yield {k: update[k] for k in keys}
+    finally:
+        stream.close()  # a client that went away: the service records what was written (finish_reason 'cancelled')

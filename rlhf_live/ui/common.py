@@ -9,6 +9,8 @@ import hmac
 import html
 import os
 import re
+import time
+from collections.abc import Iterator
 
 import gradio as gr
 
@@ -61,6 +63,28 @@ def refused(message: str) -> gr.Error:
     # (an empty message, a limit) that was ~39 lines per request.
     refusal(message)
     return gr.Error(message, print_exception=False)
+
+
+STREAM_INTERVAL_S = 0.05
+"""Least seconds between two streamed updates to a client: one update per token costs the server and the browser
+more than the engine takes to write it (bench/RESULTS.md, page streaming), so the tokens in between go together."""
+
+
+_clock = time.monotonic
+
+
+def coalesced(updates: Iterator, interval: float = STREAM_INTERVAL_S) -> Iterator:
+    """The first update, then the newest at most every `interval` seconds, and always the last one."""
+    sent_at, pending, held = -float("inf"), None, False
+    for update in updates:
+        now = _clock()
+        if now - sent_at >= interval:
+            sent_at, held = now, False
+            yield update
+        else:
+            pending, held = update, True
+    if held:
+        yield pending
 
 
 class UserError:
