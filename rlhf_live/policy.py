@@ -262,10 +262,17 @@ class Answer:
 class Stream:
     """Iterate to get a tuple of texts-so-far per answer after each step; `.answers` holds the results."""
 
-    def __init__(self, answers: list[Answer], steps: Iterator[tuple[str, ...]], cancel: threading.Event):
+    def __init__(
+        self,
+        answers: list[Answer],
+        steps: Iterator[tuple[str, ...]],
+        cancel: threading.Event,
+        stops: list[threading.Event] | None = None,
+    ):
         self.answers = answers
         self._steps = steps
         self._cancel = cancel
+        self._stops = stops or [threading.Event() for _ in answers]
         self.prompt_tokens = 0
         self.dropped_messages = 0
 
@@ -275,6 +282,12 @@ class Stream:
     def cancel(self) -> None:
         """Stop generating at the next token (e.g. the browser went away)."""
         self._cancel.set()
+
+    def stop(self, i: int) -> None:
+        """Stop generating answer `i` only (its text stays as far as it got, finish_reason 'cancelled')."""
+        if not self.answers[i].finish_reason:
+            self.answers[i].finish_reason = "cancelled"
+        self._stops[i].set()
 
     def wait(self) -> list[Answer]:
         """Consume the stream and return the finished answers."""
@@ -426,13 +439,14 @@ class Policy:
         if len(versions) != n:
             raise ValueError("one version per answer")
         cancel = threading.Event()
+        stops = [threading.Event() for _ in range(n)]  # one per answer: a loop stop or Stream.stop ends it alone
         answers = [Answer() for _ in range(n)]
         names, release = self._hold(versions)  # None: the version serving now, resolved under the lock
         for a, v in zip(answers, versions):
             a.adapter_version = v or self.version
-        steps = self._guarded(self._run(prompt_ids, settings, answers, names, cancel), cancel, release)
+        steps = self._guarded(self._run(prompt_ids, settings, answers, names, cancel, stops), cancel, release)
         next(steps)  # primed: from here on, closing or dropping the stream (even unread) releases the read lock
-        s = Stream(answers, steps, cancel)
+        s = Stream(answers, steps, cancel, stops)
         s.prompt_tokens, s.dropped_messages = len(prompt_ids), dropped
         return s
 
@@ -473,23 +487,23 @@ class Policy:
             return self._extra[version]
         raise InvalidRequest(f"Adapter version {version!r} is not loaded for comparison.")
 
-    def _run(self, prompt_ids, settings, answers, names, cancel) -> Iterator[tuple[str, ...]]:
+    def _run(self, prompt_ids, settings, answers, names, cancel, stops) -> Iterator[tuple[str, ...]]:
         if self.engine is not None:
-            return self._run_engine([prompt_ids] * len(answers), settings, answers, cancel, remember=True)
-        return self._run_torch(prompt_ids, settings, answers, names, cancel)
+            return self._run_engine([prompt_ids] * len(answers), settings, answers, cancel, remember=True, stops=stops)
+        return self._run_torch(prompt_ids, settings, answers, names, cancel, stops)
 
     def _sampling(self, settings: GenerationSettings, i: int) -> llama.Sampling:
         seed = None if settings.seed is None else settings.seed + i  # n answers to one prompt must differ
         s = settings
         return llama.Sampling(s.max_new_tokens, s.temperature, s.top_p, seed, s.repetition_penalty, s.repetition_last_n)
 
-    def _run_engine(self, prompts, settings, answers, cancel, remember=False) -> Iterator[tuple[str, ...]]:
+    def _run_engine(self, prompts, settings, answers, cancel, remember=False, stops=None) -> Iterator[tuple[str, ...]]:
         """Answers sampled by llama.cpp, one request each (batched there); texts after every token."""
         eos = self.tokenizer.eos_token_id
         sink: queue.Queue = queue.Queue()
         threads, errors = [], []
         loops = [LoopStop() if settings.stop_loops else None for _ in answers]
-        stops = [threading.Event() for _ in answers]  # one answer's loop stop ends that request only
+        stops = stops or [threading.Event() for _ in answers]  # one answer's stop ends that request only
         try:
             for i, (prompt, a) in enumerate(zip(prompts, answers)):
                 version = a.adapter_version if a.adapter_version in self._gguf else None
@@ -542,13 +556,13 @@ class Policy:
                 a.finish_reason = "cancelled" if cancel.is_set() else "length"
         return tuple(a.text for a in answers)
 
-    def _run_torch(self, prompt_ids, settings, answers, names, cancel) -> Iterator[tuple[str, ...]]:
+    def _run_torch(self, prompt_ids, settings, answers, names, cancel, stops=None) -> Iterator[tuple[str, ...]]:
         n = len(answers)
         eos = self.tokenizer.eos_token_id
         tokens = _TokenQueue()
         input_ids = torch.tensor([prompt_ids] * n, device=self.device)
         loops = [LoopStop() if settings.stop_loops else None for _ in answers]
-        stops = [threading.Event() for _ in answers]
+        stops = stops or [threading.Event() for _ in answers]
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),

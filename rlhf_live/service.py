@@ -27,6 +27,17 @@ COMPARE_MODES = {
     "base": "Live model vs the original (base) model",
 }
 
+COMPARE_UNAVAILABLE = {
+    "previous": "Needs an earlier trained version: it applies once a second version has gone live.",
+    "base": "The live model is still the base model: it applies once a trained version has gone live.",
+}
+"""Why a comparison mode cannot apply yet (shown before a request, not as an error after it)."""
+
+PICK_AFTER_TOKENS = 16
+"""Tokens of every candidate after which Compare picks the two to show (enough to tell answers apart)."""
+PICK_WITHIN_S = 0.6
+"""Seconds after which Compare picks with what exists, so the page shows text within a second on 2 cores."""
+
 
 class Service:
     """The app's requests, independent of how they arrive (browser, HTTP API, simulation)."""
@@ -139,7 +150,13 @@ class Service:
         version = stream.answers[0].adapter_version
         try:
             for (text,) in stream:
-                yield {"conversation_id": cid, "text": text, "response_id": None, "adapter_version": version}
+                yield {
+                    "conversation_id": cid,
+                    "text": text,
+                    "response_id": None,
+                    "adapter_version": version,
+                    "user_message_id": user_id,
+                }
         finally:
             stream.cancel()
             (answer,) = stream.answers
@@ -160,6 +177,11 @@ class Service:
         self._limit(voter)
         row = self.store.record_feedback(response_id, voter, value, reason or "", session_id=voter)
         return {"ok": True, "response_id": response_id, "value": row["value"]}
+
+    def answers_to(self, voter: str, conversation_id: str, message_id: str) -> list[str]:
+        """Ids of every stored answer to one user message (Retry's siblings included), oldest first."""
+        conv = self.store.conversation(conversation_id, session_id=voter)
+        return [m["id"] for m in conv["messages"] if m["parent_id"] == message_id and m["role"] == "assistant"]
 
     def history(self, voter: str, conversation_id: str, leaf_id: str | None = None) -> list[dict]:
         """The branch ending at `leaf_id` (default: the newest message), with this voter's thumbs on answers."""
@@ -191,12 +213,12 @@ class Service:
             return [None, None]  # whatever serves when generation starts (a swap may come first)
         if mode == "base":
             if live == BASE:
-                raise InvalidRequest("The live model is still the base model: compare two samples instead.")
+                raise InvalidRequest(COMPARE_UNAVAILABLE["base"])
             other = BASE
         elif mode == "previous":
             prev = self._previous_version(live)
             if prev is None:
-                raise InvalidRequest("There is no earlier trained version yet: compare two samples instead.")
+                raise InvalidRequest(COMPARE_UNAVAILABLE["previous"])
             self.policy.load_for_comparison(prev["path"], prev["version"])
             other = prev["version"]
         else:
@@ -216,6 +238,15 @@ class Service:
             return usable[parent]
         return max(usable.values(), key=lambda a: a["version"], default=None)
 
+    def compare_modes(self) -> dict[str, str]:
+        """Each comparison mode -> '' where it applies now, else the sentence saying why not (for the UI, up front)."""
+        live = self.policy.version
+        return {
+            "samples": "",
+            "previous": "" if self._previous_version(live) else COMPARE_UNAVAILABLE["previous"],
+            "base": "" if live != BASE else COMPARE_UNAVAILABLE["base"],
+        }
+
     def compare(
         self,
         voter: str,
@@ -229,20 +260,49 @@ class Service:
         """Stream two answers side by side; the last dict has pair_id and both response ids (sources hidden)."""
         # In "samples" mode with `compare_candidates` > 2, that many answers are sampled in one batch and the two shown
         # are picked by the reward model's uncertainty (`pick_pair`: double Thompson sampling), so that votes land where
-        # they teach the most; updates then carry a `note` instead of partial texts until the pair is known.
+        # they teach the most. The pick is made on the first PICK_AFTER_TOKENS tokens (or what exists after
+        # PICK_WITHIN_S), so the two shown start streaming within a second; the others stop there. Until the pick,
+        # updates carry a `note` saying how far the candidates are.
         versions = self._compare_versions(mode)
         cid, user_id, prompt, settings = self._start_turn(voter, message, conversation_id, parent_id, settings)
         n = max(2, self.cfg.compare_candidates) if mode == "samples" else 2
         stream = self.policy.stream(prompt, settings, n=n, versions=versions * (n // 2) + versions[: n % 2])
-        note = f"Writing {n} answers to pick two to show you…" if n > 2 else ""
+        shown: tuple[int, int] | None = (0, 1) if n == 2 else None
+        started = time.monotonic()
         try:
             for texts in stream:
-                a, b = ("", "") if note else texts
-                yield {"conversation_id": cid, "pair_id": None, "a": {"text": a}, "b": {"text": b}, "note": note}
+                if shown is None:
+                    answers = stream.answers
+                    # A finished candidate is whole, however short: it waits for no more tokens.
+                    written = min((len(a.token_ids) for a in answers if not a.finish_reason), default=PICK_AFTER_TOKENS)
+                    if written >= PICK_AFTER_TOKENS or time.monotonic() - started >= PICK_WITHIN_S:
+                        shown = self._pick_pair(prompt, list(texts))
+                        for k in set(range(n)) - set(shown):
+                            stream.stop(k)
+                    else:
+                        tokens = sum(len(a.token_ids) for a in answers)
+                        note = f"Writing {n} answers to pick the two worth your vote… ({tokens} tokens so far)"
+                        yield {
+                            "conversation_id": cid,
+                            "pair_id": None,
+                            "a": {"text": ""},
+                            "b": {"text": ""},
+                            "note": note,
+                        }
+                        continue
+                i, j = shown
+                yield {
+                    "conversation_id": cid,
+                    "pair_id": None,
+                    "a": {"text": texts[i]},
+                    "b": {"text": texts[j]},
+                    "note": "",
+                }
         finally:
             stream.cancel()
-            i, j = self._pick_pair(prompt, [x.text for x in stream.answers]) if n > 2 else (0, 1)
-            a, b = stream.answers[i], stream.answers[j]
+            if shown is None:
+                shown = self._pick_pair(prompt, [x.text for x in stream.answers])
+            a, b = stream.answers[shown[0]], stream.answers[shown[1]]
             a_id = self._record_answer(cid, user_id, a, settings)
             b_id = self._record_answer(cid, user_id, b, settings)
             pair_id = self.store.new_comparison(

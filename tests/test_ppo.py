@@ -184,7 +184,9 @@ def test_truncates_at_first_eos_and_penalises_answers_without_eos(tiny_cfg, monk
 
     def fake_generate(input_ids, attention_mask, generation_config, **sampler):
         assert sampler["top_k"] == 0 and sampler["top_p"] == 1.0  # PPO samples the full distribution
-        assert [type(p).__name__ for p in sampler["logits_processor"]] == ["TemperatureLogitsWarper"]
+        # The served chain: the repetition penalty first (it is part of the policy), then temperature, no top-p.
+        chain = ["RepetitionPenalty", "TemperatureLogitsWarper"]
+        assert [type(p).__name__ for p in sampler["logits_processor"]] == chain
         rows = [a + [eos] + b + [eos] + b, (b * 12)[:12]]
         width = max(map(len, rows))
         rows = [r + [eos] * (width - len(r)) for r in rows]

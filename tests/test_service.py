@@ -9,7 +9,8 @@ import pytest
 from apphelpers import snapshot
 
 from rlhf_live.policy import BASE, GenerationSettings, InvalidRequest, Policy
-from rlhf_live.service import Service
+from rlhf_live import service as service_mod
+from rlhf_live.service import COMPARE_UNAVAILABLE, Service
 from rlhf_live.store import AlreadyVoted, Forbidden, InvalidInput, Store, UnknownId
 
 ALICE, BOB = "v-alice", "v-bob"
@@ -216,8 +217,10 @@ def test_invalid_values_are_refused_and_nothing_written(service):
         list(service.compare(ALICE, "Pick", mode="nonsense"))
     with pytest.raises(InvalidRequest, match="still the base model"):
         list(service.compare(ALICE, "Pick", mode="base"))
-    with pytest.raises(InvalidRequest, match="no earlier trained version"):
+    with pytest.raises(InvalidRequest, match="Needs an earlier trained version"):
         list(service.compare(ALICE, "Pick", mode="previous"))
+    # The UI learns the same before any request.
+    assert service.compare_modes() == {"samples": "", **COMPARE_UNAVAILABLE}
     assert snapshot(service.cfg.db_path) == before
 
 
@@ -368,8 +371,9 @@ def test_compare_from_several_candidates_shows_the_pair_the_reward_model_picks(p
     picker = Picker()
     service = Service(policy, store, replace(tiny_cfg, compare_candidates=5), Trainer(picker))
     *partial, last = service.compare(ALICE, "Tell me a fruit.", settings=GenerationSettings(max_new_tokens=8, seed=3))
-    assert partial and all(u["pair_id"] is None and u["a"]["text"] == "" for u in partial)
-    assert partial[0]["note"] == "Writing 5 answers to pick two to show you…"
+    notes = [u for u in partial if u["note"]]
+    assert notes and all(u["pair_id"] is None and u["a"]["text"] == u["b"]["text"] == "" for u in notes)
+    assert partial[0]["note"].startswith("Writing 5 answers to pick the two worth your vote… (")
     (candidates,) = picker.seen
     assert len(candidates) == 5
     assert (last["a"]["text"], last["b"]["text"]) == (candidates[3], candidates[1])
@@ -377,6 +381,17 @@ def test_compare_from_several_candidates_shows_the_pair_the_reward_model_picks(p
     row = store.comparison(last["pair_id"])
     assert (row["a_id"], row["b_id"]) == (last["a"]["response_id"], last["b"]["response_id"])
     assert store.stats()["counts"]["messages"] == 3
+    # Longer answers: the pick comes after PICK_AFTER_TOKENS tokens, then the two picked stream and the rest stop.
+    picker.seen.clear()
+    n = service_mod.PICK_AFTER_TOKENS
+    settings = GenerationSettings(max_new_tokens=4 * n, seed=5, stop_loops=False)
+    updates = list(service.compare(ALICE, "A long one.", settings=settings))
+    (candidates,) = picker.seen
+    streamed = [u for u in updates if u["pair_id"] is None and not u["note"]]
+    assert len(streamed) > n  # the pair streams token by token after the pick
+    assert streamed[0]["a"]["text"].startswith(candidates[3]) and streamed[0]["b"]["text"].startswith(candidates[1])
+    last = updates[-1]
+    assert len(last["a"]["text"]) > len(candidates[3])
     # Without a reward model (no round yet), two distinct candidates at random.
     service = Service(policy, store, replace(tiny_cfg, compare_candidates=5), Trainer(None))
     *_, last = service.compare(ALICE, "Another fruit?")
