@@ -280,8 +280,10 @@ class Stream:
         return self._steps
 
     def cancel(self) -> None:
-        """Stop generating at the next token (e.g. the browser went away)."""
+        """Stop generating at the next token (e.g. the browser went away); unfinished answers read 'cancelled'."""
         self._cancel.set()
+        for a in self.answers:
+            a.finish_reason = a.finish_reason or "cancelled"
 
     def stop(self, i: int) -> None:
         """Stop generating answer `i` only (its text stays as far as it got, finish_reason 'cancelled')."""

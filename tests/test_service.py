@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 from apphelpers import snapshot
 
-from rlhf_live.policy import BASE, GenerationSettings, InvalidRequest, Policy
 from rlhf_live import service as service_mod
+from rlhf_live.policy import BASE, GenerationSettings, InvalidRequest, Policy
 from rlhf_live.service import COMPARE_UNAVAILABLE, Service
 from rlhf_live.store import AlreadyVoted, Forbidden, InvalidInput, Store, UnknownId
 

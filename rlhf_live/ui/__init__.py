@@ -72,7 +72,8 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
             training = TrainingTab(service, cfg)
             data = DataTab(service, cfg)
         data.wire_delete(client)
-        demo.load(chat.load, [client], [client, chat.state, chat.chatbot], **PRIVATE)
+        pager = [chat.pager, chat.pager_note, chat.prev_answer, chat.next_answer]
+        demo.load(chat.load, [client], [client, chat.state, chat.chatbot, *pager], **PRIVATE)
         notice.wire(demo, client)
         # The Training tab polls only while it is open: its own select starts the timer, any other tab's stops it.
         tabs.select(training.deactivate, None, [training.timer], **PRIVATE, queue=False, show_progress="hidden")

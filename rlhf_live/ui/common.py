@@ -10,6 +10,7 @@ import html
 import os
 import re
 import time
+import uuid
 from collections.abc import Iterator
 
 import gradio as gr
@@ -97,6 +98,16 @@ class UserError:
         if exc is not None and isinstance(exc, USER_ERRORS):
             raise refused(str(exc)) from None
         return False  # anything else is a real error: Gradio prints its traceback
+
+
+def client_of(client: dict | None, request: gr.Request) -> dict:
+    """This browser's stored value with its id set (the page session's id until the page load has stored one)."""
+    # A message sent before the page load's handler has answered carries no id yet. Both then use the session hash,
+    # whichever runs first, so the conversation stays this browser's after a reload (it was lost that way).
+    value = dict(client or {})
+    if not value.get("id"):
+        value["id"] = request.session_hash or uuid.uuid4().hex
+    return value
 
 
 def voter_of(service: Service, client: dict | None, request: gr.Request, profile=None) -> str:
