@@ -88,6 +88,8 @@ class Config:
     """How many newest tokens (prompt + answer) the repetition penalty looks back over."""
     stop_loops: bool = True
     """Cut an answer after the first copy once it repeats the same tokens 3+ times (finish_reason 'loop')."""
+    stream_interval_s: float = 0.1
+    """Least seconds between two streamed updates to a page or API client (the tokens in between go together)."""
     max_context_tokens: int = 2048
     """Prompt + answer budget; older turns are dropped to fit (the system prompt is kept)."""
     max_message_chars: int = 4000

@@ -17,12 +17,13 @@ from .common import UserError, coalesced, voter_of
 
 def add_api(service: Service, generate: dict) -> None:
     """Register the five endpoints inside the current gr.Blocks."""
+    interval = service.cfg.stream_interval_s
 
     def api_chat(message: str, conversation_id: str = "", request: gr.Request = None) -> Iterator[dict]:
         """Answer `message` in a new ("") or existing conversation of this client, streamed as it is written."""
         # `response_id` is None until the last update, which has the stored answer's ids: what predict() returns.
         start = lambda: service.chat(voter_of(service, None, request), message, conversation_id or "")  # noqa: E731
-        yield from _streamed(start, ("conversation_id", "response_id", "text", "adapter_version"))
+        yield from _streamed(start, ("conversation_id", "response_id", "text", "adapter_version"), interval)
 
     def api_feedback(response_id: str, value: str, reason: str = "", request: gr.Request = None) -> dict:
         """Thumb an answer: value is up, down or clear."""
@@ -33,7 +34,7 @@ def add_api(service: Service, generate: dict) -> None:
     def api_compare(message: str, conversation_id: str = "", request: gr.Request = None) -> Iterator[dict]:
         """Two answers of the live model to `message`, streamed; the last update has the pair id: vote with /choose."""
         start = lambda: service.compare(voter_of(service, None, request), message, conversation_id or "")  # noqa: E731
-        yield from _streamed(start, ("pair_id", "a", "b"))
+        yield from _streamed(start, ("pair_id", "a", "b"), interval)
 
     def api_choose(pair_id: str, choice: str, reason: str = "", request: gr.Request = None) -> dict:
         """Pick the better answer of a pair: A, B, tie or both_bad (once per pair)."""
@@ -52,13 +53,13 @@ def add_api(service: Service, generate: dict) -> None:
     gr.api(api_status, api_name="status")
 
 
-def _streamed(start: Callable[[], Iterator[dict]], keys: tuple[str, ...]) -> Iterator[dict]:
+def _streamed(start: Callable[[], Iterator[dict]], keys: tuple[str, ...], interval: float) -> Iterator[dict]:
     """The service's updates, cut to the endpoint's result shape; a refusal at the start is a gr.Error."""
     with UserError():  # the service checks the request when the first update is asked for
         stream = start()
         first = next(stream)
     try:
-        for update in coalesced(itertools.chain([first], stream)):
+        for update in coalesced(itertools.chain([first], stream), interval):
             yield {k: update[k] for k in keys}
     finally:
         stream.close()  # a client that went away: the service records what was written (finish_reason 'cancelled')

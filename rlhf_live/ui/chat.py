@@ -120,6 +120,9 @@ class ChatTab:
 
     # --- handlers ------------------------------------------------------------------------------------------
     HIDDEN_PAGER = (gr.update(visible=False), "", gr.update(), gr.update())
+    # While an answer streams only the Chatbot changes; skipping the rest (state, browser state, pager) saves the
+    # server and the page a re-render per update (bench/page_stream.py).
+    SKIPPED = (gr.skip(),) * 6
 
     def pager_view(self, voter: str, state: dict) -> tuple:
         """The pager's updates: 'Answer k of n' with ◀ ▶ when the last shown answer has siblings (from Retry)."""
@@ -200,11 +203,13 @@ class ChatTab:
         # what was written of the answer (recorded as 'cancelled' when the page went away).
         client_value = {**client_value, "conversation_id": first["conversation_id"], "leaf": first["user_message_id"]}
         try:
-            for last in coalesced(itertools.chain([first], stream)):
+            for k, last in enumerate(coalesced(itertools.chain([first], stream), self.cfg.stream_interval_s)):
                 shown[-1] = self._assistant(last)
-                if last["response_id"] is None:
+                if last["response_id"] is None and k == 0:
                     view = gr.Chatbot(value=shown, feedback_value=[*thumbs, None])
                     yield "", view, state, client_value, *self.HIDDEN_PAGER
+                elif last["response_id"] is None:  # only the answer changes: every other output is skipped
+                    yield gr.skip(), shown, *self.SKIPPED
         finally:
             stream.close()
         cid = last["conversation_id"]
@@ -252,15 +257,13 @@ class ChatTab:
             first = next(stream)
         shown = [*messages, {"role": "assistant", "content": ""}]
         try:
-            for last in coalesced(itertools.chain([first], stream)):
+            for k, last in enumerate(coalesced(itertools.chain([first], stream), self.cfg.stream_interval_s)):
                 shown[-1] = self._assistant(last)
-                if last["response_id"] is None:
-                    yield (
-                        gr.Chatbot(value=shown, feedback_value=[*thumbs, None]),
-                        state,
-                        client_value,
-                        *self.HIDDEN_PAGER,
-                    )
+                if last["response_id"] is None and k == 0:
+                    view = gr.Chatbot(value=shown, feedback_value=[*thumbs, None])
+                    yield view, state, client_value, *self.HIDDEN_PAGER
+                elif last["response_id"] is None:
+                    yield shown, *self.SKIPPED
         finally:
             stream.close()
         state = {**state, "ids": [*state["ids"][:-1], last["response_id"]], "leaf": last["response_id"]}

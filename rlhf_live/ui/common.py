@@ -66,16 +66,13 @@ def refused(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
-STREAM_INTERVAL_S = 0.05
-"""Least seconds between two streamed updates to a client: one update per token costs the server and the browser
-more than the engine takes to write it (bench/RESULTS.md, page streaming), so the tokens in between go together."""
-
-
 _clock = time.monotonic
 
 
-def coalesced(updates: Iterator, interval: float = STREAM_INTERVAL_S) -> Iterator:
+def coalesced(updates: Iterator, interval: float) -> Iterator:
     """The first update, then the newest at most every `interval` seconds, and always the last one."""
+    # One update per token costs the server and a browser on the same cores more than the engine takes to write
+    # it (bench/RESULTS.md, "Page streaming"), so the tokens in between go together (Config.stream_interval_s).
     sent_at, pending, held = -float("inf"), None, False
     for update in updates:
         now = _clock()

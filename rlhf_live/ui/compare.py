@@ -131,11 +131,15 @@ class CompareTab:
             yield f"⚠️ {html.escape(str(exc))}", *cleared
             return
         try:
-            for update in coalesced(itertools.chain([first], stream)):
+            shown = None
+            for update in coalesced(itertools.chain([first], stream), self.cfg.stream_interval_s):
                 if update["pair_id"] is None:
                     note = update.get("note") or "Writing two answers…"
                     a, b = show(update["a"]["text"]), show(update["b"]["text"])
-                    yield note, a, b, *self.LOCKED, "", gr.update(), gr.update()
+                    # Only what changed is sent: the buttons, reveal and pair stay as the first update left them.
+                    fresh = [x if x != old else gr.skip() for x, old in zip((note, a, b), shown or ("", "", ""))]
+                    shown = (note, a, b)
+                    yield *fresh, *[gr.skip()] * 7
         finally:
             stream.close()
         unlocked = [gr.update(interactive=True)] * 4
