@@ -131,6 +131,20 @@ def shared_tiny_app(request, tiny_lm_dir: Path, tmp_path_factory) -> App:
     return app
 
 
+def shared_real_app(request, tmp_path_factory) -> App:
+    """The app on the real default model with long answers (slow enough to watch them being written), shared."""
+    from rlhf_live.config import DEFAULT_MODEL
+
+    app = _SHARED.get("real")
+    if app is None or app.proc.poll() is not None:
+        stack = contextlib.ExitStack()
+        data = tmp_path_factory.mktemp("real-app") / "data"
+        app = stack.enter_context(run_app(DEFAULT_MODEL, data, timeout=300, extra=("--max-new-tokens", "512")))
+        request.config.add_cleanup(stack.close)
+        _SHARED["real"] = app
+    return app
+
+
 def app_config(url: str) -> dict:
     """The page's Gradio config (components and the event handlers the browser may call)."""
     with urllib.request.urlopen(url.rstrip("/") + "/config", timeout=10) as resp:

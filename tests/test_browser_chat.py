@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from apphelpers import rows, run_app
+from apphelpers import rows, shared_real_app
 from test_browser import ANSWER_TIMEOUT, send_chat, shot, thumb_states
 from test_browser import browser as browser  # noqa: F401  (pytest fixtures, used by name)
 from test_browser import chromium_path as chromium_path  # noqa: F401
@@ -76,21 +76,16 @@ def test_retry_keeps_earlier_answers_browsable_with_their_votes(page, tiny_app):
 
 
 @pytest.fixture(scope="module")
-def slow_app(tmp_path_factory):
-    """The real default model, long answers: slow enough to reload the page while one is being written."""
-    from rlhf_live.config import DEFAULT_MODEL
-
-    data = tmp_path_factory.mktemp("slow-app") / "data"
-    with run_app(DEFAULT_MODEL, data, timeout=300, extra=("--max-new-tokens", "512")) as app:
-        yield app
+def real_app(request, tmp_path_factory):
+    return shared_real_app(request, tmp_path_factory)
 
 
 @pytest.mark.slow
-def test_a_reload_mid_answer_shows_the_question_and_what_was_written(browser, slow_app):
+def test_a_reload_mid_answer_shows_the_question_and_what_was_written(browser, real_app):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     with contextlib.closing(context):
-        page.goto(slow_app.url)
+        page.goto(real_app.url)
         page.wait_for_selector("#chat-input textarea")
         question = "Write a very long story about a dragon who learns to bake bread, with many details."
         page.fill("#chat-input textarea", question)
@@ -108,9 +103,9 @@ def test_a_reload_mid_answer_shows_the_question_and_what_was_written(browser, sl
             "() => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length === 1", timeout=10_000
         )
         shot(page, "chat-04-reloaded-mid-answer")
-        (user,) = rows(slow_app.db_path, "SELECT id FROM messages WHERE content = ?", (question,))
+        (user,) = rows(real_app.db_path, "SELECT id FROM messages WHERE content = ?", (question,))
         (answer,) = rows(
-            slow_app.db_path, "SELECT content, finish_reason FROM messages WHERE parent_id = ?", (user["id"],)
+            real_app.db_path, "SELECT content, finish_reason FROM messages WHERE parent_id = ?", (user["id"],)
         )
         assert answer["finish_reason"] == "cancelled" and answer["content"]
         shown = page.locator("#chatbot [data-testid='bot']").first.inner_text()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from apphelpers import rows, run_app
+from apphelpers import rows, shared_real_app
 from test_browser import ANSWER_TIMEOUT, shot
 from test_browser import browser as browser  # noqa: F401  (pytest fixtures, used by name)
 from test_browser import chromium_path as chromium_path  # noqa: F401
@@ -76,13 +76,8 @@ def test_the_two_boxes_line_up_and_the_votes_fit_the_window(page, tiny_app):
 
 
 @pytest.fixture(scope="module")
-def real_app(tmp_path_factory):
-    """The real default model with long answers: slow enough to see them being written."""
-    from rlhf_live.config import DEFAULT_MODEL
-
-    data = tmp_path_factory.mktemp("cmp-real") / "data"
-    with run_app(DEFAULT_MODEL, data, timeout=300, extra=("--max-new-tokens", "200")) as app:
-        yield app
+def real_app(request, tmp_path_factory):
+    return shared_real_app(request, tmp_path_factory)
 
 
 @pytest.mark.slow
