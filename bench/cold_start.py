@@ -100,7 +100,8 @@ def app_first_text(cfg: Config, message: str, runs: int) -> list[float]:
         port = s.getsockname()[1]
     out = []
     with tempfile.TemporaryDirectory() as data:
-        proc = start_app(cfg.model, Path(data), port, ["--no-train", "--max-new-tokens", "8"])
+        extra = ["--no-train", "--max-new-tokens", "8", "--max-message-chars", str(len(message) + 100)]
+        proc = start_app(cfg.model, Path(data), port, extra)
         try:
             client = Client(f"http://127.0.0.1:{port}/", verbose=False)
             client.predict("Hello!", "", api_name="/chat")
