@@ -61,6 +61,18 @@ def first_token_engine(path: Path, ids: list[int], options: dict) -> float:
     return elapsed
 
 
+def decode_rate(path: Path, ids: list[int], options: dict, tokens: int = 200) -> float:
+    """Tokens/s of a greedy answer after `ids` on a fresh llama.cpp server (what a setting costs every later token)."""
+    engine = llama.LlamaCppEngine(path, threads=os.cpu_count() or 1, parallel=4, n_ctx=2048, options=options)
+    sink: queue.Queue = queue.Queue()
+    engine.submit(ids, llama.Sampling(tokens, 0.0, 1.0, 0, 1.1, 64), None, threading.Event(), sink)
+    times = []
+    while (item := sink.get())[1] != "done":
+        if item[1] == "token":
+            times.append(time.perf_counter())
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
 def first_token_transformers(model, tokenizer, ids: list[int]) -> float:
     """Seconds to the first token of plain transformers fp32 generate (greedy)."""
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
@@ -158,12 +170,22 @@ def main() -> None:
             rows.setdefault(name, []).append(first_token_policy(policy, nxt)[0])
     # What a person waits for: the app's /chat (no trainer), first streamed text of the same message.
     rows["python app.py /chat, first streamed text"] = app_first_text(cfg, meeting_notes(), args.runs)
+    # What each engine setting costs later: decode speed after a short prompt and after the long one.
+    short = policy.build_prompt([{"role": "user", "content": "Tell me a story."}], GenerationSettings())[0]
+    decode = {
+        name: {"short": decode_rate(path, short, options), "long": decode_rate(path, ids, options)}
+        for name, options in variants.items()
+    }
     table = [{"setting": k, "first_token_s": statistics.median(v), "runs": v} for k, v in rows.items()]
+    for row in table:
+        row["decode_tokens_per_s"] = decode.get(row["setting"])
     ref = table[0]["first_token_s"]
     print(f"{len(ids)} prompt tokens; median of {args.runs} runs")
     for row in table:
         row["vs_transformers"] = row["first_token_s"] / ref
-        print(f"{row['setting']:<50} {row['first_token_s']:6.2f} s  {row['vs_transformers']:.2f}x")
+        d = row["decode_tokens_per_s"]
+        rates = f"  decode {d['short']:.0f} / {d['long']:.0f} tok/s (short / long prompt)" if d else ""
+        print(f"{row['setting']:<50} {row['first_token_s']:6.2f} s  {row['vs_transformers']:.2f}x{rates}")
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     Path(args.out).write_text(json.dumps({**meta, "prompt_tokens": len(ids), "rows": table}, indent=1))
 

@@ -63,7 +63,8 @@ def main() -> None:
                     said.append((round(now, 1), sentence))
                 if "training" not in seen and " is live" in sentence and "v0001" in sentence:
                     seen["training"] = now
-                if "chat" not in seen and "is live" in chat.inner_text("#new-version-text"):
+                banner = chat.locator("#new-version-text")  # not in the page until a version goes live
+                if "chat" not in seen and banner.count() and "is live" in banner.inner_text():
                     seen["chat"] = now
                     chat.screenshot(path=str(Path(args.out).with_suffix(".chat.png")))
                 time.sleep(0.5)
