@@ -61,7 +61,7 @@ def main() -> None:
                 sentence = training.inner_text("#train-status") if training.locator("#train-status").count() else ""
                 if not said or said[-1][1] != sentence:
                     said.append((round(now, 1), sentence))
-                if "training" not in seen and " is live" in sentence and "v0001" in sentence:
+                if "training" not in seen and "Live: v0001" in sentence:
                     seen["training"] = now
                 banner = chat.locator("#new-version-text")  # not in the page until a version goes live
                 if "chat" not in seen and banner.count() and "is live" in banner.inner_text():
