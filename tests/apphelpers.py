@@ -125,7 +125,10 @@ def shared_tiny_app(request, tiny_lm_dir: Path, tmp_path_factory) -> App:
     app = _SHARED.get("tiny")
     if app is None or app.proc.poll() is not None:
         stack = contextlib.ExitStack()
-        app = stack.enter_context(run_app(tiny_lm_dir, tmp_path_factory.mktemp("tiny-app") / "data"))
+        # Every update streamed: the tiny model writes a whole answer within one Config.stream_interval_s, and the
+        # tests check that partial answers reach clients (the coalescing itself is tested in test_streaming.py).
+        data = tmp_path_factory.mktemp("tiny-app") / "data"
+        app = stack.enter_context(run_app(tiny_lm_dir, data, extra=("--stream-interval-s", "0")))
         request.config.add_cleanup(stack.close)
         _SHARED["tiny"] = app
     return app
