@@ -209,20 +209,20 @@ class Service:
     # --- compare ---------------------------------------------------------------------------------------------
     def _compare_versions(self, mode: str) -> list[str | None]:
         live = self.policy.version
+        refusal = self.compare_modes().get(mode)
+        if refusal is None:
+            raise InvalidRequest(f"Unknown comparison mode {mode!r}; use one of {', '.join(COMPARE_MODES)}.")
+        if refusal:
+            raise InvalidRequest(refusal)
         if mode == "samples":
             return [None, None]  # whatever serves when generation starts (a swap may come first)
-        if mode == "base":
-            if live == BASE:
-                raise InvalidRequest(COMPARE_UNAVAILABLE["base"])
-            other = BASE
-        elif mode == "previous":
+        other = BASE
+        if mode == "previous":
             prev = self._previous_version(live)
-            if prev is None:
+            if prev is None:  # removed since compare_modes looked
                 raise InvalidRequest(COMPARE_UNAVAILABLE["previous"])
             self.policy.load_for_comparison(prev["path"], prev["version"])
             other = prev["version"]
-        else:
-            raise InvalidRequest(f"Unknown comparison mode {mode!r}; use one of {', '.join(COMPARE_MODES)}.")
         pair = [live, other]
         self._rng.shuffle(pair)  # hide which side is which until the vote
         return pair
