@@ -100,6 +100,16 @@ class Config:
     """Most user turns in one conversation (a new conversation starts afresh)."""
     max_requests_per_minute: int = 60
     """Requests (messages, retries, comparisons, votes) one voter may make per minute; 0 = no limit."""
+    public: bool = field(default_factory=lambda: bool(os.environ.get("SPACE_ID")))
+    """A public deployment (default on a Hugging Face Space): limits and round rules per source, not per browser."""
+    trusted_proxies: str = field(default_factory=lambda: "10.0.0.0/8" if os.environ.get("SPACE_ID") else "")
+    """Proxy addresses/networks whose X-Forwarded-For is believed (comma-separated; on a Space its proxy's 10/8)."""
+    max_source_requests_per_minute: int = 30
+    """With --public: requests one source (account or address) may make per minute, over all its sessions."""
+    min_round_sources: int = 3
+    """With --public: distinct sources the new votes must come from before a training round starts."""
+    vote_requires_login: bool = False
+    """Only signed-in (Hugging Face) people may vote; chatting stays open to everyone."""
 
     # --- store (issue 3 owns this section) --------------------------------------------------------
     max_reason_chars: int = 1000

@@ -26,7 +26,7 @@ SCHEMA: dict[str, list[str]] = {
         "n_tokens",
         "created",
     ],
-    "feedback": ["id", "response_id", "voter", "value", "reason", "seq", "created", "updated"],
+    "feedback": ["id", "response_id", "voter", "value", "reason", "seq", "created", "updated", "source"],
     "comparisons": [
         "id",
         "conversation_id",
@@ -41,11 +41,12 @@ SCHEMA: dict[str, list[str]] = {
         "seq",
         "created",
         "chosen_at",
+        "source",
     ],
     "adapters": ["version", "path", "parent", "status", "metrics", "created", "updated"],
     "training_runs": ["id", "kind", "status", "started", "finished", "metrics", "error", "owner"],
     "counters": ["name", "value"],
-    "feedback_events": ["id", "response_id", "voter", "value", "reason", "seq", "created"],
+    "feedback_events": ["id", "response_id", "voter", "value", "reason", "seq", "created", "source"],
     "meta": ["key", "value"],
 }
 
@@ -165,6 +166,21 @@ def feedback_events_and_meta(db: sqlite_utils.Database) -> None:
 def training_run_owner(db: sqlite_utils.Database) -> None:
     """Which process (host:pid) runs a training round, so a restart can tell a dead process's run from a live one."""
     _run(db, "ALTER TABLE training_runs ADD COLUMN owner TEXT")
+
+
+@migrations(name="0004_vote_sources")
+def vote_sources(db: sqlite_utils.Database) -> None:
+    """Where each vote came from (a salted HMAC of the signed-in account or network address; '' = not known)."""
+    # `source` on a vote is the voter's origin for influence budgets, not `a_source`/`b_source` (the adapter
+    # versions that wrote the answers) nor `conversations.source` (an import's file and line).
+    _run(
+        db,
+        "ALTER TABLE feedback ADD COLUMN source TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE feedback_events ADD COLUMN source TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE comparisons ADD COLUMN source TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX idx_feedback_source ON feedback(source, seq)",
+        "CREATE INDEX idx_comparisons_source ON comparisons(source, seq)",
+    )
 
 
 def apply(db: sqlite_utils.Database, *, stop_before: str | None = None) -> list[str]:

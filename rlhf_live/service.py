@@ -11,12 +11,13 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
 from .leaderboard import Battle, head_to_head, leaderboard
 from .policy import BASE, AdapterError, GenerationSettings, InvalidRequest, Policy
-from .store import Store, StoreError, voter_id
+from .store import Store, StoreError, source_id, voter_id
 
 USER_ERRORS = (StoreError, InvalidRequest, AdapterError)
 """Errors whose message is meant for the person who made the request."""
@@ -39,6 +40,25 @@ PICK_WITHIN_S = 0.6
 """Seconds after which Compare picks with what exists, so the page shows text within a second on 2 cores."""
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who makes a request: the voter (whose conversations), the source (whose influence) and whether signed in."""
+
+    voter: str
+    """Salted id of the browser, API session or signed-in account: owns conversations and votes."""
+    source: str = ""
+    """Salted id of the signed-in account, else of the network address: what limits and round budgets count."""
+    signed_in: bool = False
+    """A Hugging Face sign-in stands behind the request (Config.vote_requires_login)."""
+
+
+def _caller(voter: str | Caller) -> Caller:
+    return voter if isinstance(voter, Caller) else Caller(voter)
+
+
+LOGIN_TO_VOTE = "Votes on this deployment need a Hugging Face sign-in: sign in at the top of the page, then vote."
+
+
 class Service:
     """The app's requests, independent of how they arrive (browser, HTTP API, simulation)."""
 
@@ -54,19 +74,32 @@ class Service:
         """Salted id of a browser session or logged-in user; the raw key is never stored."""
         return voter_id(session_key, username, self._salt)
 
-    def _limit(self, voter: str) -> None:
-        """Refuse a voter's request beyond max_requests_per_minute (a sliding minute; 0 = no limit)."""
-        limit = self.cfg.max_requests_per_minute
+    def caller(self, session_key: str, address: str = "", username: str | None = None) -> Caller:
+        """The Caller behind a request: salted voter and source ids (raw keys and addresses are never stored)."""
+        return Caller(
+            self.voter(session_key, username), source_id(address, username, self._salt), signed_in=bool(username)
+        )
+
+    def _limit(self, who: str | Caller) -> None:
+        """Refuse a request past the per-minute limits: per voter, and on a public deployment per source too."""
+        who = _caller(who)
+        self._limit_key(who.voter, self.cfg.max_requests_per_minute, "")
+        if self.cfg.public and who.source:
+            # Fresh sessions are free to mint; addresses and accounts are not: one person with many tabs shares this.
+            self._limit_key(who.source, self.cfg.max_source_requests_per_minute, " from your address or account")
+
+    def _limit_key(self, key: str, limit: int, whose: str) -> None:
+        """One sliding-minute limit (0 = no limit) on `key`."""
         if limit <= 0:
             return
         now = time.monotonic()
         with self._recent_lock:
-            times = self._recent.setdefault(voter, collections.deque())
+            times = self._recent.setdefault(key, collections.deque())
             while times and now - times[0] > 60:
                 times.popleft()
             if len(times) >= limit:
                 wait = 60 - (now - times[0])
-                raise InvalidRequest(f"Too many requests: at most {limit} a minute. Please wait {wait:.0f} s.")
+                raise InvalidRequest(f"Too many requests{whose}: at most {limit} a minute. Please wait {wait:.0f} s.")
             times.append(now)
             if len(self._recent) > 10_000:  # forget voters idle for a minute, so the map stays small
                 self._recent = {v: t for v, t in self._recent.items() if t and now - t[-1] <= 60}
@@ -87,9 +120,10 @@ class Service:
             )
         return s
 
-    def _start_turn(self, voter: str, message: str, conversation_id: str, parent_id: str | None, settings):
+    def _start_turn(self, voter: str | Caller, message: str, conversation_id: str, parent_id: str | None, settings):
         """Validate, then record the user's message; return (conversation_id, user message id, prompt, settings)."""
         self._limit(voter)
+        voter = _caller(voter).voter
         text = self.policy.check_message(message)
         conversation_id = "" if conversation_id is None else conversation_id
         if not isinstance(conversation_id, str):
@@ -127,15 +161,24 @@ class Service:
         )
 
     def chat(
-        self, voter: str, message: str, conversation_id: str = "", *, parent_id: str | None = None, settings=None
+        self,
+        voter: str | Caller,
+        message: str,
+        conversation_id: str = "",
+        *,
+        parent_id: str | None = None,
+        settings=None,
     ) -> Iterator[dict]:
         """Stream one answer: dicts with the text so far; the last one has response_id (the answer is stored)."""
         cid, user_id, prompt, settings = self._start_turn(voter, message, conversation_id, parent_id, settings)
         yield from self._answer(cid, user_id, prompt, settings)
 
-    def retry(self, voter: str, response_id: str, settings: GenerationSettings | None = None) -> Iterator[dict]:
+    def retry(
+        self, voter: str | Caller, response_id: str, settings: GenerationSettings | None = None
+    ) -> Iterator[dict]:
         """Stream a new answer to the same user message as `response_id` (a sibling; the old one stays stored)."""
         self._limit(voter)
+        voter = _caller(voter).voter
         old = self.store.message(response_id)
         conv = self.store.conversation(old["conversation_id"], session_id=voter)
         if old["role"] != "assistant" or not old["parent_id"]:
@@ -171,11 +214,19 @@ class Service:
             "finish_reason": answer.finish_reason,
         }
 
-    def feedback(self, voter: str, response_id: str, value: str, reason: str = "") -> dict:
+    def _vote_check(self, who: Caller) -> None:
+        if self.cfg.vote_requires_login and not who.signed_in:
+            raise InvalidRequest(LOGIN_TO_VOTE)
+        self._limit(who)
+
+    def feedback(self, voter: str | Caller, response_id: str, value: str, reason: str = "") -> dict:
         """Thumb up/down or clear one answer (one row per answer and voter, updated in place)."""
         # Only the session that owns the conversation may thumb its answers (as with retry, history and choose).
-        self._limit(voter)
-        row = self.store.record_feedback(response_id, voter, value, reason or "", session_id=voter)
+        who = _caller(voter)
+        self._vote_check(who)
+        row = self.store.record_feedback(
+            response_id, who.voter, value, reason or "", session_id=who.voter, source=who.source
+        )
         return {"ok": True, "response_id": response_id, "value": row["value"]}
 
     def answers_to(self, voter: str, conversation_id: str, message_id: str) -> list[str]:
@@ -249,7 +300,7 @@ class Service:
 
     def compare(
         self,
-        voter: str,
+        voter: str | Caller,
         message: str,
         conversation_id: str = "",
         *,
@@ -265,6 +316,7 @@ class Service:
         # updates carry a `note` saying how far the candidates are.
         versions = self._compare_versions(mode)
         cid, user_id, prompt, settings = self._start_turn(voter, message, conversation_id, parent_id, settings)
+        voter = _caller(voter).voter
         n = max(2, self.cfg.compare_candidates) if mode == "samples" else 2
         stream = self.policy.stream(prompt, settings, n=n, versions=versions * (n // 2) + versions[: n % 2])
         shown: tuple[int, int] | None = (0, 1) if n == 2 else None
@@ -324,10 +376,11 @@ class Service:
             return i, j
         return model.pick_pair(prompt, answers, self._rng)
 
-    def choose(self, voter: str, pair_id: str, choice: str, reason: str = "") -> dict:
+    def choose(self, voter: str | Caller, pair_id: str, choice: str, reason: str = "") -> dict:
         """Record the A/B choice (once; the pair then locks) and reveal both sources."""
-        self._limit(voter)
-        row = self.store.choose(pair_id, voter, choice, reason or "")
+        who = _caller(voter)
+        self._vote_check(who)
+        row = self.store.choose(pair_id, who.voter, choice, reason or "", source=who.source)
         return {"ok": True, "a_version": row["a_source"], "b_version": row["b_source"], "choice": row["choice"]}
 
     def delete_my_data(self, voter: str) -> str:
@@ -448,6 +501,9 @@ class Service:
             "last_round_s": done[0]["metrics"]["seconds/round"] if done else None,
             "votes_since_last_round": max(0, stats["watermark"] - int(since or 0)),
             "votes_per_round": self.cfg.train_min_new_votes,
+            # Public deployments: distinct sources (accounts or addresses) of those votes, and how many a round needs.
+            "sources_since_last_round": self.store.sources_between(int(since or 0), stats["watermark"]),
+            "sources_per_round": self.cfg.min_round_sources if self.cfg.public else 0,
             "counts": stats["counts"],
             "votes": stats["votes"],
             "choices": stats["choices"],

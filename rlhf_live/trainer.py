@@ -401,7 +401,8 @@ def watch(cfg: Config, *, rounds: int | None = None, stop: threading.Event | Non
     seen = int((live or {}).get("metrics", {}).get("watermark", 0)) if live else 0
     done = 0
     while not stop.is_set() and (rounds is None or done < rounds):
-        if store.watermark() - seen >= cfg.train_min_new_votes:
+        enough_sources = not cfg.public or store.sources_between(seen, store.watermark()) >= cfg.min_round_sources
+        if store.watermark() - seen >= cfg.train_min_new_votes and enough_sources:
             seen = store.watermark()  # a failed round is not retried on the same votes
             try:
                 metrics = run_round(cfg, store, bench=bench)
@@ -592,6 +593,16 @@ class Trainer:
     def _new_votes(self) -> int:
         return self.store.watermark() - self._status["watermark"]
 
+    def _new_sources(self) -> int:
+        return self.store.sources_between(self._status["watermark"], self.store.watermark())
+
+    def _ready(self) -> bool:
+        """Enough new votes for a round, and on a public deployment from enough distinct sources."""
+        if self._new_votes() < self.cfg.train_min_new_votes:
+            return False
+        # One person with many sessions is still one source: their votes alone never start a round.
+        return not self.cfg.public or self._new_sources() >= self.cfg.min_round_sources
+
     def _loop(self) -> None:
         # Lower this thread's CPU priority before it starts any torch work: the OpenMP threads torch then starts for
         # it inherit the niceness, so on a busy machine the kernel gives serving's threads the cores first.
@@ -604,7 +615,7 @@ class Trainer:
             self._wake.clear()
             if self._stop.is_set():
                 break
-            if not self._force and self._new_votes() < self.cfg.train_min_new_votes:
+            if not self._force and not self._ready():
                 continue
             self._force = False
             try:

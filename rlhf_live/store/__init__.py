@@ -22,7 +22,8 @@ Guarantees:
   its input first, so bad input raises a `StoreError` with a sentence a person understands and changes nothing.
 - `feedback` holds one row per (answer, voter) with the final state (up / down / cleared); the full change history is
   kept in `feedback_events` (one row per write).
-- No raw IP address or browser hash is stored: callers pass `voter_id(...)`, a salted hash.
+- No raw IP address or browser hash is stored: callers pass `voter_id(...)` and `source_id(...)`,
+  salted hashes.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .base import (
     InvalidInput,
     StoreError,
     UnknownId,
+    source_id,
     voter_id,
 )
 from .conversations import Conversations, MessageTree
@@ -60,6 +62,7 @@ __all__ = [
     "Store",
     "StoreError",
     "UnknownId",
+    "source_id",
     "voter_id",
 ]
 

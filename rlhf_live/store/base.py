@@ -57,6 +57,14 @@ class Forbidden(StoreError):
     """A conversation or comparison that belongs to another session."""
 
 
+def source_id(address: str, username: str | None, salt: str) -> str:
+    """Salted, irreversible id of where a vote comes from: the signed-in account, else the network address."""
+    basis = "user:" + username if username else "addr:" + (address or "")
+    if not salt:
+        raise InvalidInput("source_id needs a non-empty salt (see Store.voter_salt()).")
+    return "s" + hmac.new(salt.encode(), basis.encode(), hashlib.sha256).hexdigest()[:32]
+
+
 def voter_id(session_hash: str, username: str | None, salt: str) -> str:
     """Stable, salted, irreversible voter id: the username when logged in, else the browser session's hash."""
     if username:

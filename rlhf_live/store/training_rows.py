@@ -37,6 +37,16 @@ class TrainingRows(Database):
             ).fetchone()[0]
         return thumbs + choices
 
+    def sources_between(self, after: int, upto: int) -> int:
+        """Distinct known sources of the votes with watermark in (after, upto] (standing thumbs and choices)."""
+        with self._read() as conn:
+            return conn.execute(
+                "SELECT count(DISTINCT source) FROM (SELECT source FROM feedback WHERE value != 'cleared'"
+                " AND seq > ? AND seq <= ? UNION ALL SELECT source FROM comparisons WHERE choice IS NOT NULL"
+                " AND seq > ? AND seq <= ?) WHERE source != ''",
+                (after, upto, after, upto),
+            ).fetchone()[0]
+
     def _comparison_rows(self, conn: sqlite3.Connection, choices: tuple[str, ...], since: int, limit_ids=None):
         marks = ",".join("?" * len(choices))
         rows = self._rows(

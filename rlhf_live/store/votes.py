@@ -17,7 +17,14 @@ class Votes(Database):
     """Thumbs and A/B comparisons."""
 
     def record_feedback(
-        self, response_id: str, voter: str, value: str, reason: str = "", *, session_id: str | None = None
+        self,
+        response_id: str,
+        voter: str,
+        value: str,
+        reason: str = "",
+        *,
+        session_id: str | None = None,
+        source: str = "",
     ) -> dict:
         """Set `voter`'s thumb on an answer to up/down/clear (one row per answer and voter, updated in place)."""
         rid = self._id(response_id, "answer")
@@ -41,15 +48,16 @@ class Votes(Database):
             # Only a changed thumb is a new vote towards the next round; a new reason alone is kept, not counted.
             seq, now = (self._bump(conn) if before != stored else old[0]["seq"]), _now()
             conn.execute(
-                "INSERT INTO feedback (response_id, voter, value, reason, seq, created, updated)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (response_id, voter) DO UPDATE SET"
-                " value = excluded.value, reason = excluded.reason, seq = excluded.seq, updated = excluded.updated",
-                (rid, voter, stored, reason, seq, now, now),
+                "INSERT INTO feedback (response_id, voter, value, reason, seq, created, updated, source)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (response_id, voter) DO UPDATE SET"
+                " value = excluded.value, reason = excluded.reason, seq = excluded.seq, updated = excluded.updated,"
+                " source = excluded.source",
+                (rid, voter, stored, reason, seq, now, now, source),
             )
             conn.execute(
-                "INSERT INTO feedback_events (response_id, voter, value, reason, seq, created)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (rid, voter, stored, reason, seq, now),
+                "INSERT INTO feedback_events (response_id, voter, value, reason, seq, created, source)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (rid, voter, stored, reason, seq, now, source),
             )
             return self._rows(conn, "SELECT * FROM feedback WHERE response_id = ? AND voter = ?", key)[0]
 
@@ -116,7 +124,7 @@ class Votes(Database):
         with self._read() as conn:
             return self._get(conn, "comparisons", pid, "comparison with id")
 
-    def choose(self, pair_id: str, voter: str, choice: str, reason: str = "") -> dict:
+    def choose(self, pair_id: str, voter: str, choice: str, reason: str = "", *, source: str = "") -> dict:
         """Record the choice A, B, tie or both_bad; the pair then locks (AlreadyVoted on a second vote)."""
         pid = self._id(pair_id, "comparison")
         voter = self._voter(voter)
@@ -131,7 +139,7 @@ class Votes(Database):
                 raise AlreadyVoted(f"This comparison already has its answer ({row['choice']}); it cannot change.")
             seq = self._bump(conn)
             conn.execute(
-                "UPDATE comparisons SET choice = ?, reason = ?, seq = ?, chosen_at = ? WHERE id = ?",
-                (choice, reason, seq, _now(), pid),
+                "UPDATE comparisons SET choice = ?, reason = ?, seq = ?, chosen_at = ?, source = ? WHERE id = ?",
+                (choice, reason, seq, _now(), source, pid),
             )
             return self._rows(conn, "SELECT * FROM comparisons WHERE id = ?", (pid,))[0]

@@ -106,5 +106,8 @@ def serve(cfg: Config) -> None:
         Follower(cfg, store, policy).start()
     service = Service(policy, store, cfg, trainer)
     demo = build(service, cfg)
+    # uvicorn (which Gradio starts) rewrites the peer address from X-Forwarded-For only for these peers; its own
+    # default trusts 127.0.0.1, where any local client could then claim any address.
+    os.environ["FORWARDED_ALLOW_IPS"] = cfg.trusted_proxies
     css = CSS_FILE.read_text() if CSS_FILE.is_file() else None
     demo.launch(server_name=cfg.host, server_port=cfg.port, css=css, theme=gr.themes.Soft())

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 
 from ..service import Service
-from .common import UserError, coalesced, voter_of
+from .common import UserError, caller_of, coalesced
 
 
 def add_api(service: Service, generate: dict) -> None:
@@ -22,24 +22,24 @@ def add_api(service: Service, generate: dict) -> None:
     def api_chat(message: str, conversation_id: str = "", request: gr.Request = None) -> Iterator[dict]:
         """Answer `message` in a new ("") or existing conversation of this client, streamed as it is written."""
         # `response_id` is None until the last update, which has the stored answer's ids: what predict() returns.
-        start = lambda: service.chat(voter_of(service, None, request), message, conversation_id or "")  # noqa: E731
+        start = lambda: service.chat(caller_of(service, None, request), message, conversation_id or "")  # noqa: E731
         yield from _streamed(start, ("conversation_id", "response_id", "text", "adapter_version"), interval)
 
     def api_feedback(response_id: str, value: str, reason: str = "", request: gr.Request = None) -> dict:
         """Thumb an answer: value is up, down or clear."""
         with UserError():
-            out = service.feedback(voter_of(service, None, request), response_id, value, reason)
+            out = service.feedback(caller_of(service, None, request), response_id, value, reason)
         return {"ok": out["ok"]}
 
     def api_compare(message: str, conversation_id: str = "", request: gr.Request = None) -> Iterator[dict]:
         """Two answers of the live model to `message`, streamed; the last update has the pair id: vote with /choose."""
-        start = lambda: service.compare(voter_of(service, None, request), message, conversation_id or "")  # noqa: E731
+        start = lambda: service.compare(caller_of(service, None, request), message, conversation_id or "")  # noqa: E731
         yield from _streamed(start, ("pair_id", "a", "b"), interval)
 
     def api_choose(pair_id: str, choice: str, reason: str = "", request: gr.Request = None) -> dict:
         """Pick the better answer of a pair: A, B, tie or both_bad (once per pair)."""
         with UserError():
-            out = service.choose(voter_of(service, None, request), pair_id, choice, reason)
+            out = service.choose(caller_of(service, None, request), pair_id, choice, reason)
         return {"ok": out["ok"], "a_version": out["a_version"], "b_version": out["b_version"]}
 
     def api_status() -> dict:

@@ -17,6 +17,7 @@ from .common import (
     PRIVATE,
     UserError,
     answer_md,
+    caller_of,
     chat_state,
     chat_view,
     client_of,
@@ -190,12 +191,12 @@ class ChatTab:
     ):
         """Send: record the message and stream the live version's answer."""
         client_value = client_of(client_value, request)
-        voter = voter_of(self.service, client_value, request, profile)
+        who = caller_of(self.service, client_value, request, profile)
         settings = settings_from(self.cfg, sp, temp, tp, mnt)
-        messages, thumbs = self._history(voter, state, state["leaf"])
+        messages, thumbs = self._history(who.voter, state, state["leaf"])
         with UserError():
             stream = self.service.chat(
-                voter, message, state["conversation_id"], parent_id=state["leaf"], settings=settings
+                who, message, state["conversation_id"], parent_id=state["leaf"], settings=settings
             )
             first = next(stream)
         shown = [*messages, {"role": "user", "content": show(message.strip())}, {"role": "assistant", "content": ""}]
@@ -222,13 +223,14 @@ class ChatTab:
         self, data: gr.LikeData, state, client_value, request: gr.Request, profile: gr.OAuthProfile | None = None
     ):
         """A thumb on an answer (or clearing it); the page then shows the thumbs the DB holds."""
-        voter = voter_of(self.service, client_value, request, profile)
+        who = caller_of(self.service, client_value, request, profile)
+        voter = who.voter
         index = data.index if isinstance(data.index, int) else data.index[0]
         if index >= len(state["ids"]):
             raise refused("That answer is still being written; vote once it is finished.")
         value = "clear" if data.liked == "" else ("up" if data.liked else "down")
         with UserError():
-            self.service.feedback(voter, state["ids"][index], value)
+            self.service.feedback(who, state["ids"][index], value)
         _, thumbs = self._history(voter, state, state["leaf"])
         vote = {"response_id": state["ids"][index], "value": value}
         return vote, NOTES[value], gr.update(feedback_value=thumbs)
@@ -239,7 +241,7 @@ class ChatTab:
             raise refused("Give an answer a 👍 or 👎 first; the reason goes with that vote.")
         with UserError():
             self.service.feedback(
-                voter_of(self.service, client_value, request, profile), vote["response_id"], vote["value"], text
+                caller_of(self.service, client_value, request, profile), vote["response_id"], vote["value"], text
             )
         return "", "Reason saved with your vote."
 
@@ -250,10 +252,10 @@ class ChatTab:
         if not state["ids"] or len(state["ids"]) % 2:
             raise refused("There is no finished answer to retry yet.")
         client_value = client_of(client_value, request)
-        voter = voter_of(self.service, client_value, request, profile)
-        messages, thumbs = self._history(voter, state, state["ids"][-2])
+        who = caller_of(self.service, client_value, request, profile)
+        messages, thumbs = self._history(who.voter, state, state["ids"][-2])
         with UserError():
-            stream = self.service.retry(voter, state["ids"][-1], settings_from(self.cfg, sp, temp, tp, mnt))
+            stream = self.service.retry(who, state["ids"][-1], settings_from(self.cfg, sp, temp, tp, mnt))
             first = next(stream)
         shown = [*messages, {"role": "assistant", "content": ""}]
         try:
@@ -268,7 +270,7 @@ class ChatTab:
             stream.close()
         state = {**state, "ids": [*state["ids"][:-1], last["response_id"]], "leaf": last["response_id"]}
         view = gr.Chatbot(value=shown, feedback_value=[*thumbs, None])
-        yield view, state, {**client_value, "leaf": last["response_id"]}, *self.pager_view(voter, state)
+        yield view, state, {**client_value, "leaf": last["response_id"]}, *self.pager_view(who.voter, state)
 
     def _pager(self, step: int):
         def turn(state, client_value, request: gr.Request, profile: gr.OAuthProfile | None = None):

@@ -18,7 +18,7 @@ import gradio as gr
 from ..config import Config
 from ..logs import refusal
 from ..policy import GenerationSettings
-from ..service import USER_ERRORS, Service
+from ..service import USER_ERRORS, Caller, Service
 
 LIKE = {"up": "Like", "down": "Dislike"}
 """Store thumbs -> the Chatbot's feedback labels."""
@@ -113,6 +113,17 @@ def voter_of(service: Service, client: dict | None, request: gr.Request, profile
     # reloads) and API clients have their session.
     key = (client or {}).get("id") or request.session_hash or ""
     return service.voter(key, getattr(profile, "username", None) or getattr(request, "username", None))
+
+
+def caller_of(service: Service, client: dict | None, request: gr.Request, profile=None) -> Caller:
+    """Who makes this request: the voter (as voter_of), and the source (signed-in account, else network address)."""
+    # request.client.host is the peer as uvicorn's ProxyHeadersMiddleware resolved it: X-Forwarded-For counts only
+    # when the peer is one of Config.trusted_proxies (serve() sets FORWARDED_ALLOW_IPS), so a client's own header
+    # is ignored off a Space and only the Space proxy's hop is believed on one.
+    key = (client or {}).get("id") or request.session_hash or ""
+    username = getattr(profile, "username", None) or getattr(request, "username", None)
+    address = getattr(getattr(request, "client", None), "host", None) or ""
+    return service.caller(key, address, username)
 
 
 def on_space() -> bool:

@@ -15,7 +15,7 @@ from ..config import Config
 from ..logs import refusal
 from ..service import COMPARE_MODES, USER_ERRORS, Service
 from .chat import ChatTab
-from .common import PRIVATE, UserError, coalesced, refused, settings_from, show, voter_of
+from .common import PRIVATE, UserError, caller_of, coalesced, refused, settings_from, show
 
 LABELS = {"A": "A is better", "B": "B is better", "tie": "a tie", "both_bad": "both bad"}
 
@@ -114,11 +114,11 @@ class CompareTab:
         # The first update clears the last comparison (answers, reveal, chosen pair) whatever happens next; a refused
         # request says why in the note line instead of leaving the old answers under the new prompt.
         cleared = ("", "", *self.LOCKED, "", gr.update(visible=False), {})
-        voter = voter_of(self.service, client_value, request, profile)
+        who = caller_of(self.service, client_value, request, profile)
         yield "Starting…", *cleared
         try:
             stream = self.service.compare(
-                voter,
+                who,
                 message,
                 state["conversation_id"] if cont else "",
                 parent_id=state["leaf"] if cont else None,
@@ -153,7 +153,7 @@ class CompareTab:
                 raise refused("Get two answers first.")
             with UserError():
                 result = self.service.choose(
-                    voter_of(self.service, client_value, request, profile), pair["pair_id"], choice, why
+                    caller_of(self.service, client_value, request, profile), pair["pair_id"], choice, why
                 )
             reveal = (
                 f"**Recorded: {LABELS[choice]}.** A was written by **{html.escape(result['a_version'])}**, "

@@ -281,6 +281,13 @@ def _now_sentence(status: dict, now: float) -> str:
             f"waiting for {left} more vote{'s' if left != 1 else ''} (👍/👎 or Compare choices) before the next "
             f"training round ({new} of {per_round} so far)."
         )
+    sources, need = status.get("sources_since_last_round", 0), status.get("sources_per_round", 0)
+    if sources < need:
+        # A public deployment: one person's votes, however many sessions they open, never start a round alone.
+        return (
+            f"{so_far}, but they come from {sources} different {'person' if sources == 1 else 'people'} "
+            f"(accounts or addresses): the next round waits for votes from at least {need}."
+        )
     return f"{so_far}, enough for a round: it starts shortly."
 
 
