@@ -351,6 +351,7 @@ def test_dashboard_says_how_many_votes_start_the_first_round(tiny_cfg):
 def test_compare_from_several_candidates_shows_the_pair_the_reward_model_picks(policy, tiny_cfg, monkeypatch):
     # The pick by tokens is under test here; on a loaded machine the 0.6 s fallback would pick on shorter texts.
     monkeypatch.setattr(service_mod, "PICK_WITHIN_S", 60.0)
+
     class Picker:  # stands in for the trainer's reward model: always asks about answers 3 and 1
         def __init__(self):
             self.seen = []
