@@ -389,6 +389,15 @@ def train_once(cfg: Config) -> dict:
     return run_round(cfg, store, progress=lambda stage, detail: print(f"[train] {stage}: {detail}", flush=True))
 
 
+def round_due(cfg: Config, store: Store, since: int) -> bool:
+    """Enough new votes after watermark `since` for a round, and on a public deployment from enough sources."""
+    upto = store.watermark()
+    if upto - since < cfg.train_min_new_votes:
+        return False
+    # One person with many sessions is still one source: their votes alone never start a round.
+    return not cfg.public or store.sources_between(since, upto) >= cfg.min_round_sources
+
+
 def watch(cfg: Config, *, rounds: int | None = None, stop: threading.Event | None = None, hub=None) -> None:
     """`rlhf-live train --watch`: a round whenever train_min_new_votes new votes arrive; a JSON line per round."""
     # The trainer as its own process beside `serve --no-train`, on the same data dir.
@@ -401,8 +410,7 @@ def watch(cfg: Config, *, rounds: int | None = None, stop: threading.Event | Non
     seen = int((live or {}).get("metrics", {}).get("watermark", 0)) if live else 0
     done = 0
     while not stop.is_set() and (rounds is None or done < rounds):
-        enough_sources = not cfg.public or store.sources_between(seen, store.watermark()) >= cfg.min_round_sources
-        if store.watermark() - seen >= cfg.train_min_new_votes and enough_sources:
+        if round_due(cfg, store, seen):
             seen = store.watermark()  # a failed round is not retried on the same votes
             try:
                 metrics = run_round(cfg, store, bench=bench)
@@ -590,18 +598,8 @@ class Trainer:
                 self.store.set_adapter_status(before["version"], "live")
             raise
 
-    def _new_votes(self) -> int:
-        return self.store.watermark() - self._status["watermark"]
-
-    def _new_sources(self) -> int:
-        return self.store.sources_between(self._status["watermark"], self.store.watermark())
-
     def _ready(self) -> bool:
-        """Enough new votes for a round, and on a public deployment from enough distinct sources."""
-        if self._new_votes() < self.cfg.train_min_new_votes:
-            return False
-        # One person with many sessions is still one source: their votes alone never start a round.
-        return not self.cfg.public or self._new_sources() >= self.cfg.min_round_sources
+        return round_due(self.cfg, self.store, self._status["watermark"])
 
     def _loop(self) -> None:
         # Lower this thread's CPU priority before it starts any torch work: the OpenMP threads torch then starts for

@@ -109,14 +109,13 @@ def client_of(client: dict | None, request: gr.Request) -> dict:
 
 def voter_of(service: Service, client: dict | None, request: gr.Request, profile=None) -> str:
     """Who votes: the signed-in Hugging Face user name, else this browser's (or API session's) random id."""
-    # A signed-in person's votes follow them across devices; browser tabs keep their id in localStorage (it survives
-    # reloads) and API clients have their session.
-    key = (client or {}).get("id") or request.session_hash or ""
-    return service.voter(key, getattr(profile, "username", None) or getattr(request, "username", None))
+    return caller_of(service, client, request, profile).voter
 
 
 def caller_of(service: Service, client: dict | None, request: gr.Request, profile=None) -> Caller:
     """Who makes this request: the voter (as voter_of), and the source (signed-in account, else network address)."""
+    # A signed-in person's votes follow them across devices; browser tabs keep their id in localStorage (it survives
+    # reloads) and API clients have their session.
     # request.client.host is the peer as uvicorn's ProxyHeadersMiddleware resolved it: X-Forwarded-For counts only
     # when the peer is one of Config.trusted_proxies (serve() sets FORWARDED_ALLOW_IPS), so a client's own header
     # is ignored off a Space and only the Space proxy's hop is believed on one.
