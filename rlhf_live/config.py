@@ -107,7 +107,13 @@ class Config:
     max_source_requests_per_minute: int = 30
     """With --public: requests one source (account or address) may make per minute, over all its sessions."""
     min_round_sources: int = 3
-    """With --public: distinct sources the new votes must come from before a training round starts."""
+    """With --public: distinct sources new votes must come from before a round (and >= 1/max_source_share)."""
+    max_source_share: float = 0.25
+    """With --public: the most of a round's training weight one source carries; its extra votes count for less."""
+    flag_min_votes: int = 8
+    """With --public: votes a source needs before the contrarian test may flag it."""
+    flag_odds: float = 100.0
+    """With --public: flag a source (weight 0 until an admin clears it) when contrarian is this many times likelier."""
     vote_requires_login: bool = False
     """Only signed-in (Hugging Face) people may vote; chatting stays open to everyone."""
 

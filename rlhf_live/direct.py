@@ -54,25 +54,44 @@ def dpo_examples(cfg: Config, tokenizer, pairs: list[dict]) -> list[dict]:
             "prompt": _context(cfg, p["prompt"], tokenizer),
             "chosen": [{"role": "assistant", "content": p["chosen"]}],
             "rejected": [{"role": "assistant", "content": p["rejected"]}],
+            "weight": float(p.get("weight", 1.0)),
         }
         for p in pairs
-        if p["chosen"] != p["rejected"]
+        if p["chosen"] != p["rejected"] and p.get("weight", 1.0) > 0
     ]
 
 
 def kto_examples(cfg: Config, tokenizer, pairs: list[dict], pointwise: list[dict]) -> list[dict]:
     """Thumbs (both-bad = two downs) and A/B choices (winner desirable, loser not) as TRL's unpaired rows."""
-    rows = [(p["prompt"], p["completion"], bool(p["label"])) for p in pointwise]
+    rows = [(p["prompt"], p["completion"], bool(p["label"]), p.get("weight", 1.0)) for p in pointwise]
     for p in pairs:
-        rows += [(p["prompt"], p["chosen"], True), (p["prompt"], p["rejected"], False)]
+        w = p.get("weight", 1.0)
+        rows += [(p["prompt"], p["chosen"], True, w), (p["prompt"], p["rejected"], False, w)]
     return [
         {
             "prompt": _context(cfg, prompt, tokenizer),
             "completion": [{"role": "assistant", "content": text}],
             "label": label,
+            "weight": float(weight),
         }
-        for prompt, text, label in rows
+        for prompt, text, label, weight in rows
+        if weight > 0
     ]
+
+
+def _weighted(trainer_cls: type, seed: int) -> type:
+    """`trainer_cls` drawing its batches in proportion to each row's `weight` (with replacement), as the loss would."""
+    # TRL's DPO/KTO losses take no per-row weight; sampling rows by weight gives each the same expected share of the
+    # gradient as a weighted loss (importance sampling), so a source over its cap moves the policy no more than it may.
+    import torch
+
+    class Weighted(trainer_cls):
+        def _get_train_sampler(self, train_dataset=None):
+            weights = torch.tensor(self.train_dataset["weight"], dtype=torch.double)  # (N,) after TRL's filtering
+            generator = torch.Generator().manual_seed(seed)
+            return torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True, generator=generator)
+
+    return Weighted
 
 
 def reward_ranked_pairs(
@@ -167,6 +186,8 @@ def train_direct(
 
     datasets.disable_progress_bars()  # a round reports through `say`, not through bars on the app's stderr
 
+    if len({e["weight"] for e in examples}) > 1:
+        trainer_cls = _weighted(trainer_cls, seed)
     batch = max(2, min(cfg.direct_batch_size, len(examples)))
     steps = max(1, math.ceil(cfg.direct_epochs * len(examples) / batch))
     on_cpu = next(model.parameters()).device.type == "cpu"

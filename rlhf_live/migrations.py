@@ -48,6 +48,7 @@ SCHEMA: dict[str, list[str]] = {
     "counters": ["name", "value"],
     "feedback_events": ["id", "response_id", "voter", "value", "reason", "seq", "created", "source"],
     "meta": ["key", "value"],
+    "sources": ["source", "status", "votes", "log_odds", "agree", "at_vote", "updated", "by"],
 }
 
 
@@ -180,6 +181,24 @@ def vote_sources(db: sqlite_utils.Database) -> None:
         "ALTER TABLE comparisons ADD COLUMN source TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX idx_feedback_source ON feedback(source, seq)",
         "CREATE INDEX idx_comparisons_source ON comparisons(source, seq)",
+    )
+
+
+@migrations(name="0005_source_flags")
+def source_flags(db: sqlite_utils.Database) -> None:
+    """Sources the contrarian test flagged or an admin banned or cleared, with the evidence of the last test."""
+    _run(
+        db,
+        """CREATE TABLE sources (
+            source TEXT PRIMARY KEY,
+            status TEXT NOT NULL CHECK (status IN ('flagged', 'banned', 'cleared')),
+            votes INTEGER NOT NULL DEFAULT 0,
+            log_odds REAL NOT NULL DEFAULT 0,
+            agree REAL NOT NULL DEFAULT 0.5,
+            at_vote INTEGER NOT NULL DEFAULT 0,
+            updated TEXT NOT NULL,
+            by TEXT NOT NULL DEFAULT ''
+        )""",
     )
 
 

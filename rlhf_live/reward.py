@@ -124,6 +124,10 @@ class _Example:
     group: str
     up: bool = False
     ids: list[list[int]] = field(default_factory=list)
+    weight: float = 1.0
+    """Its share of the loss (crowd.capped_weights: a source over its cap counts for less; flagged ones are dropped)."""
+    source: str = ""
+    """Who cast it (the store's voter_source; '' unknown): what the leave-one-source-out test groups by."""
 
     @property
     def length(self) -> int:
@@ -154,6 +158,21 @@ def as_messages(prompt) -> list[dict]:
     raise RewardDataError("a prompt must be a string or a list of {role, content} messages")
 
 
+def _field(item, name: str):
+    """`item[name]` or `item.name`, None when absent."""
+    return item.get(name) if isinstance(item, dict) else getattr(item, name, None)
+
+
+def _weight_of(item, index: int, what: str) -> float:
+    """The item's training weight (1 when it has none); RewardDataError unless finite and >= 0."""
+    weight = _field(item, "weight")
+    if weight is None:
+        return 1.0
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise RewardDataError(f"{what} #{index}: weight must be a finite number >= 0, got {weight!r}")
+    return float(weight)
+
+
 def _group_of(item, messages: list[dict]) -> str:
     """Held-out unit: the conversation id when known, else the first user message (turns of one chat stay together)."""
     cid = item.get("conversation_id") if isinstance(item, dict) else getattr(item, "conversation_id", None)
@@ -169,7 +188,7 @@ def _collect(pairs, ties, pointwise) -> tuple[list[_Example], dict]:
     """Validate and de-duplicate the feedback; counts of what was dropped and why."""
     out: list[_Example] = []
     seen: set[str] = set()
-    counts = {"n_duplicates": 0, "n_identical_dropped": 0}
+    counts = {"n_duplicates": 0, "n_identical_dropped": 0, "n_zero_weight": 0}
 
     def add(ex: _Example) -> None:
         key = json.dumps([ex.kind, ex.prompt, ex.answers, ex.up], ensure_ascii=False)
@@ -192,15 +211,19 @@ def _collect(pairs, ties, pointwise) -> tuple[list[_Example], dict]:
                     f"{what} #{i}: answers must be strings, got {[type(a).__name__ for a in answers]}"
                 )
             group = _group_of(item, prompt)
+            weight, source = _weight_of(item, i, what), _field(item, "voter_source") or ""
+            if weight == 0:
+                counts["n_zero_weight"] += 1  # a flagged or banned source's vote: not trained on, not evaluated on
+                continue
             if what == "thumb":
                 label = _get(item, "label", i, what)
                 if label not in (True, False, 0, 1):
                     raise RewardDataError(f"thumb #{i}: label must be True (up) or False (down), got {label!r}")
-                add(_Example(POINT, prompt, answers, group, up=bool(label)))
+                add(_Example(POINT, prompt, answers, group, up=bool(label), weight=weight, source=source))
             elif answers[0] == answers[1]:
                 counts["n_identical_dropped"] += 1  # the same text on both sides says nothing about preference
             else:
-                add(_Example(PAIR if what == "pair" else TIE, prompt, answers, group))
+                add(_Example(PAIR if what == "pair" else TIE, prompt, answers, group, weight=weight, source=source))
     kinds = [e.kind for e in out]
     if PAIR not in kinds and POINT not in kinds:
         given = f"{len(list(pairs or ()))} pairs, {len(list(ties or ()))} ties, {len(list(pointwise or ()))} thumbs"
@@ -408,11 +431,12 @@ class RewardModel:
         first, out = 0, []
         for ex in batch:  # E small (batch size): a Python loop over scalars is cheaper than gathering by kind
             if ex.kind == PAIR:
-                out.append(bt_loss(r[first], r[first + 1]))
+                loss = bt_loss(r[first], r[first + 1])
             elif ex.kind == TIE:
-                out.append(self.cfg.reward_tie_weight * tie_loss(r[first], r[first + 1]))
+                loss = self.cfg.reward_tie_weight * tie_loss(r[first], r[first + 1])
             else:
-                out.append(self.cfg.reward_pointwise_weight * pointwise_loss(r[first], torch.tensor(ex.up)))
+                loss = self.cfg.reward_pointwise_weight * pointwise_loss(r[first], torch.tensor(ex.up))
+            out.append(ex.weight * loss)
             first += len(ex.ids)
         losses = torch.stack(out)  # (E,)
         if rk.shape[1] == 2 and len(seqs) > 2:  # a batch-level term on every example: the batch mean carries it once

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .models import load_base, prepare_cpu_4bit
-from .reward import PAIR, TIE, RewardDataError, RewardModel
+from .reward import PAIR, POINT, TIE, RewardDataError, RewardModel, _collect
 
 DEPTHS = (1 / 3, 1 / 2, 2 / 3)
 """Fractions of the depth whose hidden states are mean-pooled over the answer (the final norm's output is added)."""
@@ -186,11 +186,12 @@ class ProbeRewardModel(RewardModel):
         is_pair = torch.tensor([k == PAIR for k in kinds])
         is_tie = torch.tensor([k == TIE for k in kinds])
         up = torch.tensor([e.up for e in examples])
+        weight = torch.tensor([e.weight for e in examples], dtype=torch.float32)  # (E,) crowd.capped_weights
         cfg = self.cfg
 
         def per(r: torch.Tensor) -> torch.Tensor:
             d = r[first] - r[second]  # (E,) chosen - rejected, or a - b for a tie
-            return torch.where(
+            return weight * torch.where(
                 is_pair,
                 -F.logsigmoid(d),
                 torch.where(
@@ -256,6 +257,44 @@ class ProbeRewardModel(RewardModel):
             if e.kind == PAIR
         ]
         return sum(right) / len(right) if right else None
+
+    def held_out_probs(self, pairs=(), ties=(), pointwise=(), min_votes: int = 1) -> dict[str, list[float]]:
+        """Per source with `min_votes` A/B choices and thumbs: each vote's probability under a head fitted without it.
+
+        The leave-one-source-out consensus of crowd.evidence: the features are the fitted model's (cached), the head
+        is refitted per source on everyone else's weighted votes. Call after `fit` (it reuses its standardisation).
+        """
+        examples, _ = _collect(list(pairs or ()), list(ties or ()), list(pointwise or ()))
+        index, pos = [], 0
+        for e in examples:
+            index.append(list(range(pos, pos + len(e.answers))))
+            pos += len(e.answers)
+        votes: dict[str, list[int]] = {}
+        for i, e in enumerate(examples):
+            if e.source and e.kind in (PAIR, POINT):
+                votes.setdefault(e.source, []).append(i)
+        tested = {s: ix for s, ix in votes.items() if len(ix) >= min_votes}
+        if not tested:
+            return {}
+        x = self._standardised(
+            self.features([e.prompt for e in examples for _ in e.answers], [a for e in examples for a in e.answers])
+        )
+        head = torch.nn.Linear(self.n_features, 1, dtype=torch.float32)
+        out = {}
+        for source, mine in tested.items():
+            others = [i for i, e in enumerate(examples) if e.source != source]
+            if not any(examples[i].kind in (PAIR, POINT) for i in others):
+                continue  # nobody else voted: no consensus to compare with
+            self._fit_head(x, [examples[i] for i in others], [index[i] for i in others], head)
+            with torch.no_grad():
+                r = head(x)[:, 0]  # (S,)
+            out[source] = [
+                float(torch.sigmoid(r[index[i][0]] - r[index[i][1]]))
+                if examples[i].kind == PAIR
+                else float(torch.sigmoid(r[index[i][0]] if examples[i].up else -r[index[i][0]]))
+                for i in mine
+            ]
+        return out
 
     def _fit(self, examples: list, train: list, held: list, counts: dict, eval_fraction: float, progress) -> dict:
         """Fit the head on A/B pairs, ties and thumbs (from scratch: the problem is convex); held-out metrics."""

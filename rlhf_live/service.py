@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import crowd
 from .config import Config
 from .leaderboard import Battle, head_to_head, leaderboard
 from .policy import BASE, AdapterError, GenerationSettings, InvalidRequest, Policy
@@ -57,6 +58,7 @@ def _caller(voter: str | Caller) -> Caller:
 
 
 LOGIN_TO_VOTE = "Votes on this deployment need a Hugging Face sign-in: sign in at the top of the page, then vote."
+BANNED = "This deployment's admins no longer accept votes from your address or account; chatting still works."
 
 
 class Service:
@@ -217,6 +219,8 @@ class Service:
     def _vote_check(self, who: Caller) -> None:
         if self.cfg.vote_requires_login and not who.signed_in:
             raise InvalidRequest(LOGIN_TO_VOTE)
+        if who.source and self.store.source_statuses().get(who.source) == "banned":
+            raise InvalidRequest(BANNED)
         self._limit(who)
 
     def feedback(self, voter: str | Caller, response_id: str, value: str, reason: str = "") -> dict:
@@ -383,6 +387,38 @@ class Service:
         row = self.store.choose(pair_id, who.voter, choice, reason or "", source=who.source)
         return {"ok": True, "a_version": row["a_source"], "b_version": row["b_source"], "choice": row["choice"]}
 
+    def sources(self) -> list[dict]:
+        """Admin view: every source with votes or a status, its votes, share of them and the last contrarian test."""
+        statuses = {row["source"]: row for row in self.store.source_rows()}
+        counts = self.store.votes_by_source()
+        total = sum(counts.values()) or 1
+        rows = []
+        for source in sorted(set(counts) | set(statuses), key=lambda s: (-counts.get(s, 0), s)):
+            flag = statuses.get(source, {})
+            rows.append(
+                {
+                    "source": source,
+                    "votes": counts.get(source, 0),
+                    "share": counts.get(source, 0) / total,
+                    "status": flag.get("status", "counted"),
+                    "log_odds": flag.get("log_odds"),
+                    "agree": flag.get("agree"),
+                    "by": flag.get("by", ""),
+                }
+            )
+        return rows
+
+    def set_source_status(self, source: str, status: str, by: str = "admin") -> str:
+        """Admin: ban, clear or flag the source whose id starts with `source`; the sentence the admin reads."""
+        full = self.store.resolve_source(source)
+        self.store.set_source_status(full, status, by=by)
+        what = {
+            "banned": "its votes weigh nothing and new ones are refused",
+            "cleared": "its votes count again and the contrarian test no longer flags it",
+            "flagged": "its votes weigh nothing until it is cleared",
+        }[status]
+        return f"Source {full[:12]} is {status}: {what} (from the next training round)."
+
     def delete_my_data(self, voter: str) -> str:
         """Delete this person's conversations and votes; a sentence saying how many of each went."""
         n = self.store.delete_voter(voter)
@@ -503,7 +539,12 @@ class Service:
             "votes_per_round": self.cfg.train_min_new_votes,
             # Public deployments: distinct sources (accounts or addresses) of those votes, and how many a round needs.
             "sources_since_last_round": self.store.sources_between(int(since or 0), stats["watermark"]),
-            "sources_per_round": self.cfg.min_round_sources if self.cfg.public else 0,
+            "sources_per_round": crowd.sources_needed(self.cfg.min_round_sources, self.cfg.max_source_share)
+            if self.cfg.public
+            else 0,
+            # Counts only, no ids: sources the contrarian test flagged, and those an admin banned (weight 0).
+            "sources_flagged": sum(s == "flagged" for s in self.store.source_statuses().values()),
+            "sources_banned": sum(s == "banned" for s in self.store.source_statuses().values()),
             "counts": stats["counts"],
             "votes": stats["votes"],
             "choices": stats["choices"],

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import recovery
+from . import crowd, recovery
 from .adapters import AdapterRegistry
 from .config import Config
 from .direct import LEARNERS, DirectDivergence, reward_ranked_pairs, train_direct
@@ -177,15 +177,31 @@ def train_round(
     say, wait = progress or (lambda stage, detail: None), pause or (lambda: None)
     r = _Round(cfg, bench, rng, pool, store.live_adapter(), say, wait, metrics={"learner": cfg.learner})
     pairs, ties, pointwise = store.preference_pairs(), store.ties(), store.pointwise_labels()
+    statuses = store.source_statuses() if cfg.public else {}
+    zeroed = frozenset(s for s, status in statuses.items() if status in ("flagged", "banned"))
 
     # 1. Reward model (PPO, rm-dpo): re-fit on every vote (they are few; a fresh fit avoids drifting on old data).
-    reward_model = _fit_reward(r, pairs, ties, pointwise) if cfg.learner in ("ppo", "rm-dpo") else None
+    reward_model = None
+    if cfg.learner in ("ppo", "rm-dpo"):
+        weighted = _weigh(cfg, zeroed, pairs, ties, pointwise)
+        reward_model = _fit_reward(r, *weighted)
+        # 1b. On a public deployment: flag sources whose votes the others' consensus finds contrarian; refit without.
+        flagged = _flag_contrarians(r, store, reward_model, weighted, statuses, watermark)
+        if flagged:
+            zeroed |= flagged
+            weighted = _weigh(cfg, zeroed, pairs, ties, pointwise)
+            reward_model = _fit_reward(r, *weighted)
+        _crowd_metrics(r, "reward", [row for rows in weighted for row in rows], zeroed)
     # 2. The learner on a training copy of the live policy; the reference is the same model, adapter disabled.
     if cfg.learner == "ppo":
         save = _ppo(r, reward_model)
     else:
         since = 0 if cfg.direct_votes == "all" or not r.live else int((r.live.get("metrics") or {}).get("watermark", 0))
         new_pairs, new_labels = [p for p in pairs if p["seq"] > since], [p for p in pointwise if p["seq"] > since]
+        if cfg.learner != "kto":
+            new_labels = []  # DPO and rm-dpo learn from A/B choices only
+        new_pairs, new_labels = _weigh(cfg, zeroed, new_pairs, new_labels)
+        _crowd_metrics(r, cfg.learner, new_pairs + new_labels, zeroed)
         if reward_model is None:  # rm-dpo's reward model saw every vote; DPO and KTO only those after `since`
             r.metrics["votes_since"] = since
         save = _direct(r, new_pairs, new_labels, reward_model, seed=cfg.seed + watermark)
@@ -219,6 +235,51 @@ def _fit_reward(r: _Round, pairs: list, ties: list, pointwise: list) -> RewardMo
     r.metrics.update({f"reward/{k}": v for k, v in fit.items()})
     r.mark("reward_fit")
     return reward_model
+
+
+def _weigh(cfg: Config, zeroed: frozenset[str], *lists: list[dict]) -> tuple[list[dict], ...]:
+    """Copies of the vote lists with each vote's weight: on --public, no source over max_source_share, zeroed get 0."""
+    if not cfg.public:
+        return lists  # one person testing locally trains as before: every vote weighs 1
+    rows = [row for rows in lists for row in rows]
+    weights = iter(crowd.capped_weights([row.get("voter_source") or "" for row in rows], cfg.max_source_share, zeroed))
+    return tuple([{**row, "weight": next(weights)} for row in rows] for rows in lists)
+
+
+def _flag_contrarians(
+    r: _Round, store: Store, reward_model: RewardModel, weighted: tuple, statuses: dict, watermark: int
+) -> frozenset[str]:
+    """Sources newly flagged: each source's votes tested against a probe fitted on everyone else's (crowd.evidence)."""
+    cfg = r.cfg
+    if not cfg.public or not isinstance(reward_model, ProbeRewardModel):
+        return frozenset()  # the LoRA reward model would need a fit per source: only the probe runs the test
+    r.say("fitting reward model", "testing each source against everyone else's votes")
+    probs = reward_model.held_out_probs(*weighted, min_votes=cfg.flag_min_votes)
+    flagged = set()
+    for source, p in probs.items():
+        ev = crowd.evidence(p)
+        if statuses.get(source) != "cleared" and crowd.is_contrarian(ev, cfg.flag_min_votes, cfg.flag_odds):
+            store.flag_source(source, votes=ev.votes, log_odds=ev.log_odds, agree=ev.agree, at_vote=watermark)
+            flagged.add(source)
+    r.metrics.update({"crowd/tested": len(probs), "crowd/flagged": len(flagged)})
+    if probs:
+        r.metrics["crowd/max_log_odds"] = max(crowd.evidence(p).log_odds for p in probs.values())
+    r.mark("crowd_test")
+    return frozenset(flagged)
+
+
+def _crowd_metrics(r: _Round, what: str, rows: list[dict], zeroed: frozenset[str]) -> None:
+    """How many sources the learner's votes came from, the largest one's share of its weight, votes weighted 0."""
+    sources = [row.get("voter_source") or "" for row in rows]
+    weights = [row.get("weight", 1.0) for row in rows]
+    share = crowd.shares(sources, weights) if sum(weights) else {}
+    r.metrics.update(
+        {
+            f"crowd/{what}_sources": len(share),
+            f"crowd/{what}_largest_share": max(share.values(), default=0.0),
+            f"crowd/{what}_zeroed_votes": sum(1 for s in sources if s in zeroed),
+        }
+    )
 
 
 def _ppo(r: _Round, reward_model: RewardModel) -> Callable[[Path], None]:
@@ -395,7 +456,8 @@ def round_due(cfg: Config, store: Store, since: int) -> bool:
     if upto - since < cfg.train_min_new_votes:
         return False
     # One person with many sessions is still one source: their votes alone never start a round.
-    return not cfg.public or store.sources_between(since, upto) >= cfg.min_round_sources
+    need = crowd.sources_needed(cfg.min_round_sources, cfg.max_source_share)
+    return not cfg.public or store.sources_between(since, upto) >= need
 
 
 def watch(cfg: Config, *, rounds: int | None = None, stop: threading.Event | None = None, hub=None) -> None:

@@ -83,7 +83,7 @@ def test_vote_requires_login_refuses_anonymous_votes_and_writes_nothing(tiny_cfg
 
 
 def test_public_round_waits_for_enough_sources_and_says_so(tiny_cfg):
-    cfg = replace(tiny_cfg, public=True, min_round_sources=2, train_min_new_votes=4)
+    cfg = replace(tiny_cfg, public=True, min_round_sources=2, max_source_share=0.5, train_min_new_votes=4)
     store = Store(cfg.db_path)
     trainer = Trainer(cfg, store, FakePolicy())
     for i in range(6):
@@ -97,6 +97,10 @@ def test_public_round_waits_for_enough_sources_and_says_so(tiny_cfg):
     assert "come from 1 different person" in sentence and "at least 2" in sentence
     _vote(store, "v-friend", "s-friend")
     assert trainer._ready()
+    # A 25% cap needs four sources before the cap can hold (three people would carry a third each).
+    assert not Trainer(replace(cfg, max_source_share=0.25), store, FakePolicy())._ready()
+    store.flag_source("s-friend", votes=8, log_odds=9.0, agree=0.1)
+    assert not trainer._ready()  # a flagged source does not count towards a round
 
 
 def _queue_call(url: str, api_name: str, data: list, *, session: str, address: str, headers=None) -> dict:

@@ -54,6 +54,7 @@ def test_votes_become_trl_rows(direct_cfg):
         "prompt": [system, *P],
         "chosen": [{"role": "assistant", "content": "Red."}],
         "rejected": [{"role": "assistant", "content": "Apples are a fruit that grows on trees."}],
+        "weight": 1.0,
     }
     thumbs = [{"prompt": P, "completion": "Green.", "label": False}]
     rows = kto_examples(direct_cfg, tokenizer, pairs[:1], thumbs)
@@ -81,6 +82,18 @@ def test_dpo_loss_falls_on_separable_pairs(direct_cfg):
     after = [p for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the PeftModel passed in was trained
     assert set(model.peft_config) == {"default"}  # TRL's reference copy is gone: the reference is the base
+
+
+def test_dpo_follows_the_weighted_votes_when_two_sources_contradict(direct_cfg):
+    direct_cfg.direct_epochs, direct_cfg.direct_lr, direct_cfg.direct_batch_size = 8, 3e-3, 4
+    model, tokenizer = _tiny_policy_copy(direct_cfg)
+    prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(8)]
+    honest = [{"prompt": p, "chosen": "Thank you very much.", "rejected": "It is sunny and warm."} for p in prompts]
+    # The same pairs the other way round from a source over its cap: weighted 1/50, so rarely drawn. Unweighted,
+    # the two halves cancel and the loss cannot leave ln 2.
+    contrary = [{**p, "chosen": p["rejected"], "rejected": p["chosen"], "weight": 0.02} for p in honest]
+    metrics = train_direct("dpo", model, tokenizer, direct_cfg, honest + contrary, [], seed=0)
+    assert metrics["examples"] == 16.0 and metrics["loss_last"] < 0.8 * math.log(2)
 
 
 def test_kto_learns_from_thumbs_alone(direct_cfg):

@@ -66,9 +66,10 @@ EXPECTED_COLUMNS = {
     "counters": ["name", "value"],
     "feedback_events": ["id", "response_id", "voter", "value", "reason", "seq", "created", "source"],
     "meta": ["key", "value"],
+    "sources": ["source", "status", "votes", "log_odds", "agree", "at_vote", "updated", "by"],
 }
 FIRST, SECOND, THIRD = "0001_initial", "0002_feedback_events_and_meta", "0003_training_run_owner"
-FOURTH = "0004_vote_sources"
+FOURTH, FIFTH = "0004_vote_sources", "0005_source_flags"
 
 
 @pytest.fixture
@@ -103,7 +104,7 @@ def test_schema_has_exactly_the_expected_columns(store):
         assert [c.name for c in db[table].columns] == columns, table
     user_tables = {t for t in db.table_names() if not t.startswith(("_", "sqlite_"))}
     assert user_tables == set(EXPECTED_COLUMNS)
-    assert [m.name for m in migrations.migrations.applied(db)] == [FIRST, SECOND, THIRD, FOURTH]
+    assert [m.name for m in migrations.migrations.applied(db)] == [FIRST, SECOND, THIRD, FOURTH, FIFTH]
     assert db.journal_mode == "wal"
     assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     fks = {(fk.column, fk.other_table) for fk in db["messages"].foreign_keys}
@@ -114,7 +115,7 @@ def test_schema_has_exactly_the_expected_columns(store):
 def test_reopening_applies_nothing_twice(tmp_path):
     Store(tmp_path / "x.db").close()
     again = Store(tmp_path / "x.db")
-    assert [m.name for m in migrations.migrations.applied(again.db())] == [FIRST, SECOND, THIRD, FOURTH]
+    assert [m.name for m in migrations.migrations.applied(again.db())] == [FIRST, SECOND, THIRD, FOURTH, FIFTH]
     assert migrations.migrations.pending(again.db()) == []
 
 
@@ -144,7 +145,7 @@ def test_db_made_at_the_first_migration_upgrades_with_rows_intact(tmp_path):
 
     store = Store(path)
     db = store.db()
-    assert [m.name for m in migrations.migrations.applied(db)] == [FIRST, SECOND, THIRD, FOURTH]
+    assert [m.name for m in migrations.migrations.applied(db)] == [FIRST, SECOND, THIRD, FOURTH, FIFTH]
     assert store.context("m2") == [{"role": "user", "content": "hi"}]
     assert store.message("m2")["adapter_version"] == "v0001"
     assert store.feedback_value("m2", "v1") == "up"

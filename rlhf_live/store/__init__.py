@@ -14,6 +14,7 @@ concern lives in its own module:
 | versions.py | adapters, training_runs | `add_adapter`, `set_adapter_status`, `live_adapter`, `start_run` |
 | transfer.py | (all) | `export`, `import_pairs`, `stats` |
 | people.py | (all, one voter's rows) | `voter_data` ("download my data"), `delete_voter` ("delete my data") |
+| sources.py | sources | `flag_source`, `set_source_status`, `source_statuses` (flagged, banned, cleared) |
 
 Guarantees:
 - One `sqlite_utils.Database` per thread (SQLite connections are bound to their creating thread), WAL mode so readers
@@ -45,6 +46,7 @@ from .base import (
 )
 from .conversations import Conversations, MessageTree
 from .people import People
+from .sources import SOURCE_STATUSES, Sources
 from .transfer import Transfer
 from .votes import Votes
 
@@ -54,6 +56,7 @@ __all__ = [
     "EXPORT_FORMATS",
     "IMPORT_VOTER",
     "ROLES",
+    "SOURCE_STATUSES",
     "VOTE_VALUES",
     "AlreadyVoted",
     "Forbidden",
@@ -67,5 +70,5 @@ __all__ = [
 ]
 
 
-class Store(Conversations, Votes, Transfer, People):
+class Store(Conversations, Votes, Transfer, People, Sources):
     """The SQLite feedback DB; safe to share between threads (each thread gets its own connection)."""

@@ -38,20 +38,32 @@ class TrainingRows(Database):
         return thumbs + choices
 
     def sources_between(self, after: int, upto: int) -> int:
-        """Distinct known sources of the votes with watermark in (after, upto] (standing thumbs and choices)."""
+        """Distinct known sources of the votes with watermark in (after, upto], not counting flagged or banned ones."""
         with self._read() as conn:
             return conn.execute(
                 "SELECT count(DISTINCT source) FROM (SELECT source FROM feedback WHERE value != 'cleared'"
                 " AND seq > ? AND seq <= ? UNION ALL SELECT source FROM comparisons WHERE choice IS NOT NULL"
-                " AND seq > ? AND seq <= ?) WHERE source != ''",
+                " AND seq > ? AND seq <= ?) WHERE source != ''"
+                " AND source NOT IN (SELECT source FROM sources WHERE status IN ('flagged', 'banned'))",
                 (after, upto, after, upto),
             ).fetchone()[0]
+
+    def votes_by_source(self) -> dict[str, int]:
+        """Standing thumbs and choices per known source, over all time."""
+        with self._read() as conn:
+            return dict(
+                conn.execute(
+                    "SELECT source, count(*) FROM (SELECT source FROM feedback WHERE value != 'cleared' UNION ALL"
+                    " SELECT source FROM comparisons WHERE choice IS NOT NULL) WHERE source != '' GROUP BY source"
+                ).fetchall()
+            )
 
     def _comparison_rows(self, conn: sqlite3.Connection, choices: tuple[str, ...], since: int, limit_ids=None):
         marks = ",".join("?" * len(choices))
         rows = self._rows(
             conn,
             "SELECT c.id, c.conversation_id, c.a_id, c.b_id, c.choice, c.seq, c.origin, c.a_source, c.b_source,"
+            " c.source AS voter_source,"
             " a.content AS a_text, b.content AS b_text FROM comparisons c"
             " JOIN messages a ON a.id = c.a_id JOIN messages b ON b.id = c.b_id"
             f" WHERE c.choice IN ({marks}) AND c.seq > ? ORDER BY c.seq",
@@ -63,7 +75,7 @@ class TrainingRows(Database):
         return MessageTree(conn, None if everything else [r["conversation_id"] for r in rows])
 
     def preference_pairs(self, since: int = 0) -> list[dict]:
-        """A/B choices (A or B) after `since`: {prompt, chosen, rejected, conversation_id, comparison_id, seq, ...}."""
+        """A/B choices after `since`: {prompt, chosen, rejected, conversation_id, seq, voter_source, ...}."""
         with self._read() as conn:
             rows = self._comparison_rows(conn, ("A", "B"), since)
             tree = self._tree_for(conn, rows, since <= 0)
@@ -81,6 +93,7 @@ class TrainingRows(Database):
                     "origin": r["origin"],
                     "chosen_source": r["a_source"] if a_wins else r["b_source"],
                     "rejected_source": r["b_source"] if a_wins else r["a_source"],
+                    "voter_source": r["voter_source"],
                 }
             )
         return out
@@ -99,6 +112,7 @@ class TrainingRows(Database):
                 "comparison_id": r["id"],
                 "seq": r["seq"],
                 "origin": r["origin"],
+                "voter_source": r["voter_source"],
             }
             for r in rows
         ]
@@ -121,7 +135,7 @@ class TrainingRows(Database):
         with self._read() as conn:
             thumbs = self._rows(
                 conn,
-                "SELECT f.response_id, f.value, f.seq, m.content, m.conversation_id FROM feedback f"
+                "SELECT f.response_id, f.value, f.seq, f.source, m.content, m.conversation_id FROM feedback f"
                 " JOIN messages m ON m.id = f.response_id WHERE f.value != 'cleared' AND f.seq > ? ORDER BY f.seq",
                 (since,),
             )
@@ -138,6 +152,7 @@ class TrainingRows(Database):
                 "conversation_id": t["conversation_id"],
                 "response_id": t["response_id"],
                 "seq": t["seq"],
+                "voter_source": t["source"],
             }
             for t in thumbs
         ]
@@ -151,6 +166,7 @@ class TrainingRows(Database):
                         "conversation_id": r["conversation_id"],
                         "response_id": mid,
                         "seq": r["seq"],
+                        "voter_source": r["voter_source"],
                     }
                 )
         out.sort(key=lambda row: row["seq"])

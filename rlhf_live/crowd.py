@@ -1,0 +1,105 @@
+"""Each source's influence on a round: the cap on its share of training weight, the evidence that it votes against all.
+
+Knows sources as opaque strings and votes as numbers (a weight, the others' probability of the vote as cast); knows
+no SQL, no tensors and no model: the store says who voted, the reward model says how likely each vote was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+UNKNOWN = ""
+"""The source of a vote recorded before sources existed, or imported: not a person, so it is never capped or flagged."""
+
+
+def capped_weights(sources: Sequence[str], max_share: float, zeroed: frozenset[str] = frozenset()) -> list[float]:
+    """A weight per vote (mean 1 over the weighted ones) such that no source holds more than `max_share` of the total.
+
+    A source over the cap keeps all its votes at a lower weight each (down-weighted, not dropped); sources in `zeroed`
+    (flagged or banned) weigh 0. With too few sources for the cap (n * max_share < 1) every source gets an equal share.
+    """
+    if not 0 < max_share <= 1:
+        raise ValueError(f"max_share must be in (0, 1], not {max_share}")
+    counts = Counter(s for s in sources if s not in zeroed)
+    people = sorted((n for s, n in counts.items() if s != UNKNOWN), reverse=True)  # votes per person, largest first
+    free = counts.get(UNKNOWN, 0)  # unknown-source votes weigh 1 each and count in the total
+    level = _level(people, free, max_share)
+    raw = [0.0 if s in zeroed else 1.0 if s == UNKNOWN or counts[s] <= level else level / counts[s] for s in sources]
+    total = sum(raw)
+    n_kept = sum(1 for s in sources if s not in zeroed)
+    return [w * n_kept / total if total else 0.0 for w in raw]
+
+
+def _level(people: list[int], free: int, max_share: float) -> float:
+    """The most weight one source may carry: the largest L <= max_share * (free + sum of min(n, L)) (water-filling).
+
+    `people` is each source's vote count, largest first. The k largest sources are cut to L and the rest keep their
+    count; the first k (from 0) whose L falls between the two groups is the least cut.
+    """
+    if not people:
+        return math.inf
+    for k in range(len(people) + 1):
+        rest = free + sum(people[k:])
+        if k == 0:
+            if people[0] <= max_share * rest:
+                return math.inf  # nobody is over the cap
+            continue
+        if max_share * k >= 1:
+            break
+        level = max_share * rest / (1 - max_share * k)
+        if (k == len(people) or people[k] <= level) and level <= people[k - 1]:
+            if level > 0:
+                return level
+            break
+    # Too few sources for the cap (two people and a 25% cap): the fairest weights left are equal shares.
+    return float(people[-1])
+
+
+def sources_needed(min_round_sources: int, max_share: float) -> int:
+    """Distinct sources a public round needs: min_round_sources, and enough that each may stay under the share cap."""
+    return max(min_round_sources, math.ceil(1 / max_share - 1e-9))
+
+
+def shares(sources: Sequence[str], weights: Sequence[float]) -> dict[str, float]:
+    """Each known source's share of the total weight (unknown-source votes count in the total, not as a source)."""
+    total = sum(weights)
+    out: dict[str, float] = {}
+    for s, w in zip(sources, weights):
+        if s != UNKNOWN and w > 0:
+            out[s] = out.get(s, 0.0) + w / total
+    return out
+
+
+PROB_CLIP = 0.05
+"""A vote's probability under the others is clipped to [0.05, 0.95]: one vote moves the evidence by at most log(19)."""
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """How a source's votes sit with everyone else's: its votes and the log odds that it votes against them."""
+
+    votes: int
+    log_odds: float
+    """sum over its votes of log((1 - p) / p), p = the others' probability of the vote as cast: > 0 leans contrarian."""
+    agree: float
+    """Mean p: the share of its votes the others' model would have cast the same way (0.5 when it cannot tell)."""
+
+
+def evidence(probs: Sequence[float]) -> Evidence:
+    """The evidence of one source's votes, from each vote's probability under a model fitted without that source.
+
+    A sequential probability-ratio test (Wald 1945) between "votes as the others would" (each vote has probability p)
+    and "votes the opposite" (1 - p): Chatbot Arena's malicious-user test scores votes the same way, as each vote's
+    likelihood under the other voters' model (Chiang et al. 2024, arXiv 2403.04132, section 5.1).
+    """
+    clipped = [min(max(float(p), PROB_CLIP), 1 - PROB_CLIP) for p in probs]
+    log_odds = sum(math.log((1 - p) / p) for p in clipped)
+    return Evidence(len(clipped), log_odds, sum(clipped) / len(clipped) if clipped else 0.5)
+
+
+def is_contrarian(ev: Evidence, min_votes: int, odds: float) -> bool:
+    """Flag a source once it has `min_votes` votes and contrarian is `odds` times likelier than agreeing."""
+    return ev.votes >= min_votes and ev.log_odds >= math.log(odds)

@@ -1,0 +1,149 @@
+"""Each source's influence: the share cap in every learner's weights, the contrarian test, ban and clear."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+from test_crowd import FakePolicy
+from test_reward import marker_pairs
+
+from rlhf_live import crowd
+from rlhf_live.direct import _weighted, dpo_examples, kto_examples
+from rlhf_live.reward import RewardModel, _collect
+from rlhf_live.reward_probe import ProbeRewardModel
+from rlhf_live.service import BANNED, Caller, Service
+from rlhf_live.store import InvalidInput, Store, UnknownId
+from rlhf_live.trainer import _flag_contrarians, _Round, _weigh
+
+
+def _shares(sources: list[str], weights: list[float]) -> dict[str, float]:
+    return {s: round(v, 6) for s, v in crowd.shares(sources, weights).items()}
+
+
+def test_no_source_carries_more_than_its_share_and_its_votes_are_down_weighted_not_dropped():
+    sources = ["attacker"] * 40 + [f"honest{i}" for i in range(5) for _ in range(8)]
+    weights = crowd.capped_weights(sources, 0.25)
+    assert _shares(sources, weights)["attacker"] == 0.25
+    assert all(w > 0 for w in weights) and math.isclose(sum(weights) / len(weights), 1.0)
+    # Each honest source keeps an equal part of the rest, and one attacker vote weighs less than one honest vote.
+    assert _shares(sources, weights)["honest0"] == 0.15 and weights[0] < weights[-1]
+    # Under the cap nothing changes; too few sources for the cap: equal shares; zeroed sources weigh 0.
+    assert crowd.capped_weights(["a", "b", "c", "d", "e"], 0.25) == [1.0] * 5
+    assert _shares(["a"] * 9 + ["b"], crowd.capped_weights(["a"] * 9 + ["b"], 0.25)) == {"a": 0.5, "b": 0.5}
+    zeroed = crowd.capped_weights(["a", "b", "b", ""], 1.0, zeroed=frozenset({"b"}))
+    assert zeroed[1:3] == [0.0, 0.0] and zeroed[0] == zeroed[3] == 1.0
+    assert crowd.sources_needed(3, 0.25) == 4 and crowd.sources_needed(5, 0.25) == 5
+    with pytest.raises(ValueError):
+        crowd.capped_weights(["a"], 0.0)
+
+
+def test_evidence_leans_contrarian_only_for_votes_against_the_others():
+    honest = crowd.evidence([0.8] * 16 + [0.2] * 4)  # 20% of its votes disagree with the others
+    contrarian = crowd.evidence([0.2] * 8)
+    assert honest.log_odds < 0 and not crowd.is_contrarian(honest, 8, 100)
+    assert contrarian.log_odds == pytest.approx(8 * math.log(4)) and crowd.is_contrarian(contrarian, 8, 100)
+    assert not crowd.is_contrarian(crowd.evidence([0.2] * 7), 8, 100)  # too few votes to flag
+    # One overconfident probability moves the evidence by at most log(19).
+    assert crowd.evidence([1e-9]).log_odds == pytest.approx(math.log(19))
+
+
+def test_the_trainer_weighs_votes_only_on_public_deployments(tiny_cfg):
+    rows = [{"voter_source": "big"} for _ in range(30)] + [{"voter_source": f"s{i}"} for i in range(6)]
+    (local,) = _weigh(tiny_cfg, frozenset(), rows)
+    assert local is rows  # a laptop trains as before
+    pairs, thumbs = _weigh(replace(tiny_cfg, public=True), frozenset({"s0"}), rows[:20], rows[20:])
+    weighted = pairs + thumbs
+    share = crowd.shares([r["voter_source"] for r in weighted], [r["weight"] for r in weighted])
+    assert share["big"] == pytest.approx(0.25) and "s0" not in share and "weight" not in rows[0]
+
+
+def test_every_learner_honours_the_weights(tiny_cfg):
+    pairs = [{**p, "weight": w} for p, w in zip(marker_pairs(3), (0.5, 1.0, 0.0))]
+    # Reward model (LoRA and probe): each example's loss is scaled by its weight; weight 0 is not trained on.
+    examples, counts = _collect(pairs, [], [])
+    assert [e.weight for e in examples] == [0.5, 1.0] and counts["n_zero_weight"] == 1
+    lora = RewardModel.create(tiny_cfg)
+    lora._encode_examples(examples)
+    losses, _ = lora._losses(examples)
+    unweighted, _ = lora._losses([replace(e, weight=1.0) for e in examples])
+    torch.testing.assert_close(losses, unweighted * torch.tensor([0.5, 1.0]))
+    probe = ProbeRewardModel.create(tiny_cfg)
+    per = probe._per_example(examples, [[0, 1], [2, 3]])
+    r = torch.tensor([0.3, -0.2, 0.1, 0.4])
+    flat = probe._per_example([replace(e, weight=1.0) for e in examples], [[0, 1], [2, 3]])
+    torch.testing.assert_close(per(r), flat(r) * torch.tensor([0.5, 1.0]))
+    # DPO and KTO (TRL, no per-row loss weight): rows carry the weight and batches are drawn in proportion to it.
+    tok = probe.tokenizer
+    assert [e["weight"] for e in dpo_examples(tiny_cfg, tok, pairs)] == [0.5, 1.0]
+    assert [e["weight"] for e in kto_examples(tiny_cfg, tok, pairs, [])] == [0.5, 0.5, 1.0, 1.0]
+
+    class Trainer:
+        train_dataset = {"weight": [0.0, 1.0, 3.0] * 1000}
+
+    drawn = [i % 3 for i in _weighted(Trainer, seed=0)()._get_train_sampler()]
+    assert len(drawn) == 3000 and drawn.count(0) == 0 and 2.6 < drawn.count(2) / drawn.count(1) < 3.4
+
+
+def _voted(store: Store, source: str, n: int, *, agree: bool) -> None:
+    """`n` A/B votes from one source on marker pairs, agreeing with the others (chosen = 'thank you') or not."""
+    for i, p in enumerate(marker_pairs(n, seed=hash(source) % 1000)):
+        cid = store.new_conversation(f"v-{source}-{i}")
+        q = store.add_message(cid, "user", p["prompt"][0]["content"])
+        a = store.add_message(cid, "assistant", p["chosen"], parent_id=q, adapter_version="base")
+        b = store.add_message(cid, "assistant", p["rejected"], parent_id=q, adapter_version="base")
+        pid = store.new_comparison(cid, a, b, a_source="base", b_source="base", voter=f"v-{source}-{i}")
+        store.choose(pid, f"v-{source}-{i}", "A" if agree else "B", source=source)
+
+
+def test_a_contrarian_source_is_flagged_and_honest_ones_are_not(tiny_cfg):
+    cfg = replace(tiny_cfg, public=True)
+    store = Store(cfg.db_path)
+    for s in ("honest-1", "honest-2", "honest-3"):
+        _voted(store, s, 12, agree=True)
+    _voted(store, "attacker", 12, agree=False)
+    probe = ProbeRewardModel.create(cfg)
+    weighted = _weigh(cfg, frozenset(), store.preference_pairs(), [], [])
+    probe.fit(*weighted[:1], eval_fraction=0)
+
+    r = _Round(cfg, None, random.Random(0), [], None, lambda *a: None, lambda: None)
+    assert _flag_contrarians(r, store, probe, weighted, {}, store.watermark()) == {"attacker"}
+    assert r.metrics["crowd/tested"] == 4 and r.metrics["crowd/flagged"] == 1
+    row = store.source_rows()[0]
+    assert (row["source"], row["status"], row["votes"]) == ("attacker", "flagged", 12) and row["log_odds"] > 0
+    assert store.sources_between(0, store.watermark()) == 3  # a flagged source no longer counts towards a round
+    # An admin clears it: it weighs again and the test never flags it again.
+    assert _flag_contrarians(r, store, probe, weighted, {"attacker": "cleared"}, 0) == frozenset()
+
+
+def test_admins_ban_and_clear_sources_and_a_banned_source_cannot_vote(tiny_cfg):
+    store = Store(tiny_cfg.db_path)
+    _voted(store, "s-aaaa-troll", 2, agree=False)
+    _voted(store, "s-aaaa-kind", 1, agree=True)
+    service = Service(FakePolicy(), store, tiny_cfg)
+    rows = service.sources()
+    assert [(r["source"], r["votes"], r["status"]) for r in rows] == [
+        ("s-aaaa-troll", 2, "counted"),
+        ("s-aaaa-kind", 1, "counted"),
+    ]
+    assert "is banned" in service.set_source_status("s-aaaa-t", "banned")
+    assert service.status()["sources_banned"] == 1
+    cid = store.new_conversation("v-new")
+    q = store.add_message(cid, "user", "hi")
+    answer = store.add_message(cid, "assistant", "hello", parent_id=q, adapter_version="base")
+    with pytest.raises(Exception, match="no longer accept"):
+        service.feedback(Caller("v-new", "s-aaaa-troll"), answer, "up")
+    assert BANNED.startswith("This deployment's admins") and store.feedback_value(answer, "v-new") is None
+    assert "count again" in service.set_source_status("s-aaaa-troll", "cleared")
+    assert service.feedback(Caller("v-new", "s-aaaa-troll"), answer, "up")["value"] == "up"
+    with pytest.raises(InvalidInput, match="More than one"):
+        service.set_source_status("s-aaaa", "banned")  # the prefix of two sources: a clear error, nothing changes
+    with pytest.raises(InvalidInput, match="6 characters"):
+        service.set_source_status("s-", "banned")
+    with pytest.raises(UnknownId):
+        service.set_source_status("s-nobody", "banned")
+    with pytest.raises(InvalidInput, match="status is one of"):
+        service.set_source_status("s-aaaa-kind", "deleted")
