@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import http.client
-import json
 import time
-import urllib.parse
 import uuid
 from dataclasses import replace
 
 import pytest
-from apphelpers import app_config, rows, shared_tiny_app
+from apphelpers import rows, shared_tiny_app
 
+from bench.crowd import queue_call
 from rlhf_live.policy import InvalidRequest
 from rlhf_live.service import LOGIN_TO_VOTE, Caller, Service
 from rlhf_live.store import Store, source_id
@@ -103,28 +101,10 @@ def test_public_round_waits_for_enough_sources_and_says_so(tiny_cfg):
     assert not trainer._ready()  # a flagged source does not count towards a round
 
 
-def _queue_call(url: str, api_name: str, data: list, *, session: str, address: str, headers=None) -> dict:
-    """One call through Gradio's queue protocol from a given loopback address (as a browser there would)."""
-    config = app_config(url)
-    fn = next(d.get("id", i) for i, d in enumerate(config["dependencies"]) if d.get("api_name") == api_name)
-    parts = urllib.parse.urlsplit(url)
-
-    def request(method: str, path: str, body: bytes | None = None) -> http.client.HTTPResponse:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60, source_address=(address, 0))
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
-        return conn.getresponse()
-
-    body = {"data": data, "fn_index": fn, "session_hash": session, "event_data": None, "trigger_id": None}
-    assert request("POST", "/gradio_api/queue/join", json.dumps(body).encode()).status == 200
-    resp = request("GET", f"/gradio_api/queue/data?session_hash={session}")
-    for raw in resp:
-        line = raw.decode().strip()
-        if line.startswith("data:"):
-            msg = json.loads(line[5:])
-            if msg.get("msg") == "process_completed":
-                assert msg.get("success"), msg
-                return msg["output"]["data"][0]
-    raise AssertionError("the queue stream ended without a result")
+def _queue_call(url: str, api_name: str, data: list, **kw) -> dict:
+    ok, out = queue_call(url, api_name, data, **kw)
+    assert ok, out
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -147,3 +147,24 @@ def test_admins_ban_and_clear_sources_and_a_banned_source_cannot_vote(tiny_cfg):
         service.set_source_status("s-nobody", "banned")
     with pytest.raises(InvalidInput, match="status is one of"):
         service.set_source_status("s-aaaa-kind", "deleted")
+
+
+def test_the_training_tab_shows_sources_per_version_and_what_was_left_out():
+    from rlhf_live.ui.training import VERSION_COLUMNS, source_rows, status_text, version_rows
+
+    metrics = {"learner": "ppo", "crowd/reward_sources": 6, "crowd/reward_largest_share": 0.25}
+    rows = version_rows([{"version": "v0001", "status": "live", "metrics": metrics}, {"version": "v0000x", "status": "retired"}])
+    assert rows[1][-2:] == ["6", "25%"] and rows[0][-2:] == ["–", "–"] and len(rows[0]) == len(VERSION_COLUMNS)
+    table = source_rows([{"source": "s" + "a" * 40, "votes": 9, "share": 0.5, "status": "flagged", "log_odds": 6.2}])
+    assert table == [["saaaaaaaaaaa", 9, "50%", "flagged", "+6.2", "–", ""]]
+    status = {
+        "trainer": {"running": True, "state": "idle"},
+        "votes_since_last_round": 0,
+        "votes_per_round": 8,
+        "live_version": "base",
+        "sources_flagged": 1,
+        "sources_banned": 0,
+    }
+    assert "1 source flagged for voting against everyone else (until an admin clears it), 0 banned" in status_text(
+        status, 0.0
+    )

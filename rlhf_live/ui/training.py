@@ -74,9 +74,16 @@ BOARD_NOTE = (
     "From Compare votes between two different versions. **Rating:** Elo-style, 1000 = average; 100 points more ≈ 64% "
     f"chance of winning a vote. The 95% interval is given from {MIN_BATTLES} votes on."
 )
+SOURCES_NOTE = (
+    "**Sources** are people as this app can tell them apart: a signed-in account, else a network address (stored "
+    "as a salted hash). **Flagged:** its votes went against everyone else's often enough that it weighs nothing "
+    "until cleared. **Banned:** weighs nothing and its new votes are refused. **Clear flag** makes a source count "
+    "again and exempts it from the test."
+)
 VERSIONS_NOTE = (
     "**live:** serving now · **retired:** served before · **candidate:** trained, refused by the gate · "
-    "**rolled_back:** taken back by the owner. Times are UTC."
+    "**rolled_back:** taken back by the owner. Times are UTC. **Sources:** how many people (accounts or addresses) "
+    "its votes came from, and the largest one's share of the training weight (recorded on public deployments)."
 )
 
 
@@ -91,6 +98,11 @@ class TrainingTab:
             self.timer = gr.Timer(REFRESH_S, active=False)
         self.train_now.click(self._admin("train"), [self.token, self.rollback_to], [self.admin_note], **PRIVATE)
         self.rollback.click(self._admin("rollback"), [self.token, self.rollback_to], [self.admin_note], **PRIVATE)
+        self.show_sources.click(self._sources, [self.token], [self.sources, self.admin_note], **PRIVATE)
+        for button, status in ((self.ban, "banned"), (self.clear, "cleared")):
+            button.click(
+                self._source_action(status), [self.token, self.source_id], [self.sources, self.admin_note], **PRIVATE
+            )
         outputs = [*self.outputs, self.sent]
         self.tab.select(self.refresh, [self.sent], outputs, **QUIET).then(
             lambda: gr.Timer(active=True), None, [self.timer], **QUIET
@@ -120,6 +132,13 @@ class TrainingTab:
                 self.rollback_to = gr.Textbox(label="Roll back to version (e.g. v0002)", scale=2)
                 self.rollback = gr.Button("Roll back")
             self.admin_note = gr.Markdown("")
+            gr.Markdown(SOURCES_NOTE)
+            with gr.Row():
+                self.show_sources = gr.Button("Show sources")
+                self.source_id = gr.Textbox(label="Source (its first 12 characters or more)", scale=2)
+                self.ban = gr.Button("Ban")
+                self.clear = gr.Button("Clear flag")
+            self.sources = gr.Dataframe(interactive=False, wrap=True, visible=False, elem_id="sources")
 
     @property
     def outputs(self) -> list:
@@ -158,6 +177,24 @@ class TrainingTab:
                 raise refused("Training is not running in this app (started with --no-train).")
             with UserError():
                 return trainer.request_round() if action == "train" else trainer.rollback(version)
+
+        return run
+
+    def _sources(self, token, profile: gr.OAuthProfile | None = None):
+        """Admin: every source that voted, its share, status and evidence."""
+        require_admin(self.cfg, token, profile)
+        rows = source_rows(self.service.sources())
+        note = "" if rows else "No votes with a known source yet."
+        return gr.Dataframe(pd.DataFrame(rows, columns=SOURCE_COLUMNS), visible=bool(rows)), note
+
+    def _source_action(self, status: str):
+        def run(token, source, profile: gr.OAuthProfile | None = None):
+            require_admin(self.cfg, token, profile)
+            by = getattr(profile, "username", None) or "admin token"
+            with UserError():
+                said = self.service.set_source_status(str(source or ""), status, by=by)
+            table, _ = self._sources(token, profile)
+            return table, said
 
         return run
 
@@ -245,6 +282,12 @@ def status_text(status: dict, now: float) -> str:
     if last.get("status") == "failed" and (status["live_version"] == BASE or (since or "") < (last["finished"] or "")):
         why = html.escape(str(last.get("error") or "no reason was recorded"))
         lines.append(f"**Last round** ({readable_time(last['finished'], now)}) did not go live: {why}")
+    flagged, banned = status.get("sources_flagged", 0), status.get("sources_banned", 0)
+    if flagged or banned:
+        lines.append(
+            f"**Left out of training:** {flagged} source{'s' if flagged != 1 else ''} flagged for voting against "
+            f"everyone else (until an admin clears {'it' if flagged == 1 else 'them'}), {banned} banned."
+        )
     if status["live_version"] == BASE:
         lines.append("**Live:** the original model; no trained version has gone live yet.")
     else:
@@ -455,8 +498,27 @@ def _drift_fig(fig, rounds: list[tuple[int, str]], series: dict) -> None:
     _rounds_axis(axes[-1], rounds)
 
 
+SOURCE_COLUMNS = ["source", "votes", "share of all votes", "status", "evidence (log odds)", "agrees with others", "by"]
+
+
+def source_rows(sources: list[dict]) -> list[list]:
+    """The admin's sources table: a 12-character id, votes, share, status and the last contrarian test."""
+    return [
+        [
+            s["source"][:12],
+            s["votes"],
+            f"{s['share']:.0%}",
+            s["status"],
+            "–" if s.get("log_odds") is None else f"{s['log_odds']:+.1f}",
+            "–" if s.get("agree") is None else f"{s['agree']:.0%}",
+            s.get("by") or "",
+        ]
+        for s in sources
+    ]
+
+
 BOARD_COLUMNS = ["version", "status", "rating", "95% interval", "votes between versions", "win rate"]
-VERSION_COLUMNS = ["version", "status", "learner", "parent", "created"]
+VERSION_COLUMNS = ["version", "status", "learner", "parent", "created", "sources", "largest source's share"]
 
 
 def board_rows(board: list[dict]) -> list[list]:
@@ -482,9 +544,24 @@ def _learner(version: dict) -> str:
     return ((version.get("metrics") or {}) if isinstance(version.get("metrics"), dict) else {}).get("learner", "ppo")
 
 
+def _crowd(version: dict) -> tuple[str, str]:
+    """(sources, largest share) of the votes a version was trained on, '–' where it was not recorded (off --public)."""
+    metrics = version.get("metrics") if isinstance(version.get("metrics"), dict) else {}
+    what = "reward" if f"crowd/{_learner(version)}_sources" not in metrics else _learner(version)
+    n, share = metrics.get(f"crowd/{what}_sources"), metrics.get(f"crowd/{what}_largest_share")
+    return ("–" if n is None else str(n)), ("–" if share is None else f"{share:.0%}")
+
+
 def version_rows(versions: list[dict]) -> list[list]:
-    """The versions table, newest first, with readable times."""
+    """The versions table, newest first, with readable times and the sources each version learned from."""
     return [
-        [v["version"], v["status"], _learner(v), v.get("parent") or "original", short_time(v.get("created"))]
+        [
+            v["version"],
+            v["status"],
+            _learner(v),
+            v.get("parent") or "original",
+            short_time(v.get("created")),
+            *_crowd(v),
+        ]
         for v in reversed(versions)
     ]
