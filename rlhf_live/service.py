@@ -395,14 +395,15 @@ class Service:
         rows = []
         for source in sorted(set(counts) | set(statuses), key=lambda s: (-counts.get(s, 0), s)):
             flag = statuses.get(source, {})
+            tested = flag.get("votes", 0) > 0  # an admin's ban or clear alone carries no evidence
             rows.append(
                 {
                     "source": source,
                     "votes": counts.get(source, 0),
                     "share": counts.get(source, 0) / total,
                     "status": flag.get("status", "counted"),
-                    "log_odds": flag.get("log_odds"),
-                    "agree": flag.get("agree"),
+                    "log_odds": flag["log_odds"] if tested else None,
+                    "agree": flag["agree"] if tested else None,
                     "by": flag.get("by", ""),
                 }
             )

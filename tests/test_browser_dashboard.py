@@ -233,3 +233,41 @@ def test_visitors_see_what_is_kept_about_them_and_no_operator_text(pages):
     for kept in ("Your conversations:", "Your votes:", "a salted hash", "No IP address", "Download my data"):
         assert kept in about
     assert page.inner_text("#data-summary").startswith("All visitors together: ")
+
+
+def test_an_admin_sees_the_sources_of_a_public_deployment_and_bans_one(browser, tiny_lm_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    store = Store(data / "rlhf_live.db")
+    for source, n in (("s1attacker0000", 3), ("s2honest00000", 1)):
+        for i in range(n):
+            cid = store.new_conversation(f"v-{source}-{i}")
+            q = store.add_message(cid, "user", "hi")
+            a = store.add_message(cid, "assistant", "hello", parent_id=q, adapter_version="base")
+            store.record_feedback(a, f"v-{source}-{i}", "up", session_id=f"v-{source}-{i}", source=source)
+    store.flag_source("s1attacker0000", votes=3, log_odds=6.5, agree=0.1, at_vote=4)
+    store.close()
+    extra = ("--public", "--admin-token", "secret-token")
+    with run_app(tiny_lm_dir, data, extra=extra) as app:
+        page = new_page(browser, app)
+        page.get_by_role("tab", name="Training").click()
+        page.wait_for_function("() => document.querySelector('#train-status')?.innerText.includes('Left out')")
+        assert "1 source flagged for voting against everyone else" in page.inner_text("#train-status")
+        page.get_by_text("Admin", exact=True).click()
+        page.get_by_label("Admin token").fill("secret-token")
+        page.get_by_role("button", name="Show sources").click()
+        page.wait_for_selector("#sources table")
+        table = page.inner_text("#sources")
+        assert "s1attacker00" in table and "flagged" in table and "+6.5" in table and "75%" in table
+        page.get_by_label("Source (its first 12 characters or more)").fill("s2honest00000")
+        page.get_by_role("button", name="Ban").click()
+        page.wait_for_function("() => document.body.innerText.includes('is banned')")
+        page.wait_for_function("() => document.querySelector('#sources').innerText.includes('banned')")
+        assert "+0.0" not in page.inner_text("#sources")  # an admin's ban carries no test evidence: "–"
+        shot(page, "dash-06-admin-sources")
+        assert page.errors == []
+        page.context.close()
+    assert rows(data / "rlhf_live.db", "SELECT source, status FROM sources ORDER BY source") == [
+        {"source": "s1attacker0000", "status": "flagged"},
+        {"source": "s2honest00000", "status": "banned"},
+    ]

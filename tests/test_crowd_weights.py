@@ -153,7 +153,9 @@ def test_the_training_tab_shows_sources_per_version_and_what_was_left_out():
     from rlhf_live.ui.training import VERSION_COLUMNS, source_rows, status_text, version_rows
 
     metrics = {"learner": "ppo", "crowd/reward_sources": 6, "crowd/reward_largest_share": 0.25}
-    rows = version_rows([{"version": "v0001", "status": "live", "metrics": metrics}, {"version": "v0000x", "status": "retired"}])
+    rows = version_rows(
+        [{"version": "v0001", "status": "live", "metrics": metrics}, {"version": "v0000x", "status": "retired"}]
+    )
     assert rows[1][-2:] == ["6", "25%"] and rows[0][-2:] == ["–", "–"] and len(rows[0]) == len(VERSION_COLUMNS)
     table = source_rows([{"source": "s" + "a" * 40, "votes": 9, "share": 0.5, "status": "flagged", "log_odds": 6.2}])
     assert table == [["saaaaaaaaaaa", 9, "50%", "flagged", "+6.2", "–", ""]]
