@@ -18,6 +18,7 @@ import argparse
 import http.client
 import json
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -120,6 +121,20 @@ def _wait_idle(data_dir: Path, timeout: float = 1800) -> None:
         time.sleep(4)
 
 
+def _wait_round(data_dir: Path, finished: int, start_within: float = 90, timeout: float = 1800) -> int:
+    """Until a round after the first `finished` ones has finished (or none started within `start_within` s)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        runs = _db(data_dir, "SELECT status FROM training_runs WHERE kind = 'round'")
+        done = sum(r["status"] != "running" for r in runs)
+        if done > finished:
+            return done
+        if len(runs) == finished and time.monotonic() - t0 > start_within:
+            return done
+        time.sleep(3)
+    return finished
+
+
 def start_app(data_dir: Path, port: int, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "app.py"), "--public", "--data-dir", str(data_dir), "--port", str(port), *extra]
     log = open(data_dir.parent / f"app-{port}.log", "wb")  # noqa: SIM115 (lives as long as the app)
@@ -137,7 +152,16 @@ def start_app(data_dir: Path, port: int, extra: list[str]) -> subprocess.Popen:
     raise RuntimeError("the app did not start within 15 min")
 
 
-def run(voters: list[Voter], plan: list[int], prompts: list[str], extra: list[str], port: int, evaluate=None) -> dict:
+def run(
+    voters: list[Voter],
+    plan: list[int],
+    prompts: list[str],
+    extra: list[str],
+    port: int,
+    evaluate=None,
+    round_every: int = 0,
+    keep: str | None = None,
+) -> dict:
     """Start the app, let voters[i] vote in the order `plan` gives, wait for training; what the DB says, and
     `evaluate(adapter_path)` of the version live at the end (after the app stopped)."""
     with tempfile.TemporaryDirectory(prefix="rlhf-crowd-") as tmp:
@@ -147,13 +171,18 @@ def run(voters: list[Voter], plan: list[int], prompts: list[str], extra: list[st
         url = f"http://127.0.0.1:{port}/"
         try:
             config = app_config(url)
+            finished = 0
             for k, i in enumerate(plan):
                 voters[i].vote(url, config, prompts[k % len(prompts)])
+                if round_every and (k + 1) % round_every == 0:  # rounds keep up with the votes, as on a quiet Space
+                    finished = _wait_round(data_dir, finished)
             _wait_idle(data_dir)
             outcome = _outcome(data_dir, voters)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+        if keep:
+            shutil.copytree(data_dir, Path(keep) / f"{port}-{int(time.time())}", dirs_exist_ok=True)
         if evaluate is not None:
             outcome["win_rate_vs_base"] = evaluate(outcome.pop("live_path"))
         outcome.pop("live_path", None)
@@ -177,6 +206,8 @@ def _outcome(data_dir: Path, voters: list[Voter]) -> dict:
                 "sources": m.get("crowd/reward_sources"),
                 "largest_share": m.get("crowd/reward_largest_share"),
                 "flagged": m.get("crowd/flagged"),
+                "tested": m.get("crowd/tested"),
+                "max_log_odds": m.get("crowd/max_log_odds"),
             }
         )
     flags = {r["source"]: r for r in _db(data_dir, "SELECT * FROM sources")}
@@ -235,13 +266,43 @@ def evaluator(extra: list[str], rater, n_eval: int, seed: int):
     return evaluate
 
 
+def scenario_cells(scenario: str, rater, seed: int) -> dict:
+    """{cell name: make() -> (voters, plan)}: plan[k] is the index of the voter casting the k-th vote."""
+
+    def honest(flip: float = 0.0) -> list[Voter]:
+        return [Voter(f"honest{i}", f"127.0.0.{3 + i}", rater, flip=flip, seed=seed * 100 + i) for i in range(5)]
+
+    def attackers(name: str, first: int, n: int) -> list[Voter]:
+        return [Voter(f"{name}{j}", f"127.0.0.{first + j}", rater, contrary=True, fresh=True) for j in range(n)]
+
+    def mixed(n_attackers: int) -> list[int]:  # one attacker vote, then one honest vote, 40 times
+        return [j for k in range(40) for j in (5 + k % n_attackers, k % 5)]
+
+    if scenario == "alone":
+        return {"alone": lambda: (attackers("alone", 2, 1), [0] * 100)}
+    if scenario == "attack":
+        return {
+            "attack": lambda: ([*honest(), *attackers("attacker", 2, 1)], mixed(1)),
+            "honest only": lambda: (honest(), [k % 5 for k in range(40)]),
+        }
+    if scenario == "collude":
+        return {
+            "two colluders": lambda: ([*honest(), *attackers("colluder", 10, 2)], mixed(2)),
+            "ten addresses, 4 votes each": lambda: ([*honest(), *attackers("sybil", 12, 10)], mixed(10)),
+        }
+    return {"20% flipped": lambda: (honest(flip=0.2), [k % 5 for k in range(80)])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", choices=["alone", "attack", "collude", "flips"], required=True)
     ap.add_argument("--rater", default="concise", help="the honest preference (a built-in rater)")
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--round-every", type=int, default=16, help="wait for a round after every K votes (0: never)")
     ap.add_argument("--eval-prompts", type=int, default=0, help="held-out prompts for the win-rate (0: none)")
     ap.add_argument("--port", type=int, default=7871)
+    ap.add_argument("--cells", nargs="*", default=None, help="only these cells of the scenario")
+    ap.add_argument("--keep", default=None, help="copy each cell's data dir under this folder")
     ap.add_argument("--out", default=str(HERE / "crowd.json"))
     args, extra = ap.parse_known_args()
     extra = [a for a in extra if a != "--"]
@@ -250,34 +311,20 @@ def main() -> None:
     from rlhf_live.simulate import split_prompts
 
     rater = load_rater(args.rater)
-    extra = ["--max-new-tokens", "48", "--train-min-new-votes", "8", *extra]
+    extra = ["--max-new-tokens", "48", "--train-min-new-votes", "8", "--train-check-s", "5", *extra]
     results = []
     for seed in range(args.seeds):
         _, prompts = split_prompts(max(1, args.eval_prompts), seed)  # never vote on the held-out prompts
         prompts = [p[-1]["content"] for p in prompts]
         random.Random(seed).shuffle(prompts)
-        honest = [Voter(f"honest{i}", f"127.0.0.{3 + i}", rater, seed=seed * 100 + i) for i in range(5)]
-        if args.scenario == "alone":
-            attacker = Voter("alone", "127.0.0.2", rater, contrary=True, fresh=True)
-            cells = {"alone": ([attacker], [0] * 100)}
-        elif args.scenario == "attack":
-            attacker = Voter("attacker", "127.0.0.2", rater, contrary=True, fresh=True)
-            mixed = [j for k in range(40) for j in (5, k % 5)]  # one attacker vote, then one honest, 40 times
-            cells = {"attack": ([*honest, attacker], mixed), "honest only": (honest, [k % 5 for k in range(40)])}
-        elif args.scenario == "collude":
-            two = [Voter(f"colluder{j}", f"127.0.0.{10 + j}", rater, contrary=True, fresh=True) for j in range(2)]
-            many = [Voter(f"sybil{j}", f"127.0.0.{12 + j}", rater, contrary=True, fresh=True) for j in range(10)]
-            cells = {
-                "two colluders": ([*honest, *two], [j for k in range(40) for j in (5 + k % 2, k % 5)]),
-                "ten addresses, 4 votes each": ([*honest, *many], [j for k in range(40) for j in (5 + k % 10, k % 5)]),
-            }
-        else:
-            flippers = [Voter(f"honest{i}", f"127.0.0.{3 + i}", rater, flip=0.2, seed=seed * 100 + i) for i in range(5)]
-            cells = {"20% flipped": (flippers, [k % 5 for k in range(80)])}
+        cells = scenario_cells(args.scenario, rater, seed)
         evaluate = evaluator(extra, rater, args.eval_prompts, seed) if args.eval_prompts else None
-        for name, (voters, plan) in cells.items():
+        for name, make in cells.items():
+            if args.cells and name not in args.cells:
+                continue
+            voters, plan = make()  # fresh voters for every cell: nothing carries over
             t0 = time.perf_counter()
-            outcome = run(voters, plan, prompts, extra, args.port, evaluate)
+            outcome = run(voters, plan, prompts, extra, args.port, evaluate, args.round_every, args.keep)
             outcome.update({"cell": name, "seed": seed, "seconds": round(time.perf_counter() - t0, 1)})
             results.append(outcome)
             _print(outcome)
@@ -288,10 +335,13 @@ def _print(o: dict) -> None:
     win = o.get("win_rate_vs_base")
     won = f"; {win['win_rate']:.2f} [{win['ci'][0]:.2f}, {win['ci'][1]:.2f}] win-rate vs base" if win else ""
     print(f"\n## {o['cell']} (seed {o['seed']}, {o['seconds']} s): live {o['live']}{won}")
-    print("| round | status | version | sources | largest share | flagged | error |\n|---|---|---|---:|---:|---:|---|")
+    print("| round | status | version | sources | largest share | tested | flagged | most log odds | error |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for i, r in enumerate(o["rounds"], 1):
         share = "–" if r["largest_share"] is None else f"{r['largest_share']:.2f}"
-        print(f"| {i} | {r['status']} | {r['version']} | {r['sources']} | {share} | {r['flagged']} | {r['error']} |")
+        most = "–" if r["max_log_odds"] is None else f"{r['max_log_odds']:+.1f}"
+        cells = (r["status"], r["version"], r["sources"], share, r["tested"], r["flagged"], most, r["error"])
+        print(f"| {i} | " + " | ".join(str(c) for c in cells) + " |")
     print(
         "| voter | contrary | cast | refused | flagged (after votes) | log odds | refusal |\n"
         "|---|---|---:|---:|---|---:|---|"

@@ -13,7 +13,18 @@ pytestmark = pytest.mark.slow
 
 def test_twenty_users_for_three_minutes_while_training(tiny_lm_dir, tmp_path):
     data = tmp_path / "data"
-    extra = ("--train", "--train-min-new-votes", "60", "--train-check-s", "2", *TINY_TRAINING)
+    # The random tiny model's babble is rarely "an answer" (evaluation.is_answer): CI once saw the only finished round
+    # refused by that gate (50% < 80%). This test is about serving while a round runs, so that gate is off here.
+    extra = (
+        "--train",
+        "--train-min-new-votes",
+        "60",
+        "--train-check-s",
+        "2",
+        "--min-answered-rate",
+        "0",
+        *TINY_TRAINING,
+    )
     with run_app(tiny_lm_dir, data, extra=extra) as app:
         result = drive(app.url, users=20, seconds=180, server_pid=app.proc.pid)
         log = app.log_tail(3000)
