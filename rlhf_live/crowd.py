@@ -73,33 +73,52 @@ def shares(sources: Sequence[str], weights: Sequence[float]) -> dict[str, float]
     return out
 
 
-PROB_CLIP = 0.05
-"""A vote's probability under the others is clipped to [0.05, 0.95]: one vote moves the evidence by at most log(19)."""
-
-
 @dataclass(frozen=True)
 class Evidence:
-    """How a source's votes sit with everyone else's: its votes and the log odds that it votes against them."""
+    """How a source's votes sit with everyone else's: its votes, how many the others agree with, the log odds."""
 
     votes: int
-    log_odds: float
-    """sum over its votes of log((1 - p) / p), p = the others' probability of the vote as cast: > 0 leans contrarian."""
     agree: float
-    """Mean p: the share of its votes the others' model would have cast the same way (0.5 when it cannot tell)."""
+    """Share of its votes the others' model casts the same way (a vote at exactly 0.5 counts half)."""
+    log_odds: float
+    """log P(its votes | it votes against the others) - log P(its votes | it votes as a typical source): > 0 leans
+    contrarian."""
 
 
-def evidence(probs: Sequence[float]) -> Evidence:
-    """The evidence of one source's votes, from each vote's probability under a model fitted without that source.
+def agreement(probs: Sequence[float]) -> float:
+    """Share of votes a model fitted without their source casts the same way (each p is the vote's probability)."""
+    return sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in probs) / len(probs) if probs else 0.5
 
-    A sequential probability-ratio test (Wald 1945) between "votes as the others would" (each vote has probability p)
-    and "votes the opposite" (1 - p): Chatbot Arena's malicious-user test scores votes the same way, as each vote's
-    likelihood under the other voters' model (Chiang et al. 2024, arXiv 2403.04132, section 5.1).
+
+def typical_agreement(probs_by_source: dict[str, Sequence[float]], min_votes: int = 2) -> float:
+    """How often the others' model agrees with a typical source: the median over sources with `min_votes` votes.
+
+    The median, not the pooled rate: a contrarian casting half of all votes still is one source of several.
+    Clamped to [0.5, 0.95]: a model no better than chance can accuse nobody, and no agreement is ever certain.
     """
-    clipped = [min(max(float(p), PROB_CLIP), 1 - PROB_CLIP) for p in probs]
-    log_odds = sum(math.log((1 - p) / p) for p in clipped)
-    return Evidence(len(clipped), log_odds, sum(clipped) / len(clipped) if clipped else 0.5)
+    rates = sorted(agreement(p) for p in probs_by_source.values() if len(p) >= min_votes)
+    if not rates:
+        return 0.5
+    mid = len(rates) // 2
+    median = rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+    return min(max(median, 0.5), 0.95)
+
+
+def evidence(probs: Sequence[float], typical: float) -> Evidence:
+    """A source's evidence: its votes as a sequential probability-ratio test (Wald 1945) between "agrees with the
+    others' model as often as a typical source" (`typical`) and "as often as its mirror image" (1 - typical).
+
+    The test counts agreements instead of multiplying the model's own probabilities: measured on the real model, a
+    probe fitted on ~60 votes was confidently wrong often enough that honest voters scored as contrarians
+    (bench/RESULTS.md, Crowd). Chatbot Arena's malicious-user test also scores each vote under the other voters'
+    model (Chiang et al. 2024, arXiv 2403.04132, section 5.1).
+    """
+    n, agree = len(probs), agreement(probs)
+    typical = min(max(typical, 0.5), 0.95)
+    log_odds = n * (1 - 2 * agree) * math.log(typical / (1 - typical))  # (disagreements - agreements) * log-ratio
+    return Evidence(n, agree, log_odds)
 
 
 def is_contrarian(ev: Evidence, min_votes: int, odds: float) -> bool:
-    """Flag a source once it has `min_votes` votes and contrarian is `odds` times likelier than agreeing."""
+    """Flag a source once it has `min_votes` votes and contrarian is `odds` times likelier than typical."""
     return ev.votes >= min_votes and ev.log_odds >= math.log(odds)

@@ -258,8 +258,11 @@ class ProbeRewardModel(RewardModel):
         ]
         return sum(right) / len(right) if right else None
 
-    def held_out_probs(self, pairs=(), ties=(), pointwise=(), min_votes: int = 1) -> dict[str, list[float]]:
-        """Per source with `min_votes` A/B choices and thumbs: each vote's probability under a head fitted without it.
+    def held_out_probs(
+        self, pairs=(), ties=(), pointwise=(), min_votes: int = 1, most: int | None = None
+    ) -> dict[str, list[float]]:
+        """Per source with `min_votes` A/B choices and thumbs (the `most` largest): each vote's probability under a
+        head fitted without that source.
 
         The leave-one-source-out consensus of crowd.evidence: the features are the fitted model's (cached), the head
         is refitted per source on everyone else's weighted votes. Call after `fit` (it reuses its standardisation).
@@ -273,7 +276,8 @@ class ProbeRewardModel(RewardModel):
         for i, e in enumerate(examples):
             if e.source and e.kind in (PAIR, POINT):
                 votes.setdefault(e.source, []).append(i)
-        tested = {s: ix for s, ix in votes.items() if len(ix) >= min_votes}
+        tested = dict(sorted(((s, ix) for s, ix in votes.items() if len(ix) >= min_votes), key=lambda kv: -len(kv[1])))
+        tested = dict(list(tested.items())[:most]) if most is not None else tested
         if not tested:
             return {}
         x = self._standardised(

@@ -192,6 +192,7 @@ def train_round(
             weighted = _weigh(cfg, zeroed, pairs, ties, pointwise)
             reward_model = _fit_reward(r, *weighted)
         _crowd_metrics(r, "reward", [row for rows in weighted for row in rows], zeroed)
+        _enough_sources(cfg, r.metrics["crowd/reward_sources"], len(zeroed))
     # 2. The learner on a training copy of the live policy; the reference is the same model, adapter disabled.
     if cfg.learner == "ppo":
         save = _ppo(r, reward_model)
@@ -202,6 +203,7 @@ def train_round(
             new_labels = []  # DPO and rm-dpo learn from A/B choices only
         new_pairs, new_labels = _weigh(cfg, zeroed, new_pairs, new_labels)
         _crowd_metrics(r, cfg.learner, new_pairs + new_labels, zeroed)
+        _enough_sources(cfg, r.metrics[f"crowd/{cfg.learner}_sources"], len(zeroed))
         if reward_model is None:  # rm-dpo's reward model saw every vote; DPO and KTO only those after `since`
             r.metrics["votes_since"] = since
         save = _direct(r, new_pairs, new_labels, reward_model, seed=cfg.seed + watermark)
@@ -254,18 +256,31 @@ def _flag_contrarians(
     if not cfg.public or not isinstance(reward_model, ProbeRewardModel):
         return frozenset()  # the LoRA reward model would need a fit per source: only the probe runs the test
     r.say("fitting reward model", "testing each source against everyone else's votes")
-    probs = reward_model.held_out_probs(*weighted, min_votes=cfg.flag_min_votes)
-    flagged = set()
-    for source, p in probs.items():
-        ev = crowd.evidence(p)
+    # Every source with 2+ votes tells how well the others' model predicts a typical source; at most 64 of them (the
+    # largest, so every source big enough to flag is among them) keep the test to seconds on a busy Space.
+    probs = reward_model.held_out_probs(*weighted, min_votes=2, most=64)
+    typical = crowd.typical_agreement(probs)
+    flagged, tested = set(), {s: crowd.evidence(p, typical) for s, p in probs.items() if len(p) >= cfg.flag_min_votes}
+    for source, ev in tested.items():
         if statuses.get(source) != "cleared" and crowd.is_contrarian(ev, cfg.flag_min_votes, cfg.flag_odds):
             store.flag_source(source, votes=ev.votes, log_odds=ev.log_odds, agree=ev.agree, at_vote=watermark)
             flagged.add(source)
-    r.metrics.update({"crowd/tested": len(probs), "crowd/flagged": len(flagged)})
-    if probs:
-        r.metrics["crowd/max_log_odds"] = max(crowd.evidence(p).log_odds for p in probs.values())
+    r.metrics.update({"crowd/tested": len(tested), "crowd/flagged": len(flagged), "crowd/typical_agreement": typical})
+    if tested:
+        r.metrics["crowd/max_log_odds"] = max(ev.log_odds for ev in tested.values())
     r.mark("crowd_test")
     return frozenset(flagged)
+
+
+def _enough_sources(cfg: Config, sources: int, left_out: int) -> None:
+    """On --public, refuse a round whose votes come from too few sources for the share cap to hold."""
+    need = crowd.sources_needed(cfg.min_round_sources, cfg.max_source_share)
+    if cfg.public and sources < need:
+        raise RewardDataError(
+            f"The votes this round would learn from come from {sources} source{'s' if sources != 1 else ''} "
+            f"({left_out} flagged or banned left out); a round needs {need}, so that none carries more than "
+            f"{cfg.max_source_share:.0%}. It waits for more people to vote."
+        )
 
 
 def _crowd_metrics(r: _Round, what: str, rows: list[dict], zeroed: frozenset[str]) -> None:

@@ -41,14 +41,20 @@ def test_no_source_carries_more_than_its_share_and_its_votes_are_down_weighted_n
         crowd.capped_weights(["a"], 0.0)
 
 
-def test_evidence_leans_contrarian_only_for_votes_against_the_others():
-    honest = crowd.evidence([0.8] * 16 + [0.2] * 4)  # 20% of its votes disagree with the others
-    contrarian = crowd.evidence([0.2] * 8)
-    assert honest.log_odds < 0 and not crowd.is_contrarian(honest, 8, 100)
-    assert contrarian.log_odds == pytest.approx(8 * math.log(4)) and crowd.is_contrarian(contrarian, 8, 100)
-    assert not crowd.is_contrarian(crowd.evidence([0.2] * 7), 8, 100)  # too few votes to flag
-    # One overconfident probability moves the evidence by at most log(19).
-    assert crowd.evidence([1e-9]).log_odds == pytest.approx(math.log(19))
+def test_evidence_counts_disagreements_against_how_often_the_others_agree_with_a_typical_source():
+    # The others' model agrees with typical sources 80% of the time; one source it agrees with 20% of the time.
+    probs = {f"honest{i}": [0.9] * 8 + [0.1] * 2 for i in range(4)} | {"contrarian": [0.9] * 2 + [0.1] * 8}
+    typical = crowd.typical_agreement(probs)
+    assert typical == 0.8  # the median source, not the pooled votes
+    contrarian, honest = crowd.evidence(probs["contrarian"], typical), crowd.evidence(probs["honest0"], typical)
+    assert contrarian.agree == 0.2 and contrarian.log_odds == pytest.approx(6 * math.log(4))
+    assert crowd.is_contrarian(contrarian, 8, 100) and not crowd.is_contrarian(honest, 8, 100) and honest.log_odds < 0
+    assert not crowd.is_contrarian(crowd.evidence([0.1] * 7, typical), 8, 100)  # too few votes to flag
+    # Confidence is not evidence: an honest source the model is sure it gets wrong twice is still typical.
+    assert crowd.evidence([0.99] * 8 + [1e-6] * 2, typical).log_odds < 0
+    # A model no better than chance at predicting people accuses nobody, however its votes fall.
+    chance = {f"s{i}": [0.9, 0.1] * 5 for i in range(5)}
+    assert crowd.typical_agreement(chance) == 0.5 and crowd.evidence([0.1] * 20, 0.5).log_odds == 0
 
 
 def test_the_trainer_weighs_votes_only_on_public_deployments(tiny_cfg):
@@ -111,7 +117,11 @@ def test_a_contrarian_source_is_flagged_and_honest_ones_are_not(tiny_cfg):
 
     r = _Round(cfg, None, random.Random(0), [], None, lambda *a: None, lambda: None)
     assert _flag_contrarians(r, store, probe, weighted, {}, store.watermark()) == {"attacker"}
-    assert r.metrics["crowd/tested"] == 4 and r.metrics["crowd/flagged"] == 1
+    assert (
+        r.metrics["crowd/tested"] == 4
+        and r.metrics["crowd/flagged"] == 1
+        and r.metrics["crowd/typical_agreement"] > 0.5
+    )
     row = store.source_rows()[0]
     assert (row["source"], row["status"], row["votes"]) == ("attacker", "flagged", 12) and row["log_odds"] > 0
     assert store.sources_between(0, store.watermark()) == 3  # a flagged source no longer counts towards a round
@@ -170,3 +180,14 @@ def test_the_training_tab_shows_sources_per_version_and_what_was_left_out():
     assert "1 source flagged for voting against everyone else (until an admin clears it), 0 banned" in status_text(
         status, 0.0
     )
+
+
+def test_a_public_round_with_too_few_sources_left_after_flagging_is_refused_with_a_sentence(tiny_cfg):
+    from rlhf_live.reward import RewardDataError
+    from rlhf_live.trainer import _enough_sources
+
+    cfg = replace(tiny_cfg, public=True)
+    _enough_sources(cfg, 4, 0)
+    _enough_sources(replace(cfg, public=False), 1, 0)  # a laptop trains as before
+    with pytest.raises(RewardDataError, match=r"come from 3 sources \(2 flagged or banned left out\); a round needs 4"):
+        _enough_sources(cfg, 3, 2)
