@@ -1,6 +1,6 @@
 """Each source's influence on a round: the cap on its share of training weight, the evidence that it votes against all.
 
-Knows sources as opaque strings and votes as numbers (a weight, the others' probability of the vote as cast); knows
+Knows sources as opaque strings and votes as numbers (a weight, the probability the others' model gives it); knows
 no SQL, no tensors and no model: the store says who voted, the reward model says how likely each vote was.
 """
 
@@ -16,11 +16,9 @@ UNKNOWN = ""
 
 
 def capped_weights(sources: Sequence[str], max_share: float, zeroed: frozenset[str] = frozenset()) -> list[float]:
-    """A weight per vote (mean 1 over the weighted ones) such that no source holds more than `max_share` of the total.
-
-    A source over the cap keeps all its votes at a lower weight each (down-weighted, not dropped); sources in `zeroed`
-    (flagged or banned) weigh 0. With too few sources for the cap (n * max_share < 1) every source gets an equal share.
-    """
+    """A weight per vote (mean 1 over those kept) so that no source holds more than `max_share` of the total."""
+    # A source over the cap keeps all its votes at a lower weight each (down-weighted, not dropped); sources in
+    # `zeroed` (flagged or banned) weigh 0; with too few sources for the cap every source gets an equal share.
     if not 0 < max_share <= 1:
         raise ValueError(f"max_share must be in (0, 1], not {max_share}")
     counts = Counter(s for s in sources if s not in zeroed)
@@ -34,11 +32,9 @@ def capped_weights(sources: Sequence[str], max_share: float, zeroed: frozenset[s
 
 
 def _level(people: list[int], free: int, max_share: float) -> float:
-    """The most weight one source may carry: the largest L <= max_share * (free + sum of min(n, L)) (water-filling).
-
-    `people` is each source's vote count, largest first. The k largest sources are cut to L and the rest keep their
-    count; the first k (from 0) whose L falls between the two groups is the least cut.
-    """
+    """The most weight one source may carry: the largest L <= max_share * (free + sum of min(n, L)) (water-filling)."""
+    # `people` is each source's vote count, largest first. The k largest are cut to L, the rest keep their count;
+    # the first k (from 0) whose L falls between the two groups is the least cut.
     if not people:
         return math.inf
     for k in range(len(people) + 1):
@@ -91,11 +87,9 @@ def agreement(probs: Sequence[float]) -> float:
 
 
 def typical_agreement(probs_by_source: dict[str, Sequence[float]], min_votes: int = 2) -> float:
-    """How often the others' model agrees with a typical source: the median over sources with `min_votes` votes.
-
-    The median, not the pooled rate: a contrarian casting half of all votes still is one source of several.
-    Clamped to [0.5, 0.95]: a model no better than chance can accuse nobody, and no agreement is ever certain.
-    """
+    """How often the others' model agrees with a typical source: the median over sources with `min_votes` votes."""
+    # The median, not the pooled rate: a contrarian casting half of all votes still is one source of several.
+    # Clamped to [0.5, 0.95]: a model no better than chance can accuse nobody, and no agreement is ever certain.
     rates = sorted(agreement(p) for p in probs_by_source.values() if len(p) >= min_votes)
     if not rates:
         return 0.5
@@ -105,14 +99,12 @@ def typical_agreement(probs_by_source: dict[str, Sequence[float]], min_votes: in
 
 
 def evidence(probs: Sequence[float], typical: float) -> Evidence:
-    """A source's evidence: its votes as a sequential probability-ratio test (Wald 1945) between "agrees with the
-    others' model as often as a typical source" (`typical`) and "as often as its mirror image" (1 - typical).
-
-    The test counts agreements instead of multiplying the model's own probabilities: measured on the real model, a
-    probe fitted on ~60 votes was confidently wrong often enough that honest voters scored as contrarians
-    (bench/RESULTS.md, Crowd). Chatbot Arena's malicious-user test also scores each vote under the other voters'
-    model (Chiang et al. 2024, arXiv 2403.04132, section 5.1).
-    """
+    """A source's votes as a sequential probability-ratio test: agrees as often as a typical source, or its mirror."""
+    # Wald 1945: "agrees with the others' model as often as a typical source" (`typical`) vs "as often as its mirror
+    # image" (1 - typical). It counts agreements instead of multiplying the model's own probabilities: on the real
+    # model, a probe fitted on ~60 votes was confidently wrong often enough that honest voters scored as contrarians
+    # (bench/RESULTS.md, Crowd). Chatbot Arena's malicious-user test also scores each vote under the other voters'
+    # model (Chiang et al. 2024, arXiv 2403.04132, section 5.1).
     n, agree = len(probs), agreement(probs)
     typical = min(max(typical, 0.5), 0.95)
     log_odds = n * (1 - 2 * agree) * math.log(typical / (1 - typical))  # (disagreements - agreements) * log-ratio
