@@ -259,15 +259,16 @@ class ProbeRewardModel(RewardModel):
         return sum(right) / len(right) if right else None
 
     def held_out_probs(
-        self, pairs=(), ties=(), pointwise=(), min_votes: int = 1, most: int | None = None
+        self, pairs=(), ties=(), pointwise=(), min_votes: int = 1, most: int | None = None, without=frozenset()
     ) -> dict[str, list[float]]:
         """Per source with `min_votes` A/B choices and thumbs (the `most` largest): each vote's probability under a
-        head fitted without that source.
+        head fitted without that source (nor the sources in `without`, which are left out of every fit).
 
         The leave-one-source-out consensus of crowd.evidence: the features are the fitted model's (cached), the head
         is refitted per source on everyone else's weighted votes. Call after `fit` (it reuses its standardisation).
         """
         examples, _ = _collect(list(pairs or ()), list(ties or ()), list(pointwise or ()))
+        examples = [e for e in examples if e.source not in without]
         index, pos = [], 0
         for e in examples:
             index.append(list(range(pos, pos + len(e.answers))))
