@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import random
 import shutil
 import sqlite3
@@ -72,14 +73,8 @@ class Voter:
     """One simulated person: an address, a rater, whether it votes against the rater, and its session habits."""
 
     def __init__(self, name: str, address: str, rater, *, contrary=False, fresh=False, flip=0.0, seed=0):
-        self.name, self.address, self.rater, self.contrary, self.fresh, self.flip = (
-            name,
-            address,
-            rater,
-            contrary,
-            fresh,
-            flip,
-        )
+        self.name, self.address, self.rater = name, address, rater
+        self.contrary, self.fresh, self.flip = contrary, fresh, flip
         self.session, self.rng = uuid.uuid4().hex, random.Random(seed)
         self.cast, self.refused, self.errors = 0, 0, []
 
@@ -139,7 +134,7 @@ def start_app(data_dir: Path, port: int, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "app.py"), "--public", "--data-dir", str(data_dir), "--port", str(port), *extra]
     log = open(data_dir.parent / f"app-{port}.log", "wb")  # noqa: SIM115 (lives as long as the app)
     env = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**__import__("os").environ, **env}, stdout=log, stderr=log)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}/"
     for _ in range(900):
         if proc.poll() is not None:

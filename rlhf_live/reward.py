@@ -175,7 +175,7 @@ def _weight_of(item, index: int, what: str) -> float:
 
 def _group_of(item, messages: list[dict]) -> str:
     """Held-out unit: the conversation id when known, else the first user message (turns of one chat stay together)."""
-    cid = item.get("conversation_id") if isinstance(item, dict) else getattr(item, "conversation_id", None)
+    cid = _field(item, "conversation_id")
     if cid is None and not isinstance(item, dict):
         cid = (getattr(item, "meta", None) or {}).get("conversation_id")
     if cid not in (None, ""):

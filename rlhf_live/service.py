@@ -524,6 +524,7 @@ class Service:
         rounds = [r for r in stats["last_runs"] if r["kind"] == "round" and r["status"] != "running"]
         done = [r for r in rounds if r["status"] == "ok" and "seconds/round" in (r.get("metrics") or {})]
         elsewhere = [r for r in self.store.running_runs() if r["kind"] == "round"]
+        flags = self.store.source_statuses().values()
         return {
             "live_version": live,
             "live_since": self._live_since(live, versions, stats["last_runs"]),
@@ -544,8 +545,8 @@ class Service:
             if self.cfg.public
             else 0,
             # Counts only, no ids: sources the contrarian test flagged, and those an admin banned (weight 0).
-            "sources_flagged": sum(s == "flagged" for s in self.store.source_statuses().values()),
-            "sources_banned": sum(s == "banned" for s in self.store.source_statuses().values()),
+            "sources_flagged": list(flags).count("flagged"),
+            "sources_banned": list(flags).count("banned"),
             "counts": stats["counts"],
             "votes": stats["votes"],
             "choices": stats["choices"],
