@@ -282,11 +282,15 @@ class LlamaCppEngine:
         request |= {"cache_prompt": False, **({"lora": lora} if lora else {})}
         replies: queue.Queue = queue.Queue()
         server.request(server.new_id(), request, replies.put)
+        first = None
         while "done" not in (m := replies.get()):
             if "error" in m:
                 raise EngineError(f"llama.cpp failed: {m['error']}")
-            reply = m["reply"]
-        first = reply["choices"][0]["logprobs"]["content"][0]
+            # A reply can arrive in parts, and only the part with the token carries its log-probs.
+            content = ((m["reply"].get("choices") or [{}])[0].get("logprobs") or {}).get("content")
+            first = first or (content[0] if content else None)
+        if first is None:
+            raise EngineError("llama.cpp sent no log-probs for the next token")
         if penalty is not None:
             return {t["id"]: math.log(t["prob"]) for t in first["top_probs"] if t["prob"] > 0}
         return {t["id"]: t["logprob"] for t in first["top_logprobs"]}
