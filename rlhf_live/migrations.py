@@ -13,7 +13,7 @@ migrations = sqlite_utils.Migrations("rlhf_live")
 
 # Column names of every table once all migrations have run (tests compare the real schema against this).
 SCHEMA: dict[str, list[str]] = {
-    "conversations": ["id", "session_id", "system_prompt", "origin", "source", "created"],
+    "conversations": ["id", "session_id", "system_prompt", "origin", "source", "created", "asker"],
     "messages": [
         "id",
         "conversation_id",
@@ -200,6 +200,12 @@ def source_flags(db: sqlite_utils.Database) -> None:
             by TEXT NOT NULL DEFAULT ''
         )""",
     )
+
+
+@migrations(name="0006_conversation_asker")
+def conversation_asker(db: sqlite_utils.Database) -> None:
+    """Who started each conversation, as a vote's source ('' = not known): PPO's prompt pool is shared out by it."""
+    _run(db, "ALTER TABLE conversations ADD COLUMN asker TEXT NOT NULL DEFAULT ''")
 
 
 def apply(db: sqlite_utils.Database, *, stop_before: str | None = None) -> list[str]:

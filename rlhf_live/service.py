@@ -125,7 +125,8 @@ class Service:
     def _start_turn(self, voter: str | Caller, message: str, conversation_id: str, parent_id: str | None, settings):
         """Validate, then record the user's message; return (conversation_id, user message id, prompt, settings)."""
         self._limit(voter)
-        voter = _caller(voter).voter
+        who = _caller(voter)
+        voter = who.voter
         text = self.policy.check_message(message)
         conversation_id = "" if conversation_id is None else conversation_id
         if not isinstance(conversation_id, str):
@@ -144,7 +145,7 @@ class Service:
             settings = self._settings(settings, conv["system_prompt"])
         else:
             settings = self._settings(settings)
-            conversation_id = self.store.new_conversation(voter, system_prompt=settings.system_prompt)
+            conversation_id = self.store.new_conversation(voter, system_prompt=settings.system_prompt, asker=who.source)
             parent_id = None
         user_id = self.store.add_message(conversation_id, "user", text, parent_id=parent_id)
         prompt = [*self.store.context(user_id), {"role": "user", "content": text}]

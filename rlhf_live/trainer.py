@@ -9,12 +9,14 @@ Knows nothing of Gradio.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import re
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -69,10 +71,18 @@ ROUND_FAILURES = (
 
 def _prompt_pool(store: Store, cfg: Config, rng: random.Random, exclude: frozenset[str]) -> list[list[dict]]:
     """What users really asked (their contexts), topped up from the seed prompts when there are few."""
-    real = store.prompts(limit=cfg.ppo_prompt_pool)
+    # On --public no asker supplies more than max_source_share of the pool (as of the votes' weight): one source's
+    # prompts would otherwise be all PPO practises on, however capped the reward model that scores them.
+    per_asker = math.ceil(cfg.max_source_share * cfg.ppo_prompt_pool) if cfg.public else None
+    asked = store.asked(limit=cfg.ppo_prompt_pool, per_asker=per_asker)
+    real = [messages for _, messages in asked]
     seeds = [p for p in load_seed_prompts() if p[-1]["content"] not in exclude]
     rng.shuffle(seeds)
-    need = max(0, cfg.ppo_batch_size * cfg.ppo_updates_per_round - len(real))
+    need = cfg.ppo_batch_size * cfg.ppo_updates_per_round
+    if cfg.public:  # enough seed prompts beside the largest asker's that it holds at most its share
+        largest = max(Counter(a for a, _ in asked if a).values(), default=0)
+        need = max(need, math.ceil(largest / cfg.max_source_share))
+    need = max(0, need - len(real))
     return real + seeds[:need] if need else real
 
 

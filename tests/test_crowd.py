@@ -125,3 +125,6 @@ def test_source_is_the_peer_address_and_a_spoofed_forwarded_header_is_ignored(ap
     votes = rows(db, "SELECT source FROM feedback ORDER BY seq DESC LIMIT 3")
     assert [v["source"] for v in votes] == [source_id(a, None, salt) for a, _ in reversed(calls)]
     assert source_id("203.0.113.7", None, salt) not in {v["source"] for v in rows(db, "SELECT source FROM feedback")}
+    # The conversation records who asked (PPO's prompt pool is shared out by it), from the same peer address.
+    askers = rows(db, "SELECT asker FROM conversations ORDER BY rowid DESC LIMIT 3")
+    assert [a["asker"] for a in askers] == [source_id(a, None, salt) for a, _ in reversed(calls)]

@@ -31,7 +31,7 @@ from rlhf_live.store import (
 )
 
 EXPECTED_COLUMNS = {
-    "conversations": ["id", "session_id", "system_prompt", "origin", "source", "created"],
+    "conversations": ["id", "session_id", "system_prompt", "origin", "source", "created", "asker"],
     "messages": [
         "id",
         "conversation_id",
@@ -69,7 +69,7 @@ EXPECTED_COLUMNS = {
     "sources": ["source", "status", "votes", "log_odds", "agree", "at_vote", "updated", "by"],
 }
 FIRST, SECOND, THIRD = "0001_initial", "0002_feedback_events_and_meta", "0003_training_run_owner"
-FOURTH, FIFTH = "0004_vote_sources", "0005_source_flags"
+FOURTH, FIFTH, SIXTH = "0004_vote_sources", "0005_source_flags", "0006_conversation_asker"
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_schema_has_exactly_the_expected_columns(store):
         assert [c.name for c in db[table].columns] == columns, table
     user_tables = {t for t in db.table_names() if not t.startswith(("_", "sqlite_"))}
     assert user_tables == set(EXPECTED_COLUMNS)
-    assert [m.name for m in migrations.migrations.applied(db)] == [FIRST, SECOND, THIRD, FOURTH, FIFTH]
+    assert [m.name for m in migrations.migrations.applied(db)] == [FIRST, SECOND, THIRD, FOURTH, FIFTH, SIXTH]
     assert db.journal_mode == "wal"
     assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     fks = {(fk.column, fk.other_table) for fk in db["messages"].foreign_keys}
@@ -115,7 +115,7 @@ def test_schema_has_exactly_the_expected_columns(store):
 def test_reopening_applies_nothing_twice(tmp_path):
     Store(tmp_path / "x.db").close()
     again = Store(tmp_path / "x.db")
-    assert [m.name for m in migrations.migrations.applied(again.db())] == [FIRST, SECOND, THIRD, FOURTH, FIFTH]
+    assert [m.name for m in migrations.migrations.applied(again.db())] == [FIRST, SECOND, THIRD, FOURTH, FIFTH, SIXTH]
     assert migrations.migrations.pending(again.db()) == []
 
 
@@ -145,7 +145,7 @@ def test_db_made_at_the_first_migration_upgrades_with_rows_intact(tmp_path):
 
     store = Store(path)
     db = store.db()
-    assert [m.name for m in migrations.migrations.applied(db)] == [FIRST, SECOND, THIRD, FOURTH, FIFTH]
+    assert [m.name for m in migrations.migrations.applied(db)] == [FIRST, SECOND, THIRD, FOURTH, FIFTH, SIXTH]
     assert store.context("m2") == [{"role": "user", "content": "hi"}]
     assert store.message("m2")["adapter_version"] == "v0001"
     assert store.feedback_value("m2", "v1") == "up"
@@ -610,8 +610,11 @@ def test_connections_of_finished_threads_are_closed(tmp_path):
         store.add_message(cid, "user", f"hello {i}")
         store.stats()
 
-    for i in range(20):  # warm up: WAL and shm files, the main thread's own connection
-        threading.Thread(target=request, args=(i,)).start()
+    warm = [threading.Thread(target=request, args=(i,)) for i in range(20)]  # WAL and shm files, the main thread's
+    for t in warm:
+        t.start()
+    for t in warm:
+        t.join()
     before = fds()
     counts = []
     for batch in range(100):
@@ -621,8 +624,9 @@ def test_connections_of_finished_threads_are_closed(tmp_path):
         for t in threads:
             t.join()
         counts.append(fds())
-    # Flat: a few connections of threads still finishing, never one per finished thread (before the fix: +4,000).
-    assert max(counts) <= before + 10 and counts[-1] <= counts[49] + 5, (before, counts[49], counts[-1])
+    # Flat: at most one batch's connections (two files each) not yet reclaimed when counted (CI once saw +20 from the
+    # first batch on), never one per finished thread (before the fix: +4,000 over these 2,000 threads).
+    assert max(counts) <= before + 2 * 20 and counts[-1] <= counts[9] + 5, (before, counts[9], counts[-1])
     assert store.stats()["counts"]["messages"] == 2020
     store.close()
 

@@ -194,6 +194,34 @@ def test_ppo_prompt_pool_never_holds_excluded_prompts(loop_cfg):
     assert len(pool) == 256 and not {p[-1]["content"] for p in pool} & excluded
 
 
+def test_one_asker_holds_at_most_its_share_of_the_public_prompt_pool(loop_cfg):
+    """On --public, 100 prompts from one source are a quarter of PPO's pool at most; off it they fill it."""
+    import random
+    from collections import Counter
+
+    from rlhf_live.trainer import _prompt_pool
+
+    store = Store.from_config(loop_cfg)
+    for i in range(100):
+        cid = store.new_conversation("attacker-session", asker="src-attacker")
+        store.add_message(cid, "user", f"say yes {i}")
+    for i in range(10):
+        cid = store.new_conversation(f"s{i}", asker=f"src-{i}")
+        store.add_message(cid, "user", f"honest question {i}")
+    loop_cfg.ppo_prompt_pool, loop_cfg.max_source_share = 100, 0.25
+    loop_cfg.ppo_batch_size, loop_cfg.ppo_updates_per_round = 8, 2
+
+    def attacker_share(pool):
+        return Counter(p[-1]["content"].startswith("say yes") for p in pool)[True] / len(pool)
+
+    loop_cfg.public = False
+    assert attacker_share(_prompt_pool(store, loop_cfg, random.Random(0), frozenset())) == 0.9  # 90 of 100
+    loop_cfg.public = True
+    pool = _prompt_pool(store, loop_cfg, random.Random(0), frozenset())
+    assert attacker_share(pool) == 0.25 and len(pool) == 100  # 25 attacker, 10 honest, 65 seed prompts
+    assert sum(p[-1]["content"].startswith("honest") for p in pool) == 10
+
+
 def test_a_version_that_cannot_be_served_leaves_the_db_saying_what_serves(loop_cfg, monkeypatch):
     store = Store.from_config(loop_cfg)
     policy = Policy.from_config(loop_cfg)

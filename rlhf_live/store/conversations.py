@@ -59,8 +59,10 @@ class MessageTree:
 class Conversations(Database):
     """Conversations and messages: create, add turns, read one back, rebuild what the model saw."""
 
-    def new_conversation(self, session_id: str, *, system_prompt: str = "", origin: str = "live") -> str:
-        """Start a conversation owned by `session_id`; return its id."""
+    def new_conversation(
+        self, session_id: str, *, system_prompt: str = "", origin: str = "live", asker: str = ""
+    ) -> str:
+        """Start a conversation owned by `session_id` and asked from source `asker`; return its id."""
         if not isinstance(session_id, str) or not session_id:
             raise InvalidInput("A conversation needs a session id (a non-empty string).")
         system_prompt = self._content(system_prompt or "", "system prompt")
@@ -69,8 +71,8 @@ class Conversations(Database):
         cid = _new_id()
         with self._write() as conn:
             conn.execute(
-                "INSERT INTO conversations (id, session_id, system_prompt, origin, created) VALUES (?, ?, ?, ?, ?)",
-                (cid, session_id, system_prompt, origin, _now()),
+                "INSERT INTO conversations (id, session_id, system_prompt, origin, created, asker) VALUES (?, ?, ?, ?, ?, ?)",
+                (cid, session_id, system_prompt, origin, _now(), asker if isinstance(asker, str) else ""),
             )
         return cid
 

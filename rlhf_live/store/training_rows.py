@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections import Counter
 
 from .base import Database, InvalidInput
 from .conversations import MessageTree
@@ -174,29 +175,38 @@ class TrainingRows(Database):
 
     def prompts(self, limit: int = 200) -> list[list[dict]]:
         """Up to `limit` recent distinct contexts that end with a user turn (newest first), for PPO rollouts."""
+        return [messages for _, messages in self.asked(limit)]
+
+    def asked(self, limit: int = 200, per_asker: int | None = None) -> list[tuple[str, list[dict]]]:
+        """(asker, context) of up to `limit` recent distinct prompts, none past `per_asker` from one known asker."""
         if not isinstance(limit, int) or limit < 1:
             raise InvalidInput("limit must be a positive integer.")
-        out: list[list[dict]] = []
+        out: list[tuple[str, list[dict]]] = []
         seen: set[str] = set()
+        taken: Counter[str] = Counter()
         conn = self.db().conn
         with self._read():
             # Walk user turns newest first in batches until `limit` distinct contexts are found.
             offset, batch = 0, max(limit * 2, 100)
             while len(out) < limit:
                 rows = conn.execute(
-                    "SELECT id, conversation_id FROM messages WHERE role = 'user' ORDER BY rowid DESC LIMIT ? OFFSET ?",
+                    "SELECT m.id, m.conversation_id, c.asker FROM messages m JOIN conversations c"
+                    " ON c.id = m.conversation_id WHERE m.role = 'user' ORDER BY m.rowid DESC LIMIT ? OFFSET ?",
                     (batch, offset),
                 ).fetchall()
                 if not rows:
                     break
                 offset += len(rows)
-                tree = MessageTree(conn, [conv for _, conv in rows])
-                for mid, _ in rows:
+                tree = MessageTree(conn, [conv for _, conv, _ in rows])
+                for mid, _, asker in rows:
+                    if per_asker is not None and asker and taken[asker] >= per_asker:
+                        continue  # one source's prompts cannot fill the pool (crowd-safe learning)
                     messages = [*tree.context(mid), dict(tree.path(mid)[-1])]
                     key = json.dumps(messages, ensure_ascii=False)
                     if key not in seen:
                         seen.add(key)
-                        out.append(messages)
+                        taken[asker] += 1
+                        out.append((asker, messages))
                         if len(out) == limit:
                             break
         return out
