@@ -71,7 +71,8 @@ class Conversations(Database):
         cid = _new_id()
         with self._write() as conn:
             conn.execute(
-                "INSERT INTO conversations (id, session_id, system_prompt, origin, created, asker) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO conversations (id, session_id, system_prompt, origin, created, asker)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
                 (cid, session_id, system_prompt, origin, _now(), asker if isinstance(asker, str) else ""),
             )
         return cid
