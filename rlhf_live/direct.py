@@ -21,6 +21,7 @@ import torch
 from transformers import PrinterCallback, TrainerCallback
 
 from .config import Config
+from .model.prompt import render, training_budget
 
 LEARNERS = ("ppo", "dpo", "kto", "rm-dpo")
 """What Config.learner may name: `ppo` (reward model + PPO, ppo.py) or one of the direct learners here; `rm-dpo` is
@@ -31,20 +32,9 @@ class DirectDivergence(RuntimeError):
     """A DPO/KTO round produced NaN/inf loss or weights; the trained copy is thrown away, serving is untouched."""
 
 
-def _context(cfg: Config, prompt: list[dict], tokenizer) -> list[dict]:
-    """The serving system prompt + the conversation, oldest turns dropped to fit ppo_max_prompt_tokens."""
-    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    turns = [m for m in prompt if m["role"] != "system"]
-
-    def length(ts: list[dict]) -> int:
-        ids = tokenizer.apply_chat_template(system + ts, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return len(ids)
-
-    while len(turns) > 1 and length(turns) > cfg.ppo_max_prompt_tokens:
-        turns = turns[1:]
-        while len(turns) > 1 and turns[0]["role"] != "user":
-            turns = turns[1:]
-    return system + turns
+def _context(cfg: Config, messages: list[dict], tokenizer) -> list[dict]:
+    """The messages serving answered from (their own system prompt), cut as the one renderer cuts them."""
+    return render(tokenizer, messages, training_budget(cfg)).messages
 
 
 def dpo_examples(cfg: Config, tokenizer, pairs: list[dict]) -> list[dict]:

@@ -23,6 +23,7 @@ from . import engine as llama
 from .adapters import AdapterError, check_folder
 from .config import Config
 from .gguf_export import cached_lora_gguf, cached_merged_gguf, cached_model_gguf, prune_cache
+from .model.prompt import prompt_budget, render, with_system
 from .models import load_base, prepare_cpu_4bit, source_gguf
 from .sampling import LoopStop, generate_kwargs, loop_cut, penalize_positions
 
@@ -388,40 +389,17 @@ class Policy:
             )
         return text.strip()
 
-    def _template(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-
     def build_prompt(self, messages: list[dict], settings: GenerationSettings) -> tuple[list[int], int]:
         """Token ids of system + newest turns that fit the context with room for the answer; (ids, turns dropped)."""
-        system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
         turns = [m for m in messages if m["role"] != "system"]
         if not turns or turns[-1]["role"] != "user":
             raise InvalidRequest("A conversation must end with a user message to be answered.")
-        budget = self.cfg.max_context_tokens - settings.max_new_tokens
-        if budget < 16:
-            raise InvalidRequest(
-                f"max_new_tokens ({settings.max_new_tokens}) leaves no room for the prompt in a context of "
-                f"{self.cfg.max_context_tokens} tokens."
-            )
-        dropped = 0
-        while True:
-            ids = self._template(system + turns)
-            if len(ids) <= budget or len(turns) == 1:
-                break
-            # Drop the oldest turn; never start with an assistant turn.
-            turns = turns[1:]
-            dropped += 1
-            while len(turns) > 1 and turns[0]["role"] != "user":
-                turns, dropped = turns[1:], dropped + 1
-        if len(ids) > budget:  # one message alone is too long: keep its end, which holds the question
-            over = len(ids) - budget
-            content_ids = self.tokenizer(turns[-1]["content"], add_special_tokens=False)["input_ids"]
-            kept = self.tokenizer.decode(content_ids[over + 4 :])
-            ids = self._template(system + [{"role": "user", "content": kept}])
-            ids = ids[-budget:]
-        return ids, dropped
+        try:
+            budget = prompt_budget(self.cfg.max_context_tokens, settings.max_new_tokens)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        rendered = render(self.tokenizer, with_system(turns, settings.system_prompt), budget)
+        return rendered.ids, rendered.dropped
 
     # --- generation ----------------------------------------------------------------------------------------
     def stream(

@@ -58,6 +58,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from .config import Config
+from .model.prompt import render, training_budget
 from .models import disable_cpu_4bit_packing
 from .sampling import generate_kwargs, loop_cut, penalize_positions
 
@@ -221,31 +222,13 @@ class PPOTrainer:
 
     # 1. rollouts ------------------------------------------------------------------------------------------------
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
-        """Serving chat template + generation prompt; oldest turns, then the message's start, dropped to fit."""
-        system = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
-        turns = [m for m in messages if m["role"] != "system"]
+        """The ids serving would answer `messages` from (their own system prompt), within the training budget."""
+        turns = list(messages)
         while turns and turns[-1]["role"] != "user":  # answer the last user turn
             turns = turns[:-1]
-        if not turns:
+        if not any(m["role"] == "user" for m in turns):
             raise ValueError(f"A PPO prompt needs a user message: {messages!r}")
-        budget = self.cfg.ppo_max_prompt_tokens
-
-        def template(ts: list[dict]) -> list[int]:
-            return self.tokenizer.apply_chat_template(
-                system + ts, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-
-        ids = template(turns)
-        while len(ids) > budget and len(turns) > 1:
-            turns = turns[1:]
-            while len(turns) > 1 and turns[0]["role"] != "user":
-                turns = turns[1:]
-            ids = template(turns)
-        if len(ids) > budget:  # one long message: keep its end, where the question usually is
-            content = self.tokenizer(turns[-1]["content"], add_special_tokens=False)["input_ids"]
-            keep = max(budget - (len(ids) - len(content)) - 2, 1)
-            ids = template([{"role": "user", "content": self.tokenizer.decode(content[-keep:])}])[-budget:]
-        return ids
+        return render(self.tokenizer, turns, training_budget(self.cfg)).ids
 
     @torch.no_grad()
     def rollout(self, prompts: list[list[dict]]) -> dict:

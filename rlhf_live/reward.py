@@ -26,9 +26,9 @@ What it knows:
   conversation (`conversation_id` when given, else the first user message) so no conversation is in both parts.
 - Training: AdamW, linear warm-up then linear decay, gradient clipping at 1, batches of similar lengths
   (less padding), held-out loss twice per epoch, early stopping on it and the best weights restored.
-- Truncation: at most Config.reward_max_tokens per sequence; the conversation is cut from the LEFT (the newest
-  turns stay), the answer is never cut at its end; an answer longer than the whole budget keeps its end and
-  is counted in the metrics (`n_answer_truncated`).
+- Truncation: at most Config.reward_max_tokens per sequence; the conversation is cut by the one renderer
+  (model/prompt.py: the oldest turns go, the system prompt stays), the answer is never cut at its end; an answer
+  longer than the whole budget keeps its end and is counted in the metrics (`n_answer_truncated`).
 - Normalisation: mean/std of raw scores over a set of answers, applied by `score(normalise=True)`. `fit` uses
   `reward_norm_samples` training answers: in the live app those are the served model's own answers to users, so
   close to the reference-policy samples TRL/OpenAI normalised on, without an extra rollout; `set_normalisation`
@@ -56,6 +56,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from .config import Config
+from .model.prompt import Rendered, answer_ids, render
 from .models import load_base, prepare_cpu_4bit
 
 HEAD_FILE = "reward_head.safetensors"
@@ -338,7 +339,7 @@ class RewardModel:
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.norm_mean: float | None = None
         self.norm_std: float | None = None
-        self._prompt_cache: dict[str, list[int]] = {}
+        self._prompt_cache: dict[str, Rendered] = {}
 
     @classmethod
     def create(cls, cfg: Config, base=None, tokenizer=None) -> RewardModel:
@@ -360,13 +361,6 @@ class RewardModel:
         return cls(model, head, tokenizer, cfg)
 
     # --- encoding ----------------------------------------------------------------------------------------
-    def _template(self, messages: list[dict], generation_prompt: bool) -> list[int]:
-        return list(
-            self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
-            )
-        )
-
     def encode(self, prompt, answer: str) -> tuple[list[int], str]:
         """Token ids of template(prompt) + answer + end of turn, within reward_max_tokens; (ids, what was cut)."""
         ids, cut, _ = self.encode_parts(prompt, answer)
@@ -376,24 +370,23 @@ class RewardModel:
         """encode() and how many of the last ids are the answer's (its end-of-turn tokens included)."""
         messages = as_messages(prompt)
         key = json.dumps(messages, ensure_ascii=False)
-        prompt_ids = self._prompt_cache.get(key)
-        if prompt_ids is None:
-            prompt_ids = self._template(messages, True)
+        whole = self._prompt_cache.get(key)
+        if whole is None:
+            try:  # the one renderer, with room for every turn: what serving answered from, uncut
+                whole = render(self.tokenizer, messages, budget=1 << 30)
+            except ValueError as exc:
+                raise RewardDataError(str(exc)) from None
             if len(self._prompt_cache) > 4096:
                 self._prompt_cache.clear()
-            self._prompt_cache[key] = prompt_ids
-        full = self._template([*messages, {"role": "assistant", "content": answer}], False)
-        if full[: len(prompt_ids)] == prompt_ids:
-            answer_ids = full[len(prompt_ids) :]  # the template's own end-of-turn tokens included
-        else:  # a template that rewrites earlier turns once an answer follows: answer + EOS by hand
-            answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            self._prompt_cache[key] = whole
+        answer_part = answer_ids(self.tokenizer, whole, answer)
         budget = self.cfg.reward_max_tokens
-        if len(answer_ids) >= budget:
-            return answer_ids[-budget:], "answer", budget  # its end decides how it is judged; the question is lost
-        keep = budget - len(answer_ids)
-        if len(prompt_ids) > keep:
-            return prompt_ids[-keep:] + answer_ids, "prompt", len(answer_ids)  # newest turns kept
-        return prompt_ids + answer_ids, "", len(answer_ids)
+        if len(answer_part) >= budget:
+            return answer_part[-budget:], "answer", budget  # its end decides how it is judged; the question is lost
+        keep = budget - len(answer_part)
+        if len(whole.ids) > keep:  # oldest turns dropped as serving drops them (the system prompt stays)
+            return render(self.tokenizer, messages, keep).ids + answer_part, "prompt", len(answer_part)
+        return whole.ids + answer_part, "", len(answer_part)
 
     def _encode_examples(self, examples: list[_Example]) -> dict:
         """Fill `ids` of every example; counts of truncations."""

@@ -28,6 +28,7 @@ from .adapters import AdapterRegistry
 from .config import Config
 from .direct import LEARNERS, DirectDivergence, reward_ranked_pairs, train_direct
 from .evaluation import distinct_n, is_answer
+from .model.prompt import with_system
 from .models import load_base, prepare_cpu_4bit, resolve
 from .policy import BASE, InvalidRequest, Policy, attach_adapter, prebuild_engine_file
 from .ppo import PPODivergence, PPOTrainer, load_seed_prompts
@@ -76,7 +77,8 @@ def _prompt_pool(store: Store, cfg: Config, rng: random.Random, exclude: frozens
     per_asker = math.ceil(cfg.max_source_share * cfg.ppo_prompt_pool) if cfg.public else None
     asked = store.asked(limit=cfg.ppo_prompt_pool, per_asker=per_asker)
     real = [messages for _, messages in asked]
-    seeds = [p for p in load_seed_prompts() if p[-1]["content"] not in exclude]
+    # A seed prompt is asked as a new conversation would be: under the serving system prompt.
+    seeds = [with_system(p, cfg.system_prompt) for p in load_seed_prompts() if p[-1]["content"] not in exclude]
     rng.shuffle(seeds)
     need = cfg.ppo_batch_size * cfg.ppo_updates_per_round
     if cfg.public:  # enough seed prompts beside the largest asker's that it holds at most its share

@@ -46,16 +46,18 @@ def _vote(service: Service, *, pairs: bool = True, thumbs: bool = True) -> None:
 
 def test_votes_become_trl_rows(direct_cfg):
     _, tokenizer = _tiny_policy_copy(direct_cfg)
-    pairs = [{"prompt": P, "chosen": "Red.", "rejected": "Apples are a fruit that grows on trees."}]
+    pirate = {"role": "system", "content": "You are a pirate."}  # a row keeps the system prompt it was answered under
+    pairs = [{"prompt": [pirate, *P], "chosen": "Red.", "rejected": "Apples are a fruit that grows on trees."}]
     pairs.append({"prompt": P, "chosen": "Same.", "rejected": "Same."})  # nothing to learn: dropped
     (row,) = dpo_examples(direct_cfg, tokenizer, pairs)
-    system = {"role": "system", "content": direct_cfg.system_prompt}
     assert row == {
-        "prompt": [system, *P],
+        "prompt": [pirate, *P],
         "chosen": [{"role": "assistant", "content": "Red."}],
         "rejected": [{"role": "assistant", "content": "Apples are a fruit that grows on trees."}],
         "weight": 1.0,
     }
+    (imported,) = dpo_examples(direct_cfg, tokenizer, [{**pairs[0], "prompt": P}])
+    assert imported["prompt"] == P  # stored without one (an import): none is made up
     thumbs = [{"prompt": P, "completion": "Green.", "label": False}]
     rows = kto_examples(direct_cfg, tokenizer, pairs[:1], thumbs)
     assert [(r["completion"][0]["content"], r["label"]) for r in rows] == [
@@ -63,10 +65,10 @@ def test_votes_become_trl_rows(direct_cfg):
         ("Red.", True),
         ("Apples are a fruit that grows on trees.", False),
     ]
-    # A conversation longer than the prompt budget loses its oldest turns, never the question.
-    long = [{"role": "user", "content": "old " * 300}, {"role": "assistant", "content": "ok"}, *P]
+    # A conversation longer than the prompt budget loses its oldest turns, never the question nor the system prompt.
+    long = [pirate, {"role": "user", "content": "old " * 300}, {"role": "assistant", "content": "ok"}, *P]
     (row,) = dpo_examples(direct_cfg, tokenizer, [{**pairs[0], "prompt": long}])
-    assert row["prompt"] == [system, *P]
+    assert row["prompt"] == [pirate, *P]
 
 
 def test_dpo_loss_falls_on_separable_pairs(direct_cfg):

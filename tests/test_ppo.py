@@ -161,7 +161,12 @@ def _state(trainer):
 
 def test_rollout_uses_the_chat_template_and_left_padding(tiny_cfg):
     trainer = _tiny_trainer(tiny_cfg)
-    prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "What is the weather like today?"}]]
+    # Each prompt carries the system prompt it is asked under (the stored one; the pool adds Config's to seed prompts).
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    prompts = [
+        [system, {"role": "user", "content": "Hi"}],
+        [system, {"role": "user", "content": "How is the weather?"}],
+    ]
     batch = trainer.rollout(prompts)
     q, qm = batch["query"], batch["query_mask"]
     assert qm[0, 0] == 0 and qm[1].all()  # the short prompt is left-padded

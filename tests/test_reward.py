@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlhf_live.formats import Pair
+from rlhf_live.model.prompt import template
 from rlhf_live.reward import (
     RewardDataError,
     RewardModel,
@@ -139,18 +140,20 @@ def test_fit_on_a_single_pair_trains_without_held_out(rcfg):
 
 
 # --- truncation --------------------------------------------------------------------------------------------
-def test_truncation_cuts_the_conversation_from_the_left_and_keeps_the_answer(rcfg):
+def test_truncation_cuts_the_conversation_as_serving_does_and_keeps_the_answer(rcfg):
     rm = RewardModel.create(rcfg)  # reward_max_tokens = 64
     answer = "The capital of France is Paris."
     short_ids, cut = rm.encode(user("Hello!"), answer)
     assert cut == ""
     answer_part = short_ids[len(rm.encode(user("Hello!"), "")[0]) - 2 :]  # template tail differs only by the answer
-    long_prompt = user(" ".join(["apples and bananas"] * 80) + " What is the capital?")
+    long_prompt = [{"role": "system", "content": "Be kind."}, *user(" ".join(["apples and bananas"] * 80) + " What?")]
     ids, cut = rm.encode(long_prompt, answer)
-    assert cut == "prompt" and len(ids) == 64
+    assert cut == "prompt" and 56 <= len(ids) <= 64  # a message alone too long keeps its end (a few tokens spare)
     assert ids[-len(answer_part) :] == answer_part  # the answer and its end-of-turn intact
+    kept = rm.tokenizer.decode(ids[: -len(answer_part)])
+    assert kept.startswith("<|im_start|>system\nBe kind.") and "What?<|im_end|>" in kept  # the system prompt stays
     long_answer = " ".join(["cherries"] * 100) + " The end."
-    full = rm._template([*user("q"), {"role": "assistant", "content": long_answer}], False)
+    full = template(rm.tokenizer, [*user("q"), {"role": "assistant", "content": long_answer}], False)
     ids, cut = rm.encode(user("q"), long_answer)
     assert cut == "answer" and ids == full[-64:]  # its end kept
     metrics = rm.fit([{"prompt": long_prompt, "chosen": answer, "rejected": long_answer}], eval_fraction=0)
