@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
-from rlhf_live import engine as llama
 from rlhf_live.config import Config
-from rlhf_live.models import resolve
-from rlhf_live.policy import GenerationSettings, Policy
+from rlhf_live.model.base import resolve
+from rlhf_live.serving import llamacpp as llama
+from rlhf_live.serving.policy import GenerationSettings, Policy
 
 TOPICS = ["budget", "hiring", "the launch date", "customer feedback", "the office move", "security review"]
 

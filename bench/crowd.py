@@ -241,9 +241,9 @@ def _outcome(data_dir: Path, voters: list[Voter]) -> dict:
 def evaluator(extra: list[str], rater, n_eval: int, seed: int):
     """evaluate(adapter_path): the rater's win-rate of that version vs the base on held-out prompts (this process)."""
     from rlhf_live import config as config_mod
-    from rlhf_live.evaluation import Evaluator
-    from rlhf_live.policy import BASE, GenerationSettings, Policy
-    from rlhf_live.simulate import split_prompts
+    from rlhf_live.eval.evaluation import Evaluator
+    from rlhf_live.eval.simulate import split_prompts
+    from rlhf_live.serving.policy import BASE, GenerationSettings, Policy
 
     parser = argparse.ArgumentParser()
     config_mod.add_arguments(parser)
@@ -302,8 +302,8 @@ def main() -> None:
     args, extra = ap.parse_known_args()
     extra = [a for a in extra if a != "--"]
     sys.path.insert(0, str(ROOT))
-    from rlhf_live.raters import load_rater
-    from rlhf_live.simulate import split_prompts
+    from rlhf_live.eval.raters import load_rater
+    from rlhf_live.eval.simulate import split_prompts
 
     rater = load_rater(args.rater)
     extra = ["--max-new-tokens", "48", "--train-min-new-votes", "8", "--train-check-s", "5", *extra]

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from rlhf_live.config import Config
-from rlhf_live.gguf_export import cached_model_gguf
-from rlhf_live.models import resolve, source_gguf
-from rlhf_live.policy import GenerationSettings, Policy, served_base
+from rlhf_live.model.base import resolve, source_gguf
+from rlhf_live.serving.gguf_export import cached_model_gguf
+from rlhf_live.serving.policy import GenerationSettings, Policy, served_base
 
 PROMPT = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread."}]
 LONG = [  # ~1,000 prompt tokens: a conversation with history, where prefill dominates the first token
@@ -114,8 +114,8 @@ def measure_trainer_busy(policy: Policy, runs: int = 5) -> dict:
     """Time to first token of short chats while the in-app trainer runs a PPO round, against the same idle."""
     import tempfile
 
+    from rlhf_live.learning.trainer import Trainer
     from rlhf_live.store import Store
-    from rlhf_live.trainer import Trainer
 
     short = [{"role": "user", "content": "Name three fruits."}]
     idle = [measure(policy, 4, short)["ttft_s"] for _ in range(runs)]
@@ -148,7 +148,7 @@ def measure_plain(policy: Policy, tokens: int, prompt: list[dict], model: Path) 
     import queue
     import threading
 
-    from rlhf_live.engine import LlamaCppEngine, Sampling
+    from rlhf_live.serving.llamacpp import LlamaCppEngine, Sampling
 
     engines = measure_plain.__dict__.setdefault("engines", {})
     if model not in engines:

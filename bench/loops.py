@@ -20,13 +20,13 @@ import threading
 import time
 from pathlib import Path
 
-from rlhf_live import engine as llama
 from rlhf_live.config import Config
-from rlhf_live.evaluation import is_answer
-from rlhf_live.models import source_gguf
-from rlhf_live.policy import Answer, GenerationSettings, Policy
-from rlhf_live.ppo import load_seed_prompts
-from rlhf_live.sampling import loop_cut
+from rlhf_live.eval.evaluation import is_answer
+from rlhf_live.learning.ppo import load_seed_prompts
+from rlhf_live.model.base import source_gguf
+from rlhf_live.model.sampling import loop_cut
+from rlhf_live.serving import llamacpp as llama
+from rlhf_live.serving.policy import Answer, GenerationSettings, Policy
 
 OFF = {"repetition_penalty": 1.0, "stop_loops": False}
 VARIANTS = {  # name -> (what it is, settings over Config's defaults)

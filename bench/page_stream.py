@@ -24,8 +24,8 @@ from gradio_client import Client
 from load import start_app
 
 from rlhf_live.config import Config
-from rlhf_live.policy import GenerationSettings, Policy
-from rlhf_live.service import Service
+from rlhf_live.serving.policy import GenerationSettings, Policy
+from rlhf_live.serving.service import Service
 from rlhf_live.store import Store
 
 QUESTION = "Write a long, detailed story about a dragon who learns to bake bread."
@@ -200,7 +200,7 @@ def main() -> None:
             result = {"engine": pool.submit(engine_alone, cfg, args.runs, args.tokens).result()}
         Path(args.out).write_text(json.dumps(result, indent=1))
     result["app_args"] = app_args
-    from rlhf_live import models
+    from rlhf_live.model import base as models
 
     tokenizer = models.load_tokenizer(models.resolve(cfg.model, cfg.cache_dir))
     with socket.socket() as s:

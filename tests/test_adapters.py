@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rlhf_live.adapters import AdapterError, AdapterRegistry, check_folder
+from rlhf_live.store.folders import AdapterError, AdapterRegistry, check_folder
 
 
 def _write_ok(folder):

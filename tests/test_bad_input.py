@@ -10,8 +10,8 @@ from apphelpers import snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhf_live.policy import GenerationSettings, Policy
-from rlhf_live.service import USER_ERRORS, Service
+from rlhf_live.serving.policy import GenerationSettings, Policy
+from rlhf_live.serving.service import USER_ERRORS, Service
 from rlhf_live.store import Store
 
 ALICE, MALLORY = "v-alice", "v-mallory"

@@ -54,7 +54,7 @@ def browser(chromium_path):
 def adapter(tiny_lm_dir, tmp_path_factory) -> Path:
     """A LoRA adapter folder for the tiny model (fresh: it answers as the base does)."""
     from rlhf_live.config import Config
-    from rlhf_live.policy import Policy
+    from rlhf_live.serving.policy import Policy
 
     folder = tmp_path_factory.mktemp("adapter") / "lora"
     cfg = Config(model=str(tiny_lm_dir), load_in_4bit=False, compute_dtype="float32", lora_r=4, lora_alpha=8)

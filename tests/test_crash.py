@@ -18,9 +18,9 @@ from apphelpers import ROOT, rows, run_app
 from gradio_client import Client
 from test_two_processes import TINY_TRAINING
 
-from rlhf_live.adapters import AdapterRegistry
-from rlhf_live.recovery import reconcile
 from rlhf_live.store import Store
+from rlhf_live.store.folders import AdapterRegistry
+from rlhf_live.store.recovery import reconcile
 
 
 def train_once(tiny_lm_dir, data, *extra) -> subprocess.CompletedProcess:

@@ -10,10 +10,10 @@ import pytest
 from apphelpers import rows, shared_tiny_app
 
 from bench.crowd import queue_call
-from rlhf_live.policy import InvalidRequest
-from rlhf_live.service import LOGIN_TO_VOTE, Caller, Service
+from rlhf_live.learning.trainer import Trainer
+from rlhf_live.serving.policy import InvalidRequest
+from rlhf_live.serving.service import LOGIN_TO_VOTE, Caller, Service
 from rlhf_live.store import Store, source_id
-from rlhf_live.trainer import Trainer
 from rlhf_live.ui.training import _now_sentence
 
 

@@ -11,13 +11,13 @@ import torch
 from test_crowd import FakePolicy
 from test_reward import marker_pairs
 
-from rlhf_live import crowd
-from rlhf_live.direct import _weighted, dpo_examples, kto_examples
-from rlhf_live.reward import RewardModel, _collect
-from rlhf_live.reward_probe import ProbeRewardModel
-from rlhf_live.service import BANNED, Caller, Service
+from rlhf_live.learning import crowd
+from rlhf_live.learning.direct import _weighted, dpo_examples, kto_examples
+from rlhf_live.learning.reward.lora import RewardModel, _collect
+from rlhf_live.learning.reward.probe import ProbeRewardModel
+from rlhf_live.learning.trainer import _flag_contrarians, _Round, _weigh
+from rlhf_live.serving.service import BANNED, Caller, Service
 from rlhf_live.store import InvalidInput, Store, UnknownId
-from rlhf_live.trainer import _flag_contrarians, _Round, _weigh
 
 
 def _shares(sources: list[str], weights: list[float]) -> dict[str, float]:
@@ -183,8 +183,8 @@ def test_the_training_tab_shows_sources_per_version_and_what_was_left_out():
 
 
 def test_a_public_round_with_too_few_sources_left_after_flagging_is_refused_with_a_sentence(tiny_cfg):
-    from rlhf_live.reward import RewardDataError
-    from rlhf_live.trainer import _enough_sources
+    from rlhf_live.learning.reward.lora import RewardDataError
+    from rlhf_live.learning.trainer import _enough_sources
 
     cfg = replace(tiny_cfg, public=True)
     _enough_sources(cfg, 4, 0)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhf_live.service import Service
+from rlhf_live.serving.service import Service
 from rlhf_live.store import Store
 from rlhf_live.ui.data import data_summary
 from rlhf_live.ui.training import board_rows, curve_rows, notice_text, readable_time, short_time, status_text
@@ -242,8 +242,8 @@ def test_a_voters_own_data_holds_their_rows_and_never_anyone_elses(store):
 def test_a_trainer_round_reports_stage_k_of_n_in_order(tiny_cfg):
     from test_crash import seed_votes
 
-    from rlhf_live.policy import Policy
-    from rlhf_live.trainer import Trainer, round_stages
+    from rlhf_live.learning.trainer import Trainer, round_stages
+    from rlhf_live.serving.policy import Policy
 
     cfg = replace(tiny_cfg, ppo_batch_size=2, ppo_max_new_tokens=6, ppo_updates_per_round=2, ppo_epochs=1)
     cfg = replace(cfg, ppo_minibatches=1, reward_epochs=1)

@@ -7,12 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rlhf_live.direct import DirectDivergence, dpo_examples, kto_examples, train_direct
-from rlhf_live.policy import BASE, Policy, attach_adapter
-from rlhf_live.reward import RewardDataError
-from rlhf_live.service import Service
+from rlhf_live.learning.direct import DirectDivergence, dpo_examples, kto_examples, train_direct
+from rlhf_live.learning.reward.lora import RewardDataError
+from rlhf_live.learning.trainer import Trainer, run_round
+from rlhf_live.serving.policy import BASE, Policy, attach_adapter
+from rlhf_live.serving.service import Service
 from rlhf_live.store import Store
-from rlhf_live.trainer import Trainer, run_round
 
 P = [{"role": "user", "content": "Tell me about apples."}]
 
@@ -25,7 +25,7 @@ def direct_cfg(tiny_cfg):
 
 
 def _tiny_policy_copy(cfg):
-    from rlhf_live.models import load_base
+    from rlhf_live.model.base import load_base
 
     base, tokenizer = load_base(cfg, cfg.model)
     return attach_adapter(base, cfg, None, trainable=True), tokenizer
@@ -160,7 +160,7 @@ def test_an_unknown_learner_is_a_clear_error(direct_cfg):
 
 
 def test_simulate_with_a_direct_learner(direct_cfg, tmp_path):
-    from rlhf_live.simulate import simulate
+    from rlhf_live.eval.simulate import simulate
 
     cfg = replace(direct_cfg, learner="dpo")
     # A rule that never ties: the tiny model's random answers often have equal word counts (concise tied both of a
@@ -173,7 +173,7 @@ def test_simulate_with_a_direct_learner(direct_cfg, tmp_path):
 
 
 def test_reward_ranked_pairs_are_best_vs_worst_when_the_reward_model_is_sure():
-    from rlhf_live.direct import reward_ranked_pairs
+    from rlhf_live.learning.direct import reward_ranked_pairs
 
     prompts = [[{"role": "user", "content": q}] for q in ("One?", "Two?", "Three?")]
     texts = {"One?": ["bad", "good", "ok"], "Two?": ["", "x", "y"], "Three?": ["same", "same", "same"]}

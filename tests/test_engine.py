@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_live import gguf_export
 from rlhf_live.config import Config
-from rlhf_live.engine import EngineError, LlamaCppEngine
-from rlhf_live.gguf_export import GGUFExportError, write_gguf_lora
-from rlhf_live.models import load_base, prepare_cpu_4bit
-from rlhf_live.policy import BASE, AdapterError, GenerationSettings, Policy, attach_adapter, start_engine
-from rlhf_live.sampling import penalize
+from rlhf_live.model.base import load_base, prepare_cpu_4bit
+from rlhf_live.model.sampling import penalize
+from rlhf_live.serving import gguf_export
+from rlhf_live.serving.gguf_export import GGUFExportError, write_gguf_lora
+from rlhf_live.serving.llamacpp import EngineError, LlamaCppEngine
+from rlhf_live.serving.policy import BASE, AdapterError, GenerationSettings, Policy, attach_adapter, start_engine
 
 PROMPTS = [
     [{"role": "user", "content": "What is the tallest mountain in the world?"}],
@@ -232,7 +232,7 @@ def test_engine_choice(tiny_cfg):
         policy.engine_note == "serving with torch: llama.cpp cannot run here (the base is not from a GGUF file "
         "(llama.cpp needs its tokenizer metadata))"
     )
-    from rlhf_live.service import Service
+    from rlhf_live.serving.service import Service
     from rlhf_live.store import Store
 
     status = Service(policy, Store.from_config(tiny_cfg), tiny_cfg).status()
@@ -251,7 +251,7 @@ def test_auto_serves_the_default_model_with_llamacpp_and_torch_when_it_cannot_st
     def broken(*args, **kwargs):
         raise EngineError("the llama.cpp process exited")
 
-    monkeypatch.setattr("rlhf_live.engine.LlamaCppEngine", broken)
+    monkeypatch.setattr("rlhf_live.serving.llamacpp.LlamaCppEngine", broken)
     fallback = Policy.from_config(Config(max_new_tokens=8))
     assert fallback.engine_name == "torch"
     assert fallback.engine_note == "serving with torch: llama.cpp failed to start (the llama.cpp process exited)"
@@ -323,8 +323,8 @@ def test_per_version_files_are_pruned_to_the_newest_but_never_what_serves(tmp_pa
 
 def test_a_merged_version_is_the_base_plus_alpha_over_r_b_a(tiny_cfg, tmp_path):
     """merge_lora folds the LoRA in exactly as PEFT computes it: W + alpha / r * B @ A on every target."""
-    from rlhf_live.gguf_export import merge_lora
-    from rlhf_live.policy import served_base
+    from rlhf_live.serving.gguf_export import merge_lora
+    from rlhf_live.serving.policy import served_base
 
     base, _ = load_base(tiny_cfg, tiny_cfg.model)
     model = attach_adapter(base, tiny_cfg)
@@ -360,8 +360,8 @@ def test_runtime_lora_mode_serves_the_trained_policy_too(adapters):
 @pytest.mark.slow
 def test_the_trainers_prebuilt_file_is_the_one_serving_swaps_to(served, adapters, tmp_path):
     """The merged model written in training's time has the key serving looks for: the swap finds it ready."""
-    from rlhf_live.policy import prebuild_engine_file
-    from rlhf_live.trainer import Workbench
+    from rlhf_live.learning.trainer import Workbench
+    from rlhf_live.serving.policy import prebuild_engine_file
 
     cfg = dataclasses.replace(served.cfg, cache_dir=str(tmp_path / "cache"))
     bench = Workbench(cfg)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from rlhf_live.evaluation import Evaluator, answer_stats, distinct_n, is_answer, wilson_interval
-from rlhf_live.policy import Answer, GenerationSettings, Policy
-from rlhf_live.raters import load_rater
+from rlhf_live.eval.evaluation import Evaluator, answer_stats, distinct_n, is_answer, wilson_interval
+from rlhf_live.eval.raters import load_rater
+from rlhf_live.serving.policy import Answer, GenerationSettings, Policy
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about apples number {i}."}] for i in range(6)]
 

@@ -8,11 +8,11 @@ import sqlite3
 import pytest
 from hub_standin import Hub
 
-from rlhf_live.adapters import AdapterRegistry
 from rlhf_live.config import Config
-from rlhf_live.hub import HubSync
-from rlhf_live.recovery import reconcile, serving_choice
 from rlhf_live.store import Store
+from rlhf_live.store.folders import AdapterRegistry
+from rlhf_live.store.hub import HubSync
+from rlhf_live.store.recovery import reconcile, serving_choice
 
 
 @pytest.fixture

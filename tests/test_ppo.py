@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 
-from rlhf_live import models, policy, ppo
 from rlhf_live.config import Config, field_docs
+from rlhf_live.learning import ppo
+from rlhf_live.model import base as models
+from rlhf_live.serving import policy
 
 
 # --- maths -----------------------------------------------------------------------------------------------------

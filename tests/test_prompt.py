@@ -7,13 +7,15 @@ import random
 
 import pytest
 
-from rlhf_live import models, policy, ppo
-from rlhf_live.direct import dpo_examples, kto_examples
+from rlhf_live.learning import ppo
+from rlhf_live.learning.direct import dpo_examples, kto_examples
+from rlhf_live.learning.reward.lora import RewardModel
+from rlhf_live.learning.trainer import _prompt_pool
+from rlhf_live.model import base as models
 from rlhf_live.model.prompt import answer_ids, prompt_budget, render, template, training_budget, with_system
-from rlhf_live.policy import GenerationSettings, InvalidRequest, Policy
-from rlhf_live.reward import RewardModel
+from rlhf_live.serving import policy
+from rlhf_live.serving.policy import GenerationSettings, InvalidRequest, Policy
 from rlhf_live.store import Store
-from rlhf_live.trainer import _prompt_pool
 
 PIRATE = "You are a pirate. Answer every question as a pirate would."
 

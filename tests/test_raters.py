@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlhf_live.raters import BUILT_IN, RaterError, load_rater
+from rlhf_live.eval.raters import BUILT_IN, RaterError, load_rater
 
 P = [{"role": "user", "content": "Tell me about apples."}]
 

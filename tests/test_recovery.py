@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_live import recovery
-from rlhf_live.adapters import AdapterRegistry
 from rlhf_live.config import Config
-from rlhf_live.store import Store
+from rlhf_live.store import Store, recovery
+from rlhf_live.store.folders import AdapterRegistry
 
 
 def write_adapter(folder: Path) -> None:

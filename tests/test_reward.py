@@ -9,9 +9,7 @@ import random
 import pytest
 import torch
 
-from rlhf_live.formats import Pair
-from rlhf_live.model.prompt import template
-from rlhf_live.reward import (
+from rlhf_live.learning.reward.lora import (
     RewardDataError,
     RewardModel,
     _collect,
@@ -22,6 +20,8 @@ from rlhf_live.reward import (
     pointwise_loss,
     tie_loss,
 )
+from rlhf_live.model.prompt import template
+from rlhf_live.store.formats import Pair
 
 WORDS = ["apple", "banana", "cherry", "weather", "sunny", "warm", "paris", "france", "help", "today"]
 

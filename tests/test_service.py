@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 from apphelpers import snapshot
 
-from rlhf_live import service as service_mod
-from rlhf_live.policy import BASE, GenerationSettings, InvalidRequest, Policy
-from rlhf_live.service import COMPARE_UNAVAILABLE, Service
+from rlhf_live.serving import service as service_mod
+from rlhf_live.serving.policy import BASE, GenerationSettings, InvalidRequest, Policy
+from rlhf_live.serving.service import COMPARE_UNAVAILABLE, Service
 from rlhf_live.store import AlreadyVoted, Forbidden, InvalidInput, Store, UnknownId
 
 ALICE, BOB = "v-alice", "v-bob"
@@ -446,7 +446,7 @@ def test_the_queue_has_a_bounded_size(tiny_cfg, policy):
 
 
 def test_the_leaderboard_is_computed_when_votes_change_not_on_every_read(service, monkeypatch):
-    import rlhf_live.service as service_module
+    import rlhf_live.serving.service as service_module
 
     calls = []
     real = service_module.leaderboard

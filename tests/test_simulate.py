@@ -5,7 +5,7 @@ import json
 import pytest
 
 from rlhf_live import cli
-from rlhf_live.simulate import simulate, split_prompts
+from rlhf_live.eval.simulate import simulate, split_prompts
 from rlhf_live.store import Store
 
 ENTRY_KEYS = {

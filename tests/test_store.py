@@ -18,8 +18,6 @@ import pytest
 import sqlite_utils
 from conftest import HH_TEST
 
-from rlhf_live import migrations
-from rlhf_live.formats import read_pairs
 from rlhf_live.store import (
     AlreadyVoted,
     Forbidden,
@@ -27,8 +25,10 @@ from rlhf_live.store import (
     Store,
     StoreError,
     UnknownId,
+    migrations,
     voter_id,
 )
+from rlhf_live.store.formats import read_pairs
 
 EXPECTED_COLUMNS = {
     "conversations": ["id", "session_id", "system_prompt", "origin", "source", "created", "asker"],
@@ -546,9 +546,7 @@ def test_stats_counts(store):
 
 
 def test_store_does_not_import_torch_or_gradio():
-    code = (
-        "import sys, rlhf_live.store, rlhf_live.migrations; print(any(m in sys.modules for m in ('torch', 'gradio')))"
-    )
+    code = "import sys, rlhf_live.store.migrations; print(any(m in sys.modules for m in ('torch', 'gradio')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

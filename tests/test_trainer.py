@@ -6,12 +6,12 @@ import time
 import pytest
 import torch
 
-from rlhf_live.adapters import check_folder
 from rlhf_live.config import Config
-from rlhf_live.policy import InvalidRequest, Policy
-from rlhf_live.service import Service
+from rlhf_live.learning.trainer import Trainer, TrainingRejected, _answered_rate, _mean_distinct2, gate, run_round
+from rlhf_live.serving.policy import InvalidRequest, Policy
+from rlhf_live.serving.service import Service
 from rlhf_live.store import Store
-from rlhf_live.trainer import Trainer, TrainingRejected, _answered_rate, _mean_distinct2, gate, run_round
+from rlhf_live.store.folders import check_folder
 
 
 @pytest.fixture
@@ -110,7 +110,8 @@ def test_gate_refuses_answers_that_parrot_the_question():
 
 
 def test_nan_rewards_leave_serving_untouched(loop_cfg, monkeypatch):
-    from rlhf_live import reward, reward_probe
+    from rlhf_live.learning.reward import lora as reward
+    from rlhf_live.learning.reward import probe as reward_probe
 
     store = Store.from_config(loop_cfg)
     policy = Policy.from_config(loop_cfg)
@@ -156,7 +157,7 @@ def test_trainer_thread_trains_on_new_votes_and_hot_swaps(loop_cfg):
 
 
 def test_workbench_loads_once_and_each_round_starts_from_the_live_adapter(loop_cfg, monkeypatch):
-    from rlhf_live import trainer as trainer_mod
+    from rlhf_live.learning import trainer as trainer_mod
 
     store = Store.from_config(loop_cfg)
     _vote(Service(Policy.from_config(loop_cfg), store, loop_cfg))
@@ -183,8 +184,8 @@ def test_workbench_loads_once_and_each_round_starts_from_the_live_adapter(loop_c
 def test_ppo_prompt_pool_never_holds_excluded_prompts(loop_cfg):
     import random
 
-    from rlhf_live.ppo import load_seed_prompts
-    from rlhf_live.trainer import _prompt_pool
+    from rlhf_live.learning.ppo import load_seed_prompts
+    from rlhf_live.learning.trainer import _prompt_pool
 
     store = Store.from_config(loop_cfg)
     seeds = load_seed_prompts()
@@ -199,7 +200,7 @@ def test_one_asker_holds_at_most_its_share_of_the_public_prompt_pool(loop_cfg):
     import random
     from collections import Counter
 
-    from rlhf_live.trainer import _prompt_pool
+    from rlhf_live.learning.trainer import _prompt_pool
 
     store = Store.from_config(loop_cfg)
     for i in range(100):

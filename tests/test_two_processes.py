@@ -44,8 +44,8 @@ def test_train_watch_runs_a_round_once_enough_new_votes_arrived(tiny_lm_dir, tmp
     from test_crash import seed_votes
 
     from rlhf_live.config import Config
+    from rlhf_live.learning.trainer import watch
     from rlhf_live.store import Store
-    from rlhf_live.trainer import watch
 
     cfg = Config(model=str(tiny_lm_dir), load_in_4bit=False, compute_dtype="float32", data_dir=str(tmp_path / "d"))
     cfg = replace(cfg, lora_r=4, lora_alpha=8, max_context_tokens=256, ppo_batch_size=2, ppo_max_new_tokens=6)

@@ -29,7 +29,7 @@ Guarantees:
 
 from __future__ import annotations
 
-from .base import (
+from rlhf_live.store.base import (
     ADAPTER_STATUSES,
     CHOICES,
     EXPORT_FORMATS,
@@ -44,11 +44,11 @@ from .base import (
     source_id,
     voter_id,
 )
-from .conversations import Conversations, MessageTree
-from .people import People
-from .sources import SOURCE_STATUSES, Sources
-from .transfer import Transfer
-from .votes import Votes
+from rlhf_live.store.conversations import Conversations, MessageTree
+from rlhf_live.store.people import People
+from rlhf_live.store.sources import SOURCE_STATUSES, Sources
+from rlhf_live.store.transfer import Transfer
+from rlhf_live.store.votes import Votes
 
 __all__ = [
     "ADAPTER_STATUSES",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from rlhf_live import migrations
+from rlhf_live.store import migrations
 
 VOTE_VALUES = {"up": "up", "down": "down", "clear": "cleared"}
 CHOICES = ("A", "B", "tie", "both_bad")

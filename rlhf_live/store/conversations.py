@@ -10,7 +10,7 @@ import json
 import sqlite3
 from collections.abc import Iterable
 
-from .base import ROLES, Database, Forbidden, InvalidInput, _chunks, _loads, _new_id, _now
+from rlhf_live.store.base import ROLES, Database, Forbidden, InvalidInput, _chunks, _loads, _new_id, _now
 
 
 class MessageTree:

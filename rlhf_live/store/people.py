@@ -6,7 +6,7 @@ votes anywhere); knows nothing of models. Versions trained before the deletion a
 
 from __future__ import annotations
 
-from .base import Database, _loads
+from rlhf_live.store.base import Database, _loads
 
 
 class People(Database):

@@ -6,7 +6,7 @@ evidence is computed (crowd.py) or of who may change a status (the service check
 
 from __future__ import annotations
 
-from .base import Database, InvalidInput, UnknownId, _now
+from rlhf_live.store.base import Database, InvalidInput, UnknownId, _now
 
 SOURCE_STATUSES = ("flagged", "banned", "cleared")
 """flagged: weight 0 until an admin clears it; banned: weight 0 and its votes refused; cleared: never flagged again."""

@@ -10,8 +10,8 @@ import json
 import sqlite3
 from collections import Counter
 
-from .base import Database, InvalidInput
-from .conversations import MessageTree
+from rlhf_live.store.base import Database, InvalidInput
+from rlhf_live.store.conversations import MessageTree
 
 
 class TrainingRows(Database):

@@ -13,12 +13,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from rlhf_live.formats import FormatError, read_pairs
-
-from .base import CHOICES, EXPORT_FORMATS, IMPORT_VOTER, ROLES, InvalidInput, _new_id, _now
-from .conversations import MessageTree
-from .training_rows import TrainingRows
-from .versions import Versions
+from rlhf_live.store.base import CHOICES, EXPORT_FORMATS, IMPORT_VOTER, ROLES, InvalidInput, _new_id, _now
+from rlhf_live.store.conversations import MessageTree
+from rlhf_live.store.formats import FormatError, read_pairs
+from rlhf_live.store.training_rows import TrainingRows
+from rlhf_live.store.versions import Versions
 
 
 class Transfer(TrainingRows, Versions):

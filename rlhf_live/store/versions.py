@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 
-from .base import ADAPTER_STATUSES, Database, InvalidInput, _loads, _now
+from rlhf_live.store.base import ADAPTER_STATUSES, Database, InvalidInput, _loads, _now
 
 
 class Versions(Database):

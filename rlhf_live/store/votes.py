@@ -6,7 +6,7 @@ the answer or the pair) and that each vote advances the watermark; knows nothing
 
 from __future__ import annotations
 
-from .base import CHOICES, VOTE_VALUES, AlreadyVoted, Database, Forbidden, InvalidInput, _new_id, _now
+from rlhf_live.store.base import CHOICES, VOTE_VALUES, AlreadyVoted, Database, Forbidden, InvalidInput, _new_id, _now
 
 ANSWER_OWNER = (
     "SELECT m.role, c.session_id FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ?"

@@ -13,21 +13,21 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..adapters import AdapterRegistry
-from ..config import Config
-from ..hub import HubSync
-from ..policy import Policy
-from ..recovery import reconcile, serving_choice
-from ..service import Service
-from ..store import Store
-from .api import add_api
-from .chat import ChatTab
-from .common import PRIVATE, on_space
-from .compare import CompareTab
-from .data import DataTab
-from .training import TrainingTab, VersionNotice, dashboard
+from rlhf_live.config import ASSETS, Config
+from rlhf_live.serving.policy import Policy
+from rlhf_live.serving.service import Service
+from rlhf_live.store import Store
+from rlhf_live.store.folders import AdapterRegistry
+from rlhf_live.store.hub import HubSync
+from rlhf_live.store.recovery import reconcile, serving_choice
+from rlhf_live.ui.api import add_api
+from rlhf_live.ui.chat import ChatTab
+from rlhf_live.ui.common import PRIVATE, on_space
+from rlhf_live.ui.compare import CompareTab
+from rlhf_live.ui.data import DataTab
+from rlhf_live.ui.training import TrainingTab, VersionNotice, dashboard
 
-CSS_FILE = Path(__file__).resolve().parents[2] / "assets" / "style.css"
+CSS_FILE = ASSETS / "style.css"
 INTRO = (
     "# rlhf-live\nChat with a small model that learns from your votes: 👍/👎 its answers, or pick the better of two "
     "in **Compare**. A trainer turns votes into a reward model and improves the model with PPO."
@@ -96,7 +96,7 @@ def serve(cfg: Config) -> None:
     policy = Policy.from_config(cfg, adapter_path=adapter, version=version)
     if policy.engine_note:
         print(f"rlhf-live: {policy.engine_note}", flush=True)
-    from ..trainer import Follower, Trainer
+    from rlhf_live.learning.trainer import Follower, Trainer
 
     trainer = None
     if cfg.train:

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 
 import gradio as gr
 
-from ..service import Service
-from .common import UserError, caller_of, coalesced
+from rlhf_live.serving.service import Service
+from rlhf_live.ui.common import UserError, caller_of, coalesced
 
 
 def add_api(service: Service, generate: dict) -> None:

@@ -11,9 +11,9 @@ import time
 
 import gradio as gr
 
-from ..config import Config
-from ..service import USER_ERRORS, Service
-from .common import (
+from rlhf_live.config import Config
+from rlhf_live.serving.service import USER_ERRORS, Service
+from rlhf_live.ui.common import (
     PRIVATE,
     UserError,
     answer_md,

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from ..config import Config
-from ..logs import refusal
-from ..policy import GenerationSettings
-from ..service import USER_ERRORS, Caller, Service
+from rlhf_live.config import Config
+from rlhf_live.logs import refusal
+from rlhf_live.serving.policy import GenerationSettings
+from rlhf_live.serving.service import USER_ERRORS, Caller, Service
 
 LIKE = {"up": "Like", "down": "Dislike"}
 """Store thumbs -> the Chatbot's feedback labels."""

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..config import Config
-from ..service import Service
-from .common import PRIVATE, UserError, admin_users, refused, require_admin, voter_of
+from rlhf_live.config import Config
+from rlhf_live.serving.service import Service
+from rlhf_live.ui.common import PRIVATE, UserError, admin_users, refused, require_admin, voter_of
 
 EXPORT_FORMATS = ("preference", "kto", "conversations")
 KEEP_DOWNLOADS_S = 600

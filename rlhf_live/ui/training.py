@@ -19,12 +19,12 @@ import gradio as gr
 import pandas as pd
 from gradio.components.plot import PlotData
 
-from ..config import Config
-from ..leaderboard import MIN_BATTLES, MIN_VOTES
-from ..policy import BASE
-from ..service import Service
-from .common import PRIVATE, UserError, admin_users, refused, require_admin, voter_of
-from .data import data_summary
+from rlhf_live.config import Config
+from rlhf_live.eval.leaderboard import MIN_BATTLES, MIN_VOTES
+from rlhf_live.serving.policy import BASE
+from rlhf_live.serving.service import Service
+from rlhf_live.ui.common import PRIVATE, UserError, admin_users, refused, require_admin, voter_of
+from rlhf_live.ui.data import data_summary
 
 REFRESH_S = 5.0
 """How often the open Training tab, and every page's new-version notice, ask for news."""

@@ -23,18 +23,18 @@ from pathlib import Path
 
 import torch
 
-from . import crowd, recovery
-from .adapters import AdapterRegistry
-from .config import Config
-from .direct import LEARNERS, DirectDivergence, reward_ranked_pairs, train_direct
-from .evaluation import distinct_n, is_answer
-from .model.prompt import with_system
-from .models import load_base, prepare_cpu_4bit, resolve
-from .policy import BASE, InvalidRequest, Policy, attach_adapter, prebuild_engine_file
-from .ppo import PPODivergence, PPOTrainer, load_seed_prompts
-from .reward import RewardDataError, RewardModel
-from .reward_probe import ProbeRewardModel
-from .store import Store
+from rlhf_live.config import Config
+from rlhf_live.eval.evaluation import distinct_n, is_answer
+from rlhf_live.learning import crowd
+from rlhf_live.learning.direct import LEARNERS, DirectDivergence, reward_ranked_pairs, train_direct
+from rlhf_live.learning.ppo import PPODivergence, PPOTrainer, load_seed_prompts
+from rlhf_live.learning.reward.lora import RewardDataError, RewardModel
+from rlhf_live.learning.reward.probe import ProbeRewardModel
+from rlhf_live.model.base import load_base, prepare_cpu_4bit, resolve
+from rlhf_live.model.prompt import with_system
+from rlhf_live.serving.policy import BASE, InvalidRequest, Policy, attach_adapter, prebuild_engine_file
+from rlhf_live.store import Store, recovery
+from rlhf_live.store.folders import AdapterRegistry
 
 Progress = Callable[[str, str], None]
 """progress(state, detail): the round's stage (one of `round_stages`) and what it is doing, e.g. 'update 3/8'."""

@@ -55,9 +55,9 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from .config import Config
-from .model.prompt import Rendered, answer_ids, render
-from .models import load_base, prepare_cpu_4bit
+from rlhf_live.config import Config
+from rlhf_live.model.base import load_base, prepare_cpu_4bit
+from rlhf_live.model.prompt import Rendered, answer_ids, render
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_meta.json"
@@ -757,7 +757,9 @@ def reward_eval(
     When a test file is the train file, its test pairs are the last `limit_test` ones not used for training.
     Also reports the length-only baseline and the accuracy on pairs where the chosen answer is the shorter one.
     """
-    from .formats import read_pairs  # pure-Python file parsing; imported here to keep module import light
+    from rlhf_live.store.formats import (
+        read_pairs,  # pure-Python file parsing; imported here to keep module import light
+    )
 
     start = time.time()
     train_all = list(read_pairs(train))

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from .config import Config
-from .model.prompt import render, training_budget
+from rlhf_live.config import Config
+from rlhf_live.model.prompt import render, training_budget
 
 LEARNERS = ("ppo", "dpo", "kto", "rm-dpo")
 """What Config.learner may name: `ppo` (reward model + PPO, ppo.py) or one of the direct learners here; `rm-dpo` is
@@ -167,7 +167,7 @@ def train_direct(
         raise ValueError(f"train_direct knows 'dpo', 'rm-dpo' and 'kto', not {learner!r}")
     need = 2 if learner == "kto" else 1  # KTO's KL baseline pairs each answer with another row's prompt
     if len(examples) < need:
-        from .reward import RewardDataError
+        from rlhf_live.learning.reward.lora import RewardDataError
 
         kind = {"dpo": "A/B choices", "kto": "thumbs or A/B choices"}.get(learner, "pairs the reward model is sure of")
         raise RewardDataError(f"{learner.upper()} needs {kind} to learn from: {len(examples)} in this round.")

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import Config
-from .models import load_base, prepare_cpu_4bit
-from .reward import PAIR, POINT, TIE, RewardDataError, RewardModel, _collect
+from rlhf_live.config import Config
+from rlhf_live.learning.reward.lora import PAIR, POINT, TIE, RewardDataError, RewardModel, _collect
+from rlhf_live.model.base import load_base, prepare_cpu_4bit
 
 DEPTHS = (1 / 3, 1 / 2, 2 / 3)
 """Fractions of the depth whose hidden states are mean-pooled over the answer (the final norm's output is added)."""

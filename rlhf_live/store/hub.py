@@ -17,8 +17,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .config import Config
-from .store import EXPORT_FORMATS, Store
+from rlhf_live.config import Config
+from rlhf_live.store import EXPORT_FORMATS, Store
 
 DB_FILE = "rlhf_live.db"
 

@@ -19,13 +19,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from . import engine as llama
-from .adapters import AdapterError, check_folder
-from .config import Config
-from .gguf_export import cached_lora_gguf, cached_merged_gguf, cached_model_gguf, prune_cache
-from .model.prompt import prompt_budget, render, with_system
-from .models import load_base, prepare_cpu_4bit, source_gguf
-from .sampling import LoopStop, generate_kwargs, loop_cut, penalize_positions
+from rlhf_live.config import Config
+from rlhf_live.model.base import load_base, prepare_cpu_4bit, source_gguf
+from rlhf_live.model.prompt import prompt_budget, render, with_system
+from rlhf_live.model.sampling import LoopStop, generate_kwargs, loop_cut, penalize_positions
+from rlhf_live.serving import llamacpp as llama
+from rlhf_live.serving.gguf_export import cached_lora_gguf, cached_merged_gguf, cached_model_gguf, prune_cache
+from rlhf_live.store.folders import AdapterError, check_folder
 
 WARM_WINDOW_S = 900.0
 """Chats active this many seconds ago or later are prefilled into a new version's llama.cpp cache at a swap."""

@@ -16,8 +16,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from .adapters import VERSION_RE, AdapterRegistry, check_folder
-from .store import Store
+from rlhf_live.store import Store
+from rlhf_live.store.folders import VERSION_RE, AdapterRegistry, check_folder
 
 
 def owner() -> str:

@@ -1,7 +1,7 @@
 """The llama.cpp process: one xllamacpp server on one GGUF, answering JSON-line requests on stdin with lines on stdout.
 
 Knows xllamacpp and its reply format; knows nothing of chat templates, versions or the app. Runs as
-`python -m rlhf_live.engine_worker` (started by `engine._Server`) so that llama.cpp's OpenMP threads live in a
+`python -m rlhf_live.serving.engine_worker` (started by `engine._Server`) so that llama.cpp's OpenMP threads live in a
 process where torch never ran: libgomp counts every OpenMP thread of a process, and once torch's own pool exists the
 count passes the 2 cores and every barrier of llama.cpp's ~500 per token sleeps instead of spinning (measured: 140 ->
 60-95 tok/s in one process; https://gcc.gnu.org/onlinedocs/libgomp/GOMP_005fSPINCOUNT.html).

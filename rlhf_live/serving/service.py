@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import crowd
-from .config import Config
-from .leaderboard import Battle, head_to_head, leaderboard
-from .policy import BASE, AdapterError, GenerationSettings, InvalidRequest, Policy
-from .store import Store, StoreError, source_id, voter_id
+from rlhf_live.config import Config
+from rlhf_live.eval.leaderboard import Battle, head_to_head, leaderboard
+from rlhf_live.learning import crowd
+from rlhf_live.serving.policy import BASE, AdapterError, GenerationSettings, InvalidRequest, Policy
+from rlhf_live.store import Store, StoreError, source_id, voter_id
 
 USER_ERRORS = (StoreError, InvalidRequest, AdapterError)
 """Errors whose message is meant for the person who made the request."""

@@ -16,15 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from .adapters import AdapterRegistry
-from .config import Config
-from .evaluation import Evaluator
-from .policy import GenerationSettings, Policy
-from .ppo import load_seed_prompts
-from .raters import Rater, load_rater
-from .recovery import reconcile, serving_choice
-from .service import Service
-from .store import Store
+from rlhf_live.config import Config
+from rlhf_live.eval.evaluation import Evaluator
+from rlhf_live.eval.raters import Rater, load_rater
+from rlhf_live.learning.ppo import load_seed_prompts
+from rlhf_live.serving.policy import GenerationSettings, Policy
+from rlhf_live.serving.service import Service
+from rlhf_live.store import Store
+from rlhf_live.store.folders import AdapterRegistry
+from rlhf_live.store.recovery import reconcile, serving_choice
 
 SUMMARY_KEYS = ("win_rate", "win_rate_ci", "kl", "answer_words", "eos_rate", "distinct2", "fluent")
 
@@ -66,7 +66,7 @@ def simulate(
     thumbs: bool = False,
 ) -> dict:
     """Run `votes` simulated votes with a training round every `round_every`; the learning curve as a dict."""
-    from .trainer import ROUND_FAILURES, Trainer, TrainingRejected  # heavy: only when simulating
+    from rlhf_live.learning.trainer import ROUND_FAILURES, Trainer, TrainingRejected  # heavy: only when simulating
 
     if votes < 1 or round_every < 1:
         raise ValueError("--votes and --round-every must be at least 1.")

@@ -57,12 +57,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GenerationConfig
 
-from .config import Config
-from .model.prompt import render, training_budget
-from .models import disable_cpu_4bit_packing
-from .sampling import generate_kwargs, loop_cut, penalize_positions
+from rlhf_live.config import ASSETS, Config
+from rlhf_live.model.base import disable_cpu_4bit_packing
+from rlhf_live.model.prompt import render, training_budget
+from rlhf_live.model.sampling import generate_kwargs, loop_cut, penalize_positions
 
-SEED_PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "seed_prompts.jsonl"
+SEED_PROMPTS = ASSETS / "seed_prompts.jsonl"
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
 

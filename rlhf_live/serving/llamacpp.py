@@ -67,7 +67,7 @@ class _Server:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         self._proc = _SPAWNER.submit(
             subprocess.Popen,
-            [sys.executable, "-m", "rlhf_live.engine_worker"],
+            [sys.executable, "-m", "rlhf_live.serving.engine_worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -146,7 +146,7 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama.cpp spawner")
 """Starts every llama.cpp process from one thread: a child inherits the niceness of the thread that forks it, and
 the trainer's thread (which publishes versions) is niced; this one is made now, by whoever imports the engine."""

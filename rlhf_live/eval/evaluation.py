@@ -12,7 +12,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 
-from .policy import BASE, Answer, GenerationSettings, Policy
+from rlhf_live.serving.policy import BASE, Answer, GenerationSettings, Policy
 
 FLUENCY_MARGINS = {"distinct2": 0.05, "eos_rate": 0.10, "answered_rate": 0.05}
 """How much lower than the base's a version's distinct-2, EOS rate and share of real answers may be and still count
