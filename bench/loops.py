@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rlhf_live.config import Config
 from rlhf_live.eval.evaluation import is_answer
-from rlhf_live.learning.ppo import load_seed_prompts
+from rlhf_live.learning.rollout import load_seed_prompts
 from rlhf_live.model.base import source_gguf
 from rlhf_live.model.sampling import loop_cut
 from rlhf_live.serving import llamacpp as llama

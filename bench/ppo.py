@@ -22,8 +22,9 @@ import torch
 
 from rlhf_live.config import Config
 from rlhf_live.learning import ppo
+from rlhf_live.learning.rollout import load_seed_prompts
 from rlhf_live.model import base as models
-from rlhf_live.serving import policy
+from rlhf_live.model.lora import attach_adapter
 
 KEYS = ("seconds_rollout", "seconds_scoring", "seconds_optimisation", "seconds_total")
 
@@ -41,10 +42,10 @@ def bench(dtype: str, threads: int, base_kind: str, updates: int, cfg_overrides:
     base, tok = models.load_base(cfg)
     if base_kind == "dequantized":
         models.dequantize_cpu_4bit(base)
-    model = policy.attach_adapter(base, cfg, trainable=True)
+    model = attach_adapter(base, cfg, trainable=True)
     load_s = time.perf_counter() - t
     trainer = ppo.PPOTrainer(model, tok, cfg, brevity_reward)
-    prompts = ppo.load_seed_prompts()
+    prompts = load_seed_prompts()
     runs = []
     for i in range(updates):
         batch = [prompts[(i * cfg.ppo_batch_size + j) % len(prompts)] for j in range(cfg.ppo_batch_size)]

@@ -105,18 +105,18 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     if args.command == "export":
         from rlhf_live.store import Store
 
-        n = Store(cfg.db_path).export(args.format, args.out)
+        n = Store.from_config(cfg).export(args.format, args.out)
         print(f"wrote {n} rows to {args.out}")
         return 0
     if args.command == "import":
         from rlhf_live.store import Store
 
-        _print_json(Store(cfg.db_path).import_pairs(args.pairs))
+        _print_json(Store.from_config(cfg).import_pairs(args.pairs))
         return 0
     if args.command == "stats":
         from rlhf_live.store import Store
 
-        stats = Store(cfg.db_path).stats()
+        stats = Store.from_config(cfg).stats()
         if args.json:
             _print_json(stats)
         else:
@@ -129,6 +129,7 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         return 0
     if args.command == "train":
         from rlhf_live.learning.trainer import train_once, watch
+        from rlhf_live.runtime import engine_file
 
         if args.watch:
             from rlhf_live.store.hub import HubSync
@@ -136,7 +137,7 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
             hub = HubSync(cfg)
             for note in hub.pull():
                 print(f"[train] {note}", flush=True)
-            watch(cfg, hub=hub)
+            watch(cfg, hub=hub, engine_file=engine_file(cfg))
             return 0
         if not args.once:
             print(
@@ -144,7 +145,7 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
                 file=sys.stderr,
             )
             return 2
-        _print_json(train_once(cfg))
+        _print_json(train_once(cfg, engine_file=engine_file(cfg)))
         return 0
     if args.command == "simulate":
         from rlhf_live.eval.simulate import simulate

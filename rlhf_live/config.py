@@ -9,6 +9,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import typing
 from dataclasses import dataclass, field, fields
@@ -298,6 +299,10 @@ class Config:
     def adapters_dir(self) -> Path:
         """The folder of published adapter versions inside data_dir."""
         return Path(self.data_dir) / "adapters"
+
+    def sources_per_round(self) -> int:
+        """Distinct sources a public round needs: min_round_sources, and enough that each may stay under the cap."""
+        return max(self.min_round_sources, math.ceil(1 / self.max_source_share - 1e-9))
 
 
 def field_docs() -> dict[str, str]:

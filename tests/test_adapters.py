@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from rlhf_live.store.folders import AdapterError, AdapterRegistry, check_folder
+from rlhf_live.model.lora import AdapterError, check_folder
+from rlhf_live.store.folders import AdapterRegistry
 
 
 def _write_ok(folder):

@@ -11,8 +11,9 @@ from apphelpers import rows, shared_tiny_app
 
 from bench.crowd import queue_call
 from rlhf_live.learning.trainer import Trainer
+from rlhf_live.serving.callers import Caller
 from rlhf_live.serving.policy import InvalidRequest
-from rlhf_live.serving.service import LOGIN_TO_VOTE, Caller, Service
+from rlhf_live.serving.service import LOGIN_TO_VOTE, Service
 from rlhf_live.store import Store, source_id
 from rlhf_live.ui.training import _now_sentence
 
@@ -88,7 +89,7 @@ def test_public_round_waits_for_enough_sources_and_says_so(tiny_cfg):
         _vote(store, f"v-{i}", "s-stranger")
     assert not trainer._ready()  # six votes, one source
     assert Trainer(replace(cfg, public=False), store, FakePolicy())._ready()  # a laptop trains as before
-    status = Service(FakePolicy(), store, cfg, trainer).status()
+    status = Service(FakePolicy(), store, cfg, trainer).dashboard.status()
     assert (status["sources_since_last_round"], status["sources_per_round"]) == (1, 2)
     trainer._status["running"] = True
     sentence = _now_sentence({**status, "trainer": trainer.status()}, time.time())

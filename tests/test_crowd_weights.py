@@ -11,12 +11,14 @@ import torch
 from test_crowd import FakePolicy
 from test_reward import marker_pairs
 
+from rlhf_live.config import Config
 from rlhf_live.learning import crowd
 from rlhf_live.learning.direct import _weighted, dpo_examples, kto_examples
 from rlhf_live.learning.reward.lora import RewardModel, _collect
 from rlhf_live.learning.reward.probe import ProbeRewardModel
-from rlhf_live.learning.trainer import _flag_contrarians, _Round, _weigh
-from rlhf_live.serving.service import BANNED, Caller, Service
+from rlhf_live.learning.round import _flag_contrarians, _Round, _weigh
+from rlhf_live.serving.callers import Caller
+from rlhf_live.serving.service import BANNED, Service
 from rlhf_live.store import InvalidInput, Store, UnknownId
 
 
@@ -36,7 +38,8 @@ def test_no_source_carries_more_than_its_share_and_its_votes_are_down_weighted_n
     assert _shares(["a"] * 9 + ["b"], crowd.capped_weights(["a"] * 9 + ["b"], 0.25)) == {"a": 0.5, "b": 0.5}
     zeroed = crowd.capped_weights(["a", "b", "b", ""], 1.0, zeroed=frozenset({"b"}))
     assert zeroed[1:3] == [0.0, 0.0] and zeroed[0] == zeroed[3] == 1.0
-    assert crowd.sources_needed(3, 0.25) == 4 and crowd.sources_needed(5, 0.25) == 5
+    assert Config(min_round_sources=3, max_source_share=0.25).sources_per_round() == 4
+    assert Config(min_round_sources=5, max_source_share=0.25).sources_per_round() == 5
     with pytest.raises(ValueError):
         crowd.capped_weights(["a"], 0.0)
 
@@ -134,13 +137,13 @@ def test_admins_ban_and_clear_sources_and_a_banned_source_cannot_vote(tiny_cfg):
     _voted(store, "s-aaaa-troll", 2, agree=False)
     _voted(store, "s-aaaa-kind", 1, agree=True)
     service = Service(FakePolicy(), store, tiny_cfg)
-    rows = service.sources()
+    rows = service.dashboard.sources()
     assert [(r["source"], r["votes"], r["status"]) for r in rows] == [
         ("s-aaaa-troll", 2, "counted"),
         ("s-aaaa-kind", 1, "counted"),
     ]
     assert "is banned" in service.set_source_status("s-aaaa-t", "banned")
-    assert service.status()["sources_banned"] == 1
+    assert service.dashboard.status()["sources_banned"] == 1
     cid = store.new_conversation("v-new")
     q = store.add_message(cid, "user", "hi")
     answer = store.add_message(cid, "assistant", "hello", parent_id=q, adapter_version="base")
@@ -184,7 +187,7 @@ def test_the_training_tab_shows_sources_per_version_and_what_was_left_out():
 
 def test_a_public_round_with_too_few_sources_left_after_flagging_is_refused_with_a_sentence(tiny_cfg):
     from rlhf_live.learning.reward.lora import RewardDataError
-    from rlhf_live.learning.trainer import _enough_sources
+    from rlhf_live.learning.round import _enough_sources
 
     cfg = replace(tiny_cfg, public=True)
     _enough_sources(cfg, 4, 0)

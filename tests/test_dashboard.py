@@ -181,26 +181,28 @@ def test_the_notice_counts_the_rounds_votes_and_says_whether_yours_were_in_it(st
     store.add_adapter("v0001", "/x/v0001", status="live", metrics={"watermark": store.watermark()})
     _pair(store, "vcarol", "carol, after the round")
     service = Service(SimpleNamespace(version="v0001"), store, tiny_cfg)
-    assert service.live_notice("valice") == {"version": "v0001", "votes": 4, "yours": True}
-    assert service.live_notice("vcarol") == {"version": "v0001", "votes": 4, "yours": False}
-    assert notice_text(service.live_notice("valice")) == (
+    assert service.dashboard.live_notice("valice") == {"version": "v0001", "votes": 4, "yours": True}
+    assert service.dashboard.live_notice("vcarol") == {"version": "v0001", "votes": 4, "yours": False}
+    assert notice_text(service.dashboard.live_notice("valice")) == (
         "🆕 **v0001 is live**: trained on 4 votes, yours included. Its answers are marked “written by v0001”."
     )
-    assert notice_text(service.live_notice("vcarol")).startswith("🆕 **v0001 is live**: trained on 4 votes. Its")
+    assert notice_text(service.dashboard.live_notice("vcarol")).startswith(
+        "🆕 **v0001 is live**: trained on 4 votes. Its"
+    )
     # DPO/KTO on new votes only: a round from watermark 4 to 5 trained on carol's vote alone.
     store.add_adapter("v0002", "/x/v0002", status="live", metrics={"watermark": 5, "votes_since": 4})
     service.policy.version = "v0002"
-    assert service.live_notice("valice") == {"version": "v0002", "votes": 1, "yours": False}
-    assert service.live_notice("vcarol") == {"version": "v0002", "votes": 1, "yours": True}
+    assert service.dashboard.live_notice("valice") == {"version": "v0002", "votes": 1, "yours": False}
+    assert service.dashboard.live_notice("vcarol") == {"version": "v0002", "votes": 1, "yours": True}
     service.policy.version = "base"
-    assert service.live_notice("valice") == {"version": "base", "votes": None, "yours": None}
+    assert service.dashboard.live_notice("valice") == {"version": "base", "votes": None, "yours": None}
 
 
 def test_the_leaderboard_lists_every_live_and_retired_version(store, tiny_cfg):
     _pair(store, "valice", "v1 against base", a="v0001", b="base")
     for version, state in (("v0001", "retired"), ("v0002", "retired"), ("v0003", "candidate"), ("v0004", "live")):
         store.add_adapter(version, f"/x/{version}", status=state)
-    board = Service(SimpleNamespace(version="v0004"), store, tiny_cfg).leaderboard()
+    board = Service(SimpleNamespace(version="v0004"), store, tiny_cfg).dashboard.leaderboard()
     assert [(r["version"], r["status"], r["battles"], r["lower"]) for r in board] == [
         ("v0001", "retired", 1, None),
         ("base", "original", 1, None),
@@ -242,7 +244,8 @@ def test_a_voters_own_data_holds_their_rows_and_never_anyone_elses(store):
 def test_a_trainer_round_reports_stage_k_of_n_in_order(tiny_cfg):
     from test_crash import seed_votes
 
-    from rlhf_live.learning.trainer import Trainer, round_stages
+    from rlhf_live.learning.learners import round_stages
+    from rlhf_live.learning.trainer import Trainer
     from rlhf_live.serving.policy import Policy
 
     cfg = replace(tiny_cfg, ppo_batch_size=2, ppo_max_new_tokens=6, ppo_updates_per_round=2, ppo_epochs=1)

@@ -9,8 +9,10 @@ import torch
 
 from rlhf_live.learning.direct import DirectDivergence, dpo_examples, kto_examples, train_direct
 from rlhf_live.learning.reward.lora import RewardDataError
-from rlhf_live.learning.trainer import Trainer, run_round
-from rlhf_live.serving.policy import BASE, Policy, attach_adapter
+from rlhf_live.learning.round import run_round
+from rlhf_live.learning.trainer import Trainer
+from rlhf_live.model.lora import BASE, attach_adapter
+from rlhf_live.serving.policy import Policy
 from rlhf_live.serving.service import Service
 from rlhf_live.store import Store
 

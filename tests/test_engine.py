@@ -13,11 +13,12 @@ import torch
 
 from rlhf_live.config import Config
 from rlhf_live.model.base import load_base, prepare_cpu_4bit
+from rlhf_live.model.lora import BASE, AdapterError, attach_adapter
 from rlhf_live.model.sampling import penalize
 from rlhf_live.serving import gguf_export
 from rlhf_live.serving.gguf_export import GGUFExportError, write_gguf_lora
 from rlhf_live.serving.llamacpp import EngineError, LlamaCppEngine
-from rlhf_live.serving.policy import BASE, AdapterError, GenerationSettings, Policy, attach_adapter, start_engine
+from rlhf_live.serving.policy import GenerationSettings, Policy, start_engine
 
 PROMPTS = [
     [{"role": "user", "content": "What is the tallest mountain in the world?"}],
@@ -235,7 +236,7 @@ def test_engine_choice(tiny_cfg):
     from rlhf_live.serving.service import Service
     from rlhf_live.store import Store
 
-    status = Service(policy, Store.from_config(tiny_cfg), tiny_cfg).status()
+    status = Service(policy, Store.from_config(tiny_cfg), tiny_cfg).dashboard.status()
     assert (status["engine"], status["engine_note"]) == ("torch", policy.engine_note)
     with pytest.raises(EngineError, match="not from a GGUF file"):
         start_engine(dataclasses.replace(tiny_cfg, engine="llamacpp"), model)
@@ -360,13 +361,13 @@ def test_runtime_lora_mode_serves_the_trained_policy_too(adapters):
 @pytest.mark.slow
 def test_the_trainers_prebuilt_file_is_the_one_serving_swaps_to(served, adapters, tmp_path):
     """The merged model written in training's time has the key serving looks for: the swap finds it ready."""
-    from rlhf_live.learning.trainer import Workbench
+    from rlhf_live.learning.copies import TrainingCopies
     from rlhf_live.serving.policy import prebuild_engine_file
 
     cfg = dataclasses.replace(served.cfg, cache_dir=str(tmp_path / "cache"))
-    bench = Workbench(cfg)
-    bench.policy_copy(str(adapters[1]))  # the trainer's copy, as a round leaves it
-    assert prebuild_engine_file(cfg, bench.policy_model, adapters[1])
+    copies = TrainingCopies(cfg)
+    copies.policy_copy(str(adapters[1]))  # the trainer's copy, as a round leaves it
+    assert prebuild_engine_file(cfg, copies.policy_model, adapters[1])
     (built,) = (tmp_path / "cache" / "gguf").glob("*-merged-*.gguf")
     inode = built.stat().st_ino  # a rewrite would replace the file
     served.cfg, before = cfg, served.cfg

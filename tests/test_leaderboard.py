@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_live.eval.leaderboard import BASE_RATING, MIN_BATTLES, Battle, leaderboard
+from rlhf_live.serving.leaderboard import BASE_RATING, MIN_BATTLES, Battle, leaderboard
 
 
 def by_version(rows: list[dict]) -> dict[str, dict]:

@@ -62,7 +62,7 @@ def test_dequantized_nf4_base_computes_the_same_and_trains_only_lora(tiny_cfg, t
     """dequantize_cpu_4bit: no 4-bit linear left, the same logits as NF4, and a LoRA on top still trains alone."""
     import bitsandbytes as bnb
 
-    from rlhf_live.serving.policy import attach_adapter
+    from rlhf_live.model.lora import attach_adapter
 
     # bitsandbytes' packed CPU kernel (what NF4 runs here) wants every linear's outputs in blocks of 32.
     folder = build_tiny_lm(tmp_path / "lm128", hidden=128)
@@ -95,7 +95,7 @@ def test_dequantized_nf4_base_computes_the_same_and_trains_only_lora(tiny_cfg, t
 @pytest.mark.filterwarnings("ignore:bitsandbytes..gemv_4bit:UserWarning")  # the unguarded case, on purpose
 def test_nf4_lora_gradients_are_right_after_a_no_grad_forward(tiny_cfg, tmp_path):
     """After a rollout-like no-grad forward, LoRA gradients on NF4 equal those on the dequantized base."""
-    from rlhf_live.serving.policy import attach_adapter
+    from rlhf_live.model.lora import attach_adapter
 
     folder = build_tiny_lm(tmp_path / "lm128", hidden=128, layers=3)
     cfg = dataclasses.replace(tiny_cfg, model=str(folder), load_in_4bit=True, lora_target="all-linear")

@@ -8,7 +8,8 @@ import torch
 from conftest import build_tiny_lm
 
 from rlhf_live.config import Config
-from rlhf_live.serving.policy import AdapterError, GenerationSettings, InvalidRequest, Policy
+from rlhf_live.model.lora import AdapterError
+from rlhf_live.serving.policy import GenerationSettings, InvalidRequest, Policy
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 
@@ -28,7 +29,7 @@ def _logits(policy, text="What is the weather like?"):
 
 def test_4bit_base_has_bnb_linear_layers_and_only_lora_trains(tiny_cfg):
     from rlhf_live.model.base import load_base
-    from rlhf_live.serving.policy import attach_adapter
+    from rlhf_live.model.lora import attach_adapter
 
     tiny_cfg.load_in_4bit = True
     tiny_cfg.compute_dtype = "bfloat16"
@@ -85,7 +86,7 @@ def test_a_swapped_adapter_serves_the_trained_policy(tiny_cfg, tmp_path, dequant
 def test_unguarded_packed_nf4_is_corrupted_by_an_adapter_load(tiny_cfg, tmp_path):
     """What prepare_cpu_4bit prevents: bitsandbytes packs CPU NF4 on a no-grad forward; a PEFT load then breaks it."""
     from rlhf_live.model.base import load_base
-    from rlhf_live.serving.policy import attach_adapter
+    from rlhf_live.model.lora import attach_adapter
 
     folder = build_tiny_lm(tmp_path / "lm128", hidden=128, layers=3)
     cfg = dataclasses.replace(tiny_cfg, model=str(folder), load_in_4bit=True, compute_dtype="bfloat16")

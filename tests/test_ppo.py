@@ -11,8 +11,9 @@ import torch
 
 from rlhf_live.config import Config, field_docs
 from rlhf_live.learning import ppo
+from rlhf_live.learning.rollout import load_seed_prompts
 from rlhf_live.model import base as models
-from rlhf_live.serving import policy
+from rlhf_live.model.lora import attach_adapter
 
 
 # --- maths -----------------------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def test_config_documents_every_ppo_field():
 
 
 def test_seed_prompts():
-    prompts = ppo.load_seed_prompts()
+    prompts = load_seed_prompts()
     assert len(prompts) >= 50
     texts = [m[-1]["content"] for m in prompts]
     assert len(set(texts)) == len(texts)
@@ -152,7 +153,7 @@ def test_seed_prompts():
 def _tiny_trainer(tiny_cfg, reward_fn=None, **overrides):
     cfg = dataclasses.replace(tiny_cfg, ppo_batch_size=4, ppo_max_new_tokens=12, **overrides)
     base, tok = models.load_base(cfg)
-    model = policy.attach_adapter(base, cfg, trainable=True)
+    model = attach_adapter(base, cfg, trainable=True)
     reward_fn = reward_fn or (lambda prompts, answers: torch.tensor([len(a) / 10 for a in answers]))
     return ppo.PPOTrainer(model, tok, cfg, reward_fn)
 
@@ -221,7 +222,7 @@ def test_fresh_adapter_has_zero_kl_and_first_ratio_one(tiny_cfg, monkeypatch):
         return real_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
 
     monkeypatch.setattr(ppo, "policy_loss", spy)
-    prompts = ppo.load_seed_prompts()[:4]
+    prompts = load_seed_prompts()[:4]
     metrics = trainer.step(prompts)
     assert metrics["kl"] == 0.0 and metrics["kl_per_token"] == 0.0  # B=0: adapter on == adapter off, bit for bit
     assert torch.allclose(ratios[0], torch.ones_like(ratios[0]), atol=1e-5)  # before the first optimizer step
@@ -249,14 +250,14 @@ def test_nan_reward_stops_before_anything_moves(tiny_cfg):
     trainer = _tiny_trainer(tiny_cfg, lambda p, a: torch.tensor([0.0, float("nan"), 1.0, 0.0]))
     before = _state(trainer)
     with pytest.raises(ppo.PPODivergence, match=r"NaN/inf for answers \[1\]"):
-        trainer.step(ppo.load_seed_prompts()[:4])
+        trainer.step(load_seed_prompts()[:4])
     assert all(torch.equal(p, q) for p, q in zip(before, _state(trainer)))
     assert trainer.updates == 0
 
 
 def test_nan_loss_midway_restores_adapter_value_head_and_optimizer(tiny_cfg, monkeypatch):
     trainer = _tiny_trainer(tiny_cfg)
-    prompts = ppo.load_seed_prompts()[:4]
+    prompts = load_seed_prompts()[:4]
     trainer.step(prompts)  # a real update first, so the adapter, value head and Adam state are non-trivial
     before = _state(trainer)
     opt_before = copy.deepcopy(trainer.optimizer.state_dict())
@@ -284,7 +285,7 @@ def test_nan_loss_midway_restores_adapter_value_head_and_optimizer(tiny_cfg, mon
 
 def test_micro_batches_give_the_same_update_as_whole_minibatches(tiny_cfg):
     """Gradient accumulation over micro-batches (token-weighted) matches one forward per minibatch."""
-    prompts = ppo.load_seed_prompts()[:4]
+    prompts = load_seed_prompts()[:4]
     results = []
     for micro in (0, 1):
         torch.manual_seed(0)  # the same LoRA init in both trainers
@@ -304,7 +305,7 @@ def test_micro_batches_give_the_same_update_as_whole_minibatches(tiny_cfg):
 
 def test_save_adapter_loads_back(tiny_cfg, tmp_path):
     trainer = _tiny_trainer(tiny_cfg)
-    trainer.step(ppo.load_seed_prompts()[:4])
+    trainer.step(load_seed_prompts()[:4])
     trainer.save_adapter(tmp_path / "v1")
     names = {p.name for p in (tmp_path / "v1").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors"} <= names
@@ -312,7 +313,7 @@ def test_save_adapter_loads_back(tiny_cfg, tmp_path):
     assert other.load_value_head(tmp_path / "v1")
     assert torch.equal(other.value_head.weight, trainer.value_head.weight)
     base, _ = models.load_base(trainer.cfg)
-    loaded = policy.attach_adapter(base, trainer.cfg, tmp_path / "v1")
+    loaded = attach_adapter(base, trainer.cfg, tmp_path / "v1")
     ids = torch.tensor([[1, 5, 9, 12]])
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits, atol=1e-5)
@@ -369,7 +370,7 @@ def test_learns_a_hidden_preference_on_the_real_model(real_model_dir):
         base, tok = models.load_base(cfg)
         models.prepare_cpu_4bit(base, cfg)  # as the live trainer's copy
         torch.manual_seed(cfg.seed)  # the LoRA's random A: the same whatever tests ran before
-        model = policy.attach_adapter(base, cfg, trainable=True)
+        model = attach_adapter(base, cfg, trainable=True)
         trainer = ppo.PPOTrainer(model, tok, cfg, _starts_with_the)
         prompts = [[{"role": "user", "content": q + " Answer in a few words."}] for q in FEW_WORDS]
         the = tok("The", add_special_tokens=False)["input_ids"][0]

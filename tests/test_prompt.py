@@ -10,10 +10,10 @@ import pytest
 from rlhf_live.learning import ppo
 from rlhf_live.learning.direct import dpo_examples, kto_examples
 from rlhf_live.learning.reward.lora import RewardModel
-from rlhf_live.learning.trainer import _prompt_pool
+from rlhf_live.learning.round import _prompt_pool
 from rlhf_live.model import base as models
+from rlhf_live.model.lora import attach_adapter
 from rlhf_live.model.prompt import answer_ids, prompt_budget, render, template, training_budget, with_system
-from rlhf_live.serving import policy
 from rlhf_live.serving.policy import GenerationSettings, InvalidRequest, Policy
 from rlhf_live.store import Store
 
@@ -61,7 +61,7 @@ def test_every_consumer_renders_a_stored_conversation_to_the_ids_it_was_served_f
     pool = [p for p in _prompt_pool(store, cfg, random.Random(0), frozenset()) if p[:1] == context[:1]]
     assert pool and pool[0] == context
     base, _ = models.load_base(cfg)
-    trainer = ppo.PPOTrainer(policy.attach_adapter(base, cfg, trainable=True), tok, cfg, lambda p, a: None)
+    trainer = ppo.PPOTrainer(attach_adapter(base, cfg, trainable=True), tok, cfg, lambda p, a: None)
     assert trainer._prompt_ids(pool[0]) == served
 
     # DPO and KTO: TRL templates the messages we give it, so those messages must template to the served ids.

@@ -7,8 +7,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_live.learning.ppo import PPOTrainer
 from rlhf_live.model.base import load_base
+from rlhf_live.model.lora import attach_adapter
 from rlhf_live.model.sampling import LoopStop, generate_kwargs, loop_cut, penalize, penalize_positions, windows
-from rlhf_live.serving.policy import GenerationSettings, Policy, attach_adapter
+from rlhf_live.serving.policy import GenerationSettings, Policy
 
 
 def _llamacpp_rule(logits: list[float], window: list[int], penalty: float) -> list[float]:

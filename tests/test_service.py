@@ -8,8 +8,9 @@ from dataclasses import replace
 import pytest
 from apphelpers import snapshot
 
+from rlhf_live.model.lora import BASE
 from rlhf_live.serving import service as service_mod
-from rlhf_live.serving.policy import BASE, GenerationSettings, InvalidRequest, Policy
+from rlhf_live.serving.policy import GenerationSettings, InvalidRequest, Policy
 from rlhf_live.serving.service import COMPARE_UNAVAILABLE, Service
 from rlhf_live.store import AlreadyVoted, Forbidden, InvalidInput, Store, UnknownId
 
@@ -314,7 +315,7 @@ def test_learning_curve_counts_compare_votes_between_versions(tiny_cfg, tmp_path
     policy = Policy.from_config(tiny_cfg)
     service = Service(policy, store, replace(tiny_cfg, train_min_new_votes=5))
     text = _dashboard(service)[0]
-    assert service.learning_curve() == []
+    assert service.dashboard.learning_curve() == []
     assert "no trained version has gone live yet" in text and "more votes" not in text  # no trainer: no promise
     policy.model.save_pretrained(tmp_path / "v0001")
     store.add_adapter("v0001", str(tmp_path / "v0001"), status="live", metrics={"reward/accuracy": 0.75, "ppo/kl": 1.5})
@@ -323,7 +324,7 @@ def test_learning_curve_counts_compare_votes_between_versions(tiny_cfg, tmp_path
     for choice in ("A", "A", "B"):
         *_, pair = service.compare(ALICE, "Which is better?", mode="base")
         assert service.choose(ALICE, pair["pair_id"], choice, "")["a_version"] == "v0001"
-    (row,) = service.learning_curve()
+    (row,) = service.dashboard.learning_curve()
     assert row["version"] == "v0001" and row["round"] == 1
     assert (row["win_rate_vs_base"], row["votes_vs_base"]) == (pytest.approx(2 / 3), 3)
     assert (row["win_rate_vs_earlier"], row["votes_vs_earlier"]) == (pytest.approx(2 / 3), 3)
@@ -446,18 +447,18 @@ def test_the_queue_has_a_bounded_size(tiny_cfg, policy):
 
 
 def test_the_leaderboard_is_computed_when_votes_change_not_on_every_read(service, monkeypatch):
-    import rlhf_live.serving.service as service_module
+    import rlhf_live.serving.dashboard as service_module
 
     calls = []
     real = service_module.leaderboard
     monkeypatch.setattr(service_module, "leaderboard", lambda battles: calls.append(1) or real(battles))
     for _ in range(5):
-        service.leaderboard()
+        service.dashboard.leaderboard()
     assert len(calls) == 1
     *_, pair = service.compare(ALICE, "Which?")
     service.choose(ALICE, pair["pair_id"], "A")  # a vote moves the watermark: the next read recomputes
-    service.leaderboard()
-    service.leaderboard()
+    service.dashboard.leaderboard()
+    service.dashboard.leaderboard()
     assert len(calls) == 2
 
 

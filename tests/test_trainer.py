@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from rlhf_live.config import Config
-from rlhf_live.learning.trainer import Trainer, TrainingRejected, _answered_rate, _mean_distinct2, gate, run_round
-from rlhf_live.serving.policy import InvalidRequest, Policy
+from rlhf_live.learning.gate import TrainingRejected, answered_rate, gate, mean_distinct2
+from rlhf_live.learning.round import run_round
+from rlhf_live.learning.trainer import RoundInProgress, Trainer
+from rlhf_live.model.lora import check_folder
+from rlhf_live.serving.policy import Policy
 from rlhf_live.serving.service import Service
 from rlhf_live.store import Store
-from rlhf_live.store.folders import check_folder
 
 
 @pytest.fixture
@@ -90,11 +92,11 @@ def test_gate_refuses_answers_that_repeat_themselves():
     cfg = Config(min_distinct2=0.7)
     looping = "I'm so glad of you! " * 12  # an answer the cheerful benchmark run went live with
     fresh = "The tallest mountain in the world is Mount Everest, on the border of Nepal and China."
-    gate(cfg, {"sample/distinct2": _mean_distinct2([fresh, fresh])})
-    assert _mean_distinct2([looping]) < 0.3 and _mean_distinct2([]) == 1.0
+    gate(cfg, {"sample/distinct2": mean_distinct2([fresh, fresh])})
+    assert mean_distinct2([looping]) < 0.3 and mean_distinct2([]) == 1.0
     with pytest.raises(TrainingRejected, match=r"repeat themselves: mean distinct-2 0\.\d\d"):
         gate(
-            cfg, {"sample/kl": 5.0, "sample/answer_tokens": 60.0, "sample/distinct2": _mean_distinct2([looping, fresh])}
+            cfg, {"sample/kl": 5.0, "sample/answer_tokens": 60.0, "sample/distinct2": mean_distinct2([looping, fresh])}
         )
 
 
@@ -102,11 +104,11 @@ def test_gate_refuses_answers_that_parrot_the_question():
     cfg = Config(min_answered_rate=0.8)
     prompt = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "What is X?"}]
     real, parrot = "X is the 24th letter of the alphabet.", "What is X"  # what PPO on the concise rater went live with
-    gate(cfg, {"sample/answered_rate": _answered_rate([prompt] * 5, [real] * 4 + [parrot])})  # 80%: at the limit
-    assert _answered_rate([], []) == 1.0
+    gate(cfg, {"sample/answered_rate": answered_rate([prompt] * 5, [real] * 4 + [parrot])})  # 80%: at the limit
+    assert answered_rate([], []) == 1.0
     with pytest.raises(TrainingRejected, match=r"only 60% of sampled answers say something"):
         answers = [real] * 3 + [parrot, "You are a helpful assistant."]
-        gate(cfg, {"sample/kl": 5.0, "sample/answered_rate": _answered_rate([prompt] * 5, answers)})
+        gate(cfg, {"sample/kl": 5.0, "sample/answered_rate": answered_rate([prompt] * 5, answers)})
 
 
 def test_nan_rewards_leave_serving_untouched(loop_cfg, monkeypatch):
@@ -156,22 +158,22 @@ def test_trainer_thread_trains_on_new_votes_and_hot_swaps(loop_cfg):
     assert last["adapter_version"] == "v0001"
 
 
-def test_workbench_loads_once_and_each_round_starts_from_the_live_adapter(loop_cfg, monkeypatch):
-    from rlhf_live.learning import trainer as trainer_mod
+def test_training_copies_load_once_and_each_round_starts_from_the_live_adapter(loop_cfg, monkeypatch):
+    from rlhf_live.learning import copies as copies_mod
 
     store = Store.from_config(loop_cfg)
     _vote(Service(Policy.from_config(loop_cfg), store, loop_cfg))
     loads = []
-    real_load = trainer_mod.load_base
-    monkeypatch.setattr(trainer_mod, "load_base", lambda *a, **k: (loads.append(1), real_load(*a, **k))[1])
-    bench = trainer_mod.Workbench(loop_cfg)
-    first = run_round(loop_cfg, store, bench=bench)
-    second = run_round(loop_cfg, store, bench=bench)
+    real_load = copies_mod.load_base
+    monkeypatch.setattr(copies_mod, "load_base", lambda *a, **k: (loads.append(1), real_load(*a, **k))[1])
+    copies = copies_mod.TrainingCopies(loop_cfg)
+    first = run_round(loop_cfg, store, copies=copies)
+    second = run_round(loop_cfg, store, copies=copies)
     assert (first["version"], second["version"]) == ("v0001", "v0002") and len(loads) == 2  # reward + policy copy
     assert {"seconds/reward_fit", "seconds/ppo_updates", "seconds/round"} <= second.keys()
     assert second["seconds/round"] >= second["seconds/ppo_updates"] > 0
     # The PPO copy holds exactly one adapter (the previous round's was taken out, not stacked).
-    copy = bench.policy_copy(store.adapter("v0002")["path"])
+    copy = copies.policy_copy(store.adapter("v0002")["path"])
     assert list(copy.peft_config) == ["default"]
     v2 = Policy.from_config(loop_cfg, adapter_path=store.adapter("v0002")["path"])
     for (name, p), (name2, p2) in zip(
@@ -184,8 +186,8 @@ def test_workbench_loads_once_and_each_round_starts_from_the_live_adapter(loop_c
 def test_ppo_prompt_pool_never_holds_excluded_prompts(loop_cfg):
     import random
 
-    from rlhf_live.learning.ppo import load_seed_prompts
-    from rlhf_live.learning.trainer import _prompt_pool
+    from rlhf_live.learning.rollout import load_seed_prompts
+    from rlhf_live.learning.round import _prompt_pool
 
     store = Store.from_config(loop_cfg)
     seeds = load_seed_prompts()
@@ -200,7 +202,7 @@ def test_one_asker_holds_at_most_its_share_of_the_public_prompt_pool(loop_cfg):
     import random
     from collections import Counter
 
-    from rlhf_live.learning.trainer import _prompt_pool
+    from rlhf_live.learning.round import _prompt_pool
 
     store = Store.from_config(loop_cfg)
     for i in range(100):
@@ -240,7 +242,7 @@ def test_a_version_that_cannot_be_served_leaves_the_db_saying_what_serves(loop_c
         trainer.run_once()
     assert policy.version == "v0001" == store.live_adapter()["version"]  # the DB says what actually serves
     assert store.adapter("v0002")["status"] == "rolled_back"
-    assert Service(policy, store, loop_cfg).status()["live_version"] == "v0001"
+    assert Service(policy, store, loop_cfg).dashboard.status()["live_version"] == "v0001"
 
 
 def test_rollback_waits_for_no_round_and_compare_previous_skips_unserved_versions(loop_cfg, tmp_path):
@@ -248,7 +250,7 @@ def test_rollback_waits_for_no_round_and_compare_previous_skips_unserved_version
     policy = Policy.from_config(loop_cfg)
     service = Service(policy, store, loop_cfg)
     trainer = Trainer(loop_cfg, store, policy)
-    with trainer._round, pytest.raises(InvalidRequest, match="A training round is running"):  # a round in flight
+    with trainer._round, pytest.raises(RoundInProgress, match="A training round is running"):  # a round in flight
         trainer.rollback("base")
     for v, status in (("v0001", "retired"), ("v0002", "rolled_back"), ("v0003", "candidate"), ("v0004", "live")):
         policy.model.save_pretrained(tmp_path / v)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import re
 from collections.abc import Callable, Sequence
 
-from rlhf_live.serving.policy import BASE, Answer, GenerationSettings, Policy
+from rlhf_live.learning.gate import distinct_n, is_answer
+from rlhf_live.model.lora import BASE
+from rlhf_live.serving.policy import Answer, GenerationSettings, Policy
 
 FLUENCY_MARGINS = {"distinct2": 0.05, "eos_rate": 0.10, "answered_rate": 0.05}
 """How much lower than the base's a version's distinct-2, EOS rate and share of real answers may be and still count
@@ -26,25 +27,6 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def distinct_n(text: str, n: int = 2) -> float:
-    """Distinct n-grams / all n-grams of one answer's words (Li et al. 2016, arXiv 1510.03055); 1 for short ones."""
-    words = text.split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 1.0
-
-
-def _words_of(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.lower()))
-
-
-def is_answer(prompt: list[dict], text: str) -> bool:
-    """Whether `text` says something: not blank, and not just a piece of the conversation (question, system prompt)."""
-    words = _words_of(text)
-    # Found by reading answers: a version rewarded for brevity learned to answer "What is X?" with "What is X" or
-    # with its system prompt; such answers end with EOS and never repeat, so no other statistic flags them.
-    return bool(words) and not any(f" {words} " in f" {_words_of(m['content'])} " for m in prompt)
 
 
 def answer_stats(answers: Sequence[Answer], prompts: Sequence[list[dict]] | None = None) -> dict:

@@ -19,12 +19,9 @@ from pathlib import Path
 from rlhf_live.config import Config
 from rlhf_live.eval.evaluation import Evaluator
 from rlhf_live.eval.raters import Rater, load_rater
-from rlhf_live.learning.ppo import load_seed_prompts
-from rlhf_live.serving.policy import GenerationSettings, Policy
+from rlhf_live.learning.rollout import load_seed_prompts
+from rlhf_live.serving.policy import GenerationSettings
 from rlhf_live.serving.service import Service
-from rlhf_live.store import Store
-from rlhf_live.store.folders import AdapterRegistry
-from rlhf_live.store.recovery import reconcile, serving_choice
 
 SUMMARY_KEYS = ("win_rate", "win_rate_ci", "kl", "answer_words", "eos_rate", "distinct2", "fluent")
 
@@ -66,21 +63,19 @@ def simulate(
     thumbs: bool = False,
 ) -> dict:
     """Run `votes` simulated votes with a training round every `round_every`; the learning curve as a dict."""
-    from rlhf_live.learning.trainer import ROUND_FAILURES, Trainer, TrainingRejected  # heavy: only when simulating
+    from rlhf_live.learning.gate import TrainingRejected
+    from rlhf_live.learning.round import ROUND_FAILURES
+    from rlhf_live.runtime import assemble  # heavy: only when simulating
 
     if votes < 1 or round_every < 1:
         raise ValueError("--votes and --round-every must be at least 1.")
     rater = load_rater(rater_spec)
     start = time.perf_counter()
     held_out, vote_prompts = split_prompts(eval_prompts, cfg.seed)
-    store = Store.from_config(cfg)
-    for note in reconcile(store, AdapterRegistry(cfg.adapters_dir)):
-        _say(note)
-    adapter, version = serving_choice(cfg, store)
-    policy = Policy.from_config(cfg, adapter_path=adapter, version=version)
-    trainer = Trainer(cfg, store, policy)
-    trainer.bench.exclude_prompts = frozenset(p[-1]["content"] for p in held_out)
-    service = Service(policy, store, replace(cfg, max_requests_per_minute=0), trainer)  # one simulated voter, fast
+    # One simulated voter, fast: no per-minute limit; nothing starts in the background (rounds run in this thread).
+    app = assemble(replace(cfg, max_requests_per_minute=0, train=True), hub=False, start=False, say=_say)
+    policy, trainer, service = app.policy, app.trainer, app.service
+    trainer.copies.exclude_prompts = frozenset(p[-1]["content"] for p in held_out)
     voter = service.voter(f"simulated:{rater.name}")
     # Votes, rollouts and evaluation all see answers of the same length.
     settings = GenerationSettings.from_config(cfg, max_new_tokens=cfg.ppo_max_new_tokens)
@@ -112,7 +107,7 @@ def simulate(
                 status, metrics = "failed", {"error": str(exc)}
             seconds["training"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            result = evaluator.evaluate(trainer.bench.reward_model) | {"status": status}
+            result = evaluator.evaluate(trainer.copies.reward_model) | {"status": status}
             seconds["evaluation"] += time.perf_counter() - t0
             history.append(_entry(len(history), first + len(block), counts, result, metrics, seconds, start))
             samples[f"round {len(history) - 1}"] = history[-1].pop("samples")

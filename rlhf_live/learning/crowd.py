@@ -54,11 +54,6 @@ def _level(people: list[int], free: int, max_share: float) -> float:
     return float(people[-1])
 
 
-def sources_needed(min_round_sources: int, max_share: float) -> int:
-    """Distinct sources a public round needs: min_round_sources, and enough that each may stay under the share cap."""
-    return max(min_round_sources, math.ceil(1 / max_share - 1e-9))
-
-
 def shares(sources: Sequence[str], weights: Sequence[float]) -> dict[str, float]:
     """Each known source's share of the total weight (unknown-source votes count in the total, not as a source)."""
     total = sum(weights)

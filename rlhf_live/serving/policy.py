@@ -15,22 +15,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from rlhf_live.config import Config
 from rlhf_live.model.base import load_base, prepare_cpu_4bit, source_gguf
+from rlhf_live.model.lora import BASE, AdapterError, attach_adapter, check_folder, lora_config
 from rlhf_live.model.prompt import prompt_budget, render, with_system
 from rlhf_live.model.sampling import LoopStop, generate_kwargs, loop_cut, penalize_positions
 from rlhf_live.serving import llamacpp as llama
 from rlhf_live.serving.gguf_export import cached_lora_gguf, cached_merged_gguf, cached_model_gguf, prune_cache
-from rlhf_live.store.folders import AdapterError, check_folder
 
 WARM_WINDOW_S = 900.0
 """Chats active this many seconds ago or later are prefilled into a new version's llama.cpp cache at a swap."""
-BASE = "base"
-"""Adapter name meaning 'no adapter' (PEFT's mixed-batch name for the base model)."""
 _PEFT_BASE = "__base__"
 
 
@@ -65,30 +63,6 @@ class GenerationSettings:
     def as_dict(self) -> dict:
         """Plain dict for storage."""
         return asdict(self)
-
-
-def lora_config(cfg: Config) -> LoraConfig:
-    """The policy's LoRA: rank/alpha/targets from Config; dropout 0 so PPO log-probs are deterministic."""
-    targets = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
-    return LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"
-    )
-
-
-def attach_adapter(
-    base, cfg: Config, adapter_path: str | Path | None = None, *, trainable: bool = False, name="default"
-):
-    """Wrap `base` in a PeftModel with a fresh LoRA (B=0: same outputs as base) or one loaded from a folder."""
-    if adapter_path:
-        folder = check_folder(adapter_path)
-        try:
-            return PeftModel.from_pretrained(base, str(folder), adapter_name=name, is_trainable=trainable)
-        except Exception as exc:
-            raise AdapterError(f"Could not load the adapter in {folder}: {type(exc).__name__}: {exc}") from exc
-    model = get_peft_model(base, lora_config(cfg), adapter_name=name)
-    if not trainable:
-        model.requires_grad_(False)
-    return model
 
 
 def start_engine(cfg: Config, model: PeftModel) -> llama.LlamaCppEngine | None:

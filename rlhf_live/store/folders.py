@@ -15,27 +15,9 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+from rlhf_live.model.lora import AdapterError, check_folder
+
 VERSION_RE = re.compile(r"^v\d{4,}$")
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-class AdapterError(RuntimeError):
-    """An adapter folder is missing, corrupt or does not fit the base model."""
-
-
-def check_folder(path: str | Path) -> Path:
-    """Raise AdapterError unless `path` holds a readable adapter_config.json and adapter weights."""
-    path = Path(path)
-    config = path / "adapter_config.json"
-    if not config.is_file():
-        raise AdapterError(f"{path} has no adapter_config.json: not a PEFT adapter folder.")
-    try:
-        json.loads(config.read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"{config} is not valid JSON ({exc}): the adapter folder is corrupt.") from None
-    if not any((path / n).is_file() and (path / n).stat().st_size > 0 for n in WEIGHT_FILES):
-        raise AdapterError(f"{path} has no adapter_model.safetensors: the adapter weights are missing.")
-    return path
 
 
 class AdapterRegistry:

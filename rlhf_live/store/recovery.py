@@ -16,8 +16,9 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+from rlhf_live.model.lora import check_folder
 from rlhf_live.store import Store
-from rlhf_live.store.folders import VERSION_RE, AdapterRegistry, check_folder
+from rlhf_live.store.folders import VERSION_RE, AdapterRegistry
 
 
 def owner() -> str:

@@ -14,12 +14,8 @@ from pathlib import Path
 import gradio as gr
 
 from rlhf_live.config import ASSETS, Config
-from rlhf_live.serving.policy import Policy
+from rlhf_live.runtime import assemble
 from rlhf_live.serving.service import Service
-from rlhf_live.store import Store
-from rlhf_live.store.folders import AdapterRegistry
-from rlhf_live.store.hub import HubSync
-from rlhf_live.store.recovery import reconcile, serving_choice
 from rlhf_live.ui.api import add_api
 from rlhf_live.ui.chat import ChatTab
 from rlhf_live.ui.common import PRIVATE, on_space
@@ -85,26 +81,7 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
 
 def serve(cfg: Config) -> None:
     """Load the policy and store, start the trainer (unless --no-train) and run the app until interrupted."""
-    hub = HubSync(cfg)
-    for note in hub.pull():  # an empty data dir on a Space without storage: resume from the Hub, if configured
-        print(f"rlhf-live: {note}", flush=True)
-    store = Store.from_config(cfg)
-    for note in reconcile(store, AdapterRegistry(cfg.adapters_dir)):
-        print(f"rlhf-live: {note}", flush=True)
-    hub.start(store)
-    adapter, version = serving_choice(cfg, store)
-    policy = Policy.from_config(cfg, adapter_path=adapter, version=version)
-    if policy.engine_note:
-        print(f"rlhf-live: {policy.engine_note}", flush=True)
-    from rlhf_live.learning.trainer import Follower, Trainer
-
-    trainer = None
-    if cfg.train:
-        trainer = Trainer(cfg, store, policy, hub)
-        trainer.start()
-    else:  # a trainer may run as its own process (`rlhf-live train --watch`): serve what it makes live
-        Follower(cfg, store, policy).start()
-    service = Service(policy, store, cfg, trainer)
+    service = assemble(cfg, say=lambda note: print(f"rlhf-live: {note}", flush=True)).service
     demo = build(service, cfg)
     # uvicorn (which Gradio starts) rewrites the peer address from X-Forwarded-For only for these peers; its own
     # default trusts 127.0.0.1, where any local client could then claim any address.

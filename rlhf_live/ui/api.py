@@ -44,7 +44,7 @@ def add_api(service: Service, generate: dict) -> None:
 
     def api_status() -> dict:
         """Trainer state, live version, counts and last run metrics."""
-        return json.loads(json.dumps(service.status(), default=str))
+        return json.loads(json.dumps(service.dashboard.status(), default=str))
 
     gr.api(api_chat, api_name="chat", **generate)
     gr.api(api_feedback, api_name="feedback")

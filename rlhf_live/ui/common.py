@@ -16,9 +16,11 @@ from collections.abc import Iterator
 import gradio as gr
 
 from rlhf_live.config import Config
+from rlhf_live.learning.trainer import RoundInProgress
 from rlhf_live.logs import refusal
+from rlhf_live.serving.callers import Caller
 from rlhf_live.serving.policy import GenerationSettings
-from rlhf_live.serving.service import USER_ERRORS, Caller, Service
+from rlhf_live.serving.service import USER_ERRORS, Service
 
 LIKE = {"up": "Like", "down": "Dislike"}
 """Store thumbs -> the Chatbot's feedback labels."""
@@ -92,7 +94,7 @@ class UserError:
         return self
 
     def __exit__(self, typ, exc, tb):
-        if exc is not None and isinstance(exc, USER_ERRORS):
+        if exc is not None and isinstance(exc, (*USER_ERRORS, RoundInProgress)):
             raise refused(str(exc)) from None
         return False  # anything else is a real error: Gradio prints its traceback
 

@@ -66,7 +66,7 @@ class DataTab:
                     self.export = gr.Button("Prepare download")
                 self.file = gr.File(label="Export", interactive=False)
         self.export.click(self.do_export, [self.fmt, self.token], [self.file], **PRIVATE)
-        self.tab.select(lambda: data_summary(service.status()), None, [self.summary], **PRIVATE, queue=False)
+        self.tab.select(lambda: data_summary(service.dashboard.status()), None, [self.summary], **PRIVATE, queue=False)
 
     def wire_delete(self, client: gr.BrowserState) -> None:
         """Download and delete need the browser's voter id (the Chat tab's client state)."""

@@ -20,8 +20,8 @@ import pandas as pd
 from gradio.components.plot import PlotData
 
 from rlhf_live.config import Config
-from rlhf_live.eval.leaderboard import MIN_BATTLES, MIN_VOTES
-from rlhf_live.serving.policy import BASE
+from rlhf_live.model.lora import BASE
+from rlhf_live.serving.leaderboard import MIN_BATTLES, MIN_VOTES
 from rlhf_live.serving.service import Service
 from rlhf_live.ui.common import PRIVATE, UserError, admin_users, refused, require_admin, voter_of
 from rlhf_live.ui.data import data_summary
@@ -183,7 +183,7 @@ class TrainingTab:
     def _sources(self, token, profile: gr.OAuthProfile | None = None):
         """Admin: every source that voted, its share, status and evidence."""
         require_admin(self.cfg, token, profile)
-        rows = source_rows(self.service.sources())
+        rows = source_rows(self.service.dashboard.sources())
         note = "" if rows else "No votes with a known source yet."
         return gr.Dataframe(pd.DataFrame(rows, columns=SOURCE_COLUMNS), visible=bool(rows)), note
 
@@ -226,7 +226,7 @@ class VersionNotice:
         first, seen["version"] = not seen.get("version"), version
         if first or version == BASE:
             return gr.skip(), gr.skip(), seen
-        notice = self.service.live_notice(voter_of(self.service, client_value, request, profile))
+        notice = self.service.dashboard.live_notice(voter_of(self.service, client_value, request, profile))
         return gr.Row(visible=True), notice_text(notice), seen
 
 
@@ -246,12 +246,12 @@ def notice_text(notice: dict) -> str:
 def dashboard_parts(service: Service, now: float | None = None) -> dict:
     """Each output of the tab (then the Data tab's summary) as (key, build): equal keys build equal values."""
     now = time.time() if now is None else now
-    status = service.status()
-    curve = service.learning_curve()
+    status = service.dashboard.status()
+    curve = service.dashboard.learning_curve()
     quality, drift, notes = curve_rows(curve)
     # Each round's tick says which version it made, and whether the gate refused it or the owner took it back.
     rounds = [(row["round"], f"{row['round']}\n{row['version']}" + ROUND_NOTES.get(row["status"], "")) for row in curve]
-    board = board_rows(service.leaderboard())
+    board = board_rows(service.dashboard.leaderboard())
     versions = version_rows(status["versions"])
     text = status_text(status, now)
     captions = (caption(CAPTION_QUALITY, notes), CAPTION_DRIFT)

@@ -57,6 +57,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf_live.config import Config
 from rlhf_live.model.base import load_base, prepare_cpu_4bit
+from rlhf_live.model.lora import lora_targets
 from rlhf_live.model.prompt import Rendered, answer_ids, render
 
 HEAD_FILE = "reward_head.safetensors"
@@ -298,9 +299,7 @@ def _micro_batches(batch: list[_Example], max_tokens: int) -> list[list[_Example
 def _lora_config(cfg: Config, base) -> LoraConfig:
     """The reward LoRA: the policy's target modules, on all layers or (reward_lora_layers) only the top N."""
     if cfg.reward_lora_layers <= 0:
-        targets = (
-            cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
-        )
+        targets = lora_targets(cfg)
     else:
         # PEFT refuses layers_to_transform with "all-linear": list the linear modules of the top layers by name.
         n_layers = base.config.get_text_config().num_hidden_layers
