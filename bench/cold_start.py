@@ -29,7 +29,8 @@ from transformers import AutoModelForCausalLM, TextIteratorStreamer
 from rlhf_live.config import Config
 from rlhf_live.model.base import resolve
 from rlhf_live.serving import llamacpp as llama
-from rlhf_live.serving.policy import GenerationSettings, Policy
+from rlhf_live.serving.policy import Policy
+from rlhf_live.serving.settings import GenerationSettings
 
 TOPICS = ["budget", "hiring", "the launch date", "customer feedback", "the office move", "security review"]
 

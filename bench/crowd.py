@@ -244,7 +244,8 @@ def evaluator(extra: list[str], rater, n_eval: int, seed: int):
     from rlhf_live.eval.evaluation import Evaluator
     from rlhf_live.eval.simulate import split_prompts
     from rlhf_live.model.lora import BASE
-    from rlhf_live.serving.policy import GenerationSettings, Policy
+    from rlhf_live.serving.policy import Policy
+    from rlhf_live.serving.settings import GenerationSettings
 
     parser = argparse.ArgumentParser()
     config_mod.add_arguments(parser)

@@ -19,8 +19,10 @@ import torch
 
 from rlhf_live.config import Config
 from rlhf_live.model.base import resolve, source_gguf
+from rlhf_live.serving.engine_files import served_base
 from rlhf_live.serving.gguf_export import cached_model_gguf
-from rlhf_live.serving.policy import GenerationSettings, Policy, served_base
+from rlhf_live.serving.policy import Policy
+from rlhf_live.serving.settings import GenerationSettings
 
 PROMPT = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread."}]
 LONG = [  # ~1,000 prompt tokens: a conversation with history, where prefill dominates the first token

@@ -26,7 +26,9 @@ from rlhf_live.learning.rollout import load_seed_prompts
 from rlhf_live.model.base import source_gguf
 from rlhf_live.model.sampling import loop_cut
 from rlhf_live.serving import llamacpp as llama
-from rlhf_live.serving.policy import Answer, GenerationSettings, Policy
+from rlhf_live.serving.policy import Policy
+from rlhf_live.serving.samplers import Answer, engine_sampling
+from rlhf_live.serving.settings import GenerationSettings
 
 OFF = {"repetition_penalty": 1.0, "stop_loops": False}
 VARIANTS = {  # name -> (what it is, settings over Config's defaults)
@@ -73,7 +75,7 @@ def plain_llamacpp(path: Path, policy: Policy, prompts: list[list[dict]], settin
     answers = [Answer() for _ in prompts]
     for i, p in enumerate(prompts):
         ids = policy.build_prompt(p, settings)[0]
-        engine.submit(ids, policy._sampling(settings, i), None, threading.Event(), sink, i)
+        engine.submit(ids, engine_sampling(settings, i), None, threading.Event(), sink, i)
     running = len(prompts)
     while running:
         i, kind, value = sink.get()

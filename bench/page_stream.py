@@ -24,8 +24,9 @@ from gradio_client import Client
 from load import start_app
 
 from rlhf_live.config import Config
-from rlhf_live.serving.policy import GenerationSettings, Policy
+from rlhf_live.serving.policy import Policy
 from rlhf_live.serving.service import Service
+from rlhf_live.serving.settings import GenerationSettings
 from rlhf_live.store import Store
 
 QUESTION = "Write a long, detailed story about a dragon who learns to bake bread."

@@ -13,8 +13,9 @@ from pathlib import Path
 from rlhf_live.config import Config
 from rlhf_live.learning.round import EngineFile
 from rlhf_live.learning.trainer import Trainer
+from rlhf_live.serving.engine_files import prebuild_engine_file
 from rlhf_live.serving.follower import Follower
-from rlhf_live.serving.policy import Policy, prebuild_engine_file
+from rlhf_live.serving.policy import Policy
 from rlhf_live.serving.service import Service
 from rlhf_live.store import Store
 from rlhf_live.store.folders import AdapterRegistry

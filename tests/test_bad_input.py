@@ -10,8 +10,9 @@ from apphelpers import snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhf_live.serving.policy import GenerationSettings, Policy
+from rlhf_live.serving.policy import Policy
 from rlhf_live.serving.service import USER_ERRORS, Service
+from rlhf_live.serving.settings import GenerationSettings
 from rlhf_live.store import Store
 
 ALICE, MALLORY = "v-alice", "v-mallory"

@@ -12,8 +12,8 @@ from apphelpers import rows, shared_tiny_app
 from bench.crowd import queue_call
 from rlhf_live.learning.trainer import Trainer
 from rlhf_live.serving.callers import Caller
-from rlhf_live.serving.policy import InvalidRequest
 from rlhf_live.serving.service import LOGIN_TO_VOTE, Service
+from rlhf_live.serving.settings import InvalidRequest
 from rlhf_live.store import Store, source_id
 from rlhf_live.ui.training import _now_sentence
 

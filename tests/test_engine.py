@@ -16,9 +16,11 @@ from rlhf_live.model.base import load_base, prepare_cpu_4bit
 from rlhf_live.model.lora import BASE, AdapterError, attach_adapter
 from rlhf_live.model.sampling import penalize
 from rlhf_live.serving import gguf_export
+from rlhf_live.serving.engine_files import start_engine
 from rlhf_live.serving.gguf_export import GGUFExportError, write_gguf_lora
 from rlhf_live.serving.llamacpp import EngineError, LlamaCppEngine
-from rlhf_live.serving.policy import GenerationSettings, Policy, start_engine
+from rlhf_live.serving.policy import Policy
+from rlhf_live.serving.settings import GenerationSettings
 
 PROMPTS = [
     [{"role": "user", "content": "What is the tallest mountain in the world?"}],
@@ -324,8 +326,8 @@ def test_per_version_files_are_pruned_to_the_newest_but_never_what_serves(tmp_pa
 
 def test_a_merged_version_is_the_base_plus_alpha_over_r_b_a(tiny_cfg, tmp_path):
     """merge_lora folds the LoRA in exactly as PEFT computes it: W + alpha / r * B @ A on every target."""
+    from rlhf_live.serving.engine_files import served_base
     from rlhf_live.serving.gguf_export import merge_lora
-    from rlhf_live.serving.policy import served_base
 
     base, _ = load_base(tiny_cfg, tiny_cfg.model)
     model = attach_adapter(base, tiny_cfg)
@@ -362,7 +364,7 @@ def test_runtime_lora_mode_serves_the_trained_policy_too(adapters):
 def test_the_trainers_prebuilt_file_is_the_one_serving_swaps_to(served, adapters, tmp_path):
     """The merged model written in training's time has the key serving looks for: the swap finds it ready."""
     from rlhf_live.learning.copies import TrainingCopies
-    from rlhf_live.serving.policy import prebuild_engine_file
+    from rlhf_live.serving.engine_files import prebuild_engine_file, version_file
 
     cfg = dataclasses.replace(served.cfg, cache_dir=str(tmp_path / "cache"))
     copies = TrainingCopies(cfg)
@@ -372,7 +374,9 @@ def test_the_trainers_prebuilt_file_is_the_one_serving_swaps_to(served, adapters
     inode = built.stat().st_ino  # a rewrite would replace the file
     served.cfg, before = cfg, served.cfg
     try:
-        assert served._lora_gguf(adapters[1]) == built and built.stat().st_ino == inode  # found, not rewritten
+        assert (
+            version_file(cfg, served.model, adapters[1]) == built and built.stat().st_ino == inode
+        )  # found, not rewritten
     finally:
         served.cfg = before
 

@@ -5,7 +5,9 @@ import torch
 
 from rlhf_live.eval.evaluation import Evaluator, answer_stats, distinct_n, is_answer, wilson_interval
 from rlhf_live.eval.raters import load_rater
-from rlhf_live.serving.policy import Answer, GenerationSettings, Policy
+from rlhf_live.serving.policy import Policy
+from rlhf_live.serving.samplers import Answer
+from rlhf_live.serving.settings import GenerationSettings
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about apples number {i}."}] for i in range(6)]
 

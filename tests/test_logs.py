@@ -60,7 +60,7 @@ def test_a_refusal_is_one_short_line(capsys):
 def test_user_errors_become_quiet_gr_errors_and_other_errors_pass_through(capsys):
     import gradio as gr
 
-    from rlhf_live.serving.policy import InvalidRequest
+    from rlhf_live.serving.settings import InvalidRequest
     from rlhf_live.ui.common import UserError
 
     with pytest.raises(gr.Error) as refused, UserError():

@@ -9,7 +9,8 @@ from conftest import build_tiny_lm
 
 from rlhf_live.config import Config
 from rlhf_live.model.lora import AdapterError
-from rlhf_live.serving.policy import GenerationSettings, InvalidRequest, Policy
+from rlhf_live.serving.policy import Policy
+from rlhf_live.serving.settings import GenerationSettings, InvalidRequest
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 

@@ -14,7 +14,8 @@ from rlhf_live.learning.round import _prompt_pool
 from rlhf_live.model import base as models
 from rlhf_live.model.lora import attach_adapter
 from rlhf_live.model.prompt import answer_ids, prompt_budget, render, template, training_budget, with_system
-from rlhf_live.serving.policy import GenerationSettings, InvalidRequest, Policy
+from rlhf_live.serving.policy import Policy
+from rlhf_live.serving.settings import GenerationSettings, InvalidRequest
 from rlhf_live.store import Store
 
 PIRATE = "You are a pirate. Answer every question as a pirate would."

@@ -9,7 +9,9 @@ from rlhf_live.learning.ppo import PPOTrainer
 from rlhf_live.model.base import load_base
 from rlhf_live.model.lora import attach_adapter
 from rlhf_live.model.sampling import LoopStop, generate_kwargs, loop_cut, penalize, penalize_positions, windows
-from rlhf_live.serving.policy import GenerationSettings, Policy
+from rlhf_live.serving.policy import Policy
+from rlhf_live.serving.scoring import answer_logprobs
+from rlhf_live.serving.settings import GenerationSettings
 
 
 def _llamacpp_rule(logits: list[float], window: list[int], penalty: float) -> list[float]:
@@ -115,7 +117,7 @@ def test_kl_and_ppo_log_probs_use_the_penalised_policy(tiny_cfg):
             total += float(torch.log_softmax(torch.tensor(row), -1)[token])
         return total
 
-    got = policy._answer_logprobs(prompts, replies, [policy.version] * 2, 1.0, settings)
+    got = answer_logprobs(policy, prompts, replies, [policy.version] * 2, 1.0, settings)
     want = [by_hand(p, r, 1.5) for p, r in zip(prompts, replies)]
     assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-4)
     assert not torch.allclose(torch.tensor(want), torch.tensor([by_hand(p, r, 1.0) for p, r in zip(prompts, replies)]))

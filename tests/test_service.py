@@ -10,8 +10,9 @@ from apphelpers import snapshot
 
 from rlhf_live.model.lora import BASE
 from rlhf_live.serving import service as service_mod
-from rlhf_live.serving.policy import GenerationSettings, InvalidRequest, Policy
+from rlhf_live.serving.policy import Policy
 from rlhf_live.serving.service import COMPARE_UNAVAILABLE, Service
+from rlhf_live.serving.settings import GenerationSettings, InvalidRequest
 from rlhf_live.store import AlreadyVoted, Forbidden, InvalidInput, Store, UnknownId
 
 ALICE, BOB = "v-alice", "v-bob"

@@ -31,7 +31,8 @@ def test_the_hub_model_id_path_where_the_hub_is_reachable(tmp_path):
     if not _hub_reachable():
         pytest.skip("huggingface.co is not reachable from this machine: the hub id path runs on a Space only")
     from rlhf_live.config import Config
-    from rlhf_live.serving.policy import GenerationSettings, Policy
+    from rlhf_live.serving.policy import Policy
+    from rlhf_live.serving.settings import GenerationSettings
 
     cfg = Config(model="HuggingFaceTB/SmolLM2-135M-Instruct", data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
     policy = Policy.from_config(cfg)

@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 
 from rlhf_live.learning.gate import distinct_n, is_answer
 from rlhf_live.model.lora import BASE
-from rlhf_live.serving.policy import Answer, GenerationSettings, Policy
+from rlhf_live.serving.policy import Policy
+from rlhf_live.serving.samplers import Answer
+from rlhf_live.serving.settings import GenerationSettings
 
 FLUENCY_MARGINS = {"distinct2": 0.05, "eos_rate": 0.10, "answered_rate": 0.05}
 """How much lower than the base's a version's distinct-2, EOS rate and share of real answers may be and still count

@@ -20,8 +20,8 @@ from rlhf_live.config import Config
 from rlhf_live.eval.evaluation import Evaluator
 from rlhf_live.eval.raters import Rater, load_rater
 from rlhf_live.learning.rollout import load_seed_prompts
-from rlhf_live.serving.policy import GenerationSettings
 from rlhf_live.serving.service import Service
+from rlhf_live.serving.settings import GenerationSettings
 
 SUMMARY_KEYS = ("win_rate", "win_rate_ci", "kl", "answer_words", "eos_rate", "distinct2", "fluent")
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from rlhf_live.config import Config
-from rlhf_live.serving.policy import InvalidRequest
+from rlhf_live.serving.settings import InvalidRequest
 from rlhf_live.store import source_id, voter_id
 
 

@@ -15,7 +15,8 @@ from rlhf_live.config import Config
 from rlhf_live.model.lora import BASE, AdapterError
 from rlhf_live.serving.callers import Caller, Callers, as_caller
 from rlhf_live.serving.dashboard import Dashboard
-from rlhf_live.serving.policy import GenerationSettings, InvalidRequest, Policy
+from rlhf_live.serving.policy import Policy
+from rlhf_live.serving.settings import GenerationSettings, InvalidRequest
 from rlhf_live.store import Store, StoreError
 
 USER_ERRORS = (StoreError, InvalidRequest, AdapterError)

@@ -19,8 +19,8 @@ from rlhf_live.config import Config
 from rlhf_live.learning.trainer import RoundInProgress
 from rlhf_live.logs import refusal
 from rlhf_live.serving.callers import Caller
-from rlhf_live.serving.policy import GenerationSettings
 from rlhf_live.serving.service import USER_ERRORS, Service
+from rlhf_live.serving.settings import GenerationSettings
 
 LIKE = {"up": "Like", "down": "Dislike"}
 """Store thumbs -> the Chatbot's feedback labels."""
