@@ -24,13 +24,8 @@ from pathlib import Path
 import torch
 
 from rlhf_live.config import Config
-from rlhf_live.learning.reward.lora import (
-    RewardModel,
-    _length_accuracy,
-    _lora_config,
-    accuracy_by_length,
-    length_baselines,
-)
+from rlhf_live.learning.reward.lora import RewardModel, _lora_config
+from rlhf_live.learning.reward.offline import _length_accuracy, accuracy_by_length, length_baselines
 from rlhf_live.model.base import dequantize_cpu_4bit, resolve
 from rlhf_live.store.formats import read_pairs
 

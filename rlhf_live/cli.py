@@ -123,7 +123,7 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
             _print_stats(stats)
         return 0
     if args.command == "reward-eval":
-        from rlhf_live.learning.reward.lora import reward_eval
+        from rlhf_live.learning.reward.offline import reward_eval
 
         _print_json(reward_eval(cfg, args.train, args.test, args.limit_train, args.limit_test))
         return 0

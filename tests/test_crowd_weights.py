@@ -14,7 +14,8 @@ from test_reward import marker_pairs
 from rlhf_live.config import Config
 from rlhf_live.learning import crowd
 from rlhf_live.learning.direct import _weighted, dpo_examples, kto_examples
-from rlhf_live.learning.reward.lora import RewardModel, _collect
+from rlhf_live.learning.reward.data import collect
+from rlhf_live.learning.reward.lora import RewardModel
 from rlhf_live.learning.reward.probe import ProbeRewardModel
 from rlhf_live.learning.round import _flag_contrarians, _Round, _weigh
 from rlhf_live.serving.callers import Caller
@@ -73,10 +74,10 @@ def test_the_trainer_weighs_votes_only_on_public_deployments(tiny_cfg):
 def test_every_learner_honours_the_weights(tiny_cfg):
     pairs = [{**p, "weight": w} for p, w in zip(marker_pairs(3), (0.5, 1.0, 0.0))]
     # Reward model (LoRA and probe): each example's loss is scaled by its weight; weight 0 is not trained on.
-    examples, counts = _collect(pairs, [], [])
+    examples, counts = collect(pairs, [], [])
     assert [e.weight for e in examples] == [0.5, 1.0] and counts["n_zero_weight"] == 1
     lora = RewardModel.create(tiny_cfg)
-    lora._encode_examples(examples)
+    lora.encoder.fill(examples)
     losses, _ = lora._losses(examples)
     unweighted, _ = lora._losses([replace(e, weight=1.0) for e in examples])
     torch.testing.assert_close(losses, unweighted * torch.tensor([0.5, 1.0]))
@@ -186,7 +187,7 @@ def test_the_training_tab_shows_sources_per_version_and_what_was_left_out():
 
 
 def test_a_public_round_with_too_few_sources_left_after_flagging_is_refused_with_a_sentence(tiny_cfg):
-    from rlhf_live.learning.reward.lora import RewardDataError
+    from rlhf_live.learning.reward.data import RewardDataError
     from rlhf_live.learning.round import _enough_sources
 
     cfg = replace(tiny_cfg, public=True)

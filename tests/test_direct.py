@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhf_live.learning.direct import DirectDivergence, dpo_examples, kto_examples, train_direct
-from rlhf_live.learning.reward.lora import RewardDataError
+from rlhf_live.learning.reward.data import RewardDataError
 from rlhf_live.learning.round import run_round
 from rlhf_live.learning.trainer import Trainer
 from rlhf_live.model.lora import BASE, attach_adapter

@@ -9,17 +9,9 @@ import random
 import pytest
 import torch
 
-from rlhf_live.learning.reward.lora import (
-    RewardDataError,
-    RewardModel,
-    _collect,
-    _corr,
-    _split,
-    bt_loss,
-    length_loss,
-    pointwise_loss,
-    tie_loss,
-)
+from rlhf_live.learning.reward.data import RewardDataError, collect, split
+from rlhf_live.learning.reward.lora import RewardModel
+from rlhf_live.learning.reward.losses import _corr, bt_loss, length_loss, pointwise_loss, tie_loss
 from rlhf_live.model.prompt import template
 from rlhf_live.store.formats import Pair
 
@@ -88,8 +80,8 @@ def test_split_keeps_each_conversation_on_one_side():
         pairs += [
             {"prompt": user(f"q{c} turn {t}"), "chosen": "a", "rejected": "b", "conversation_id": c} for t in range(3)
         ]
-    examples, _ = _collect(pairs, (), ())
-    train, held = _split(examples, 0.2, seed=0)
+    examples, _ = collect(pairs, (), ())
+    train, held = split(examples, 0.2, seed=0)
     assert len(held) == 12 and len(train) == 48  # 4 of 20 conversations held out, whole
     assert not {e.group for e in train} & {e.group for e in held}
     # without ids the first user message groups the turns of one chat
@@ -98,28 +90,28 @@ def test_split_keeps_each_conversation_on_one_side():
         for c in range(10)
         for t in range(2)
     ]
-    train, held = _split(_collect(no_ids, (), ())[0], 0.2, seed=0)
+    train, held = split(collect(no_ids, (), ())[0], 0.2, seed=0)
     assert len(held) == 4 and not {e.group for e in train} & {e.group for e in held}
 
 
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RewardDataError, match="No usable feedback"):
-        _collect([], [], [])
+        collect([], [], [])
     with pytest.raises(RewardDataError, match="Only ties"):
-        _collect([], [{"prompt": user("q"), "a": "x", "b": "y"}], [])
+        collect([], [{"prompt": user("q"), "a": "x", "b": "y"}], [])
     with pytest.raises(RewardDataError, match="identical"):
-        _collect([{"prompt": user("q"), "chosen": "same", "rejected": "same"}], [], [])
+        collect([{"prompt": user("q"), "chosen": "same", "rejected": "same"}], [], [])
     with pytest.raises(RewardDataError, match="pair #1 has no 'rejected'"):
-        _collect([{"prompt": "q", "chosen": "x", "rejected": "y"}, {"prompt": "q", "chosen": "x"}], [], [])
+        collect([{"prompt": "q", "chosen": "x", "rejected": "y"}, {"prompt": "q", "chosen": "x"}], [], [])
     with pytest.raises(RewardDataError, match="label must be True"):
-        _collect([], [], [{"prompt": "q", "completion": "x", "label": "maybe"}])
+        collect([], [], [{"prompt": "q", "completion": "x", "label": "maybe"}])
     with pytest.raises(RewardDataError, match="prompt must be"):
-        _collect([{"prompt": 42, "chosen": "x", "rejected": "y"}], [], [])
+        collect([{"prompt": 42, "chosen": "x", "rejected": "y"}], [], [])
 
 
 def test_duplicates_are_dropped_and_counted():
     pair = {"prompt": user("q"), "chosen": "x", "rejected": "y"}
-    examples, counts = _collect([pair, dict(pair), Pair(user("q"), "x", "y"), Pair(user("q"), "y", "x")], [], [])
+    examples, counts = collect([pair, dict(pair), Pair(user("q"), "x", "y"), Pair(user("q"), "y", "x")], [], [])
     assert len(examples) == 2 and counts["n_duplicates"] == 2  # the contradicting vote is kept
 
 
@@ -182,11 +174,6 @@ def test_learns_a_separable_preference_and_round_trips(rcfg, tmp_path):
     assert z.mean().item() == pytest.approx(0.0, abs=1e-5) and z.std().item() == pytest.approx(1.0, abs=1e-5)
     raw = rm.score(prompts, answers)
     torch.testing.assert_close(raw, z * stats["std"] + stats["mean"])
-    # save / load gives the same scores and statistics
-    rm.save(tmp_path / "rm")
-    again = RewardModel.load(rcfg, tmp_path / "rm")
-    torch.testing.assert_close(again.score(prompts, answers), raw)
-    assert (again.norm_mean, again.norm_std) == (rm.norm_mean, rm.norm_std)
 
 
 def test_thumbs_alone_and_ties_shape_the_reward(rcfg):
@@ -279,10 +266,6 @@ def test_length_head_takes_the_length_and_scores_use_the_quality_head(rcfg, tmp_
     assert heads.shape[1] == 2
     assert abs(_corr(scores, lengths)) < 0.4 and _corr(heads[:, 1], lengths) > 0.7
     assert rm.accuracy(test) < 0.75
-    rm.save(tmp_path / "rm")
-    again = RewardModel.load(cfg, tmp_path / "rm")
-    assert again.head.out_features == 2
-    torch.testing.assert_close(again.score(prompts, answers), scores)
 
 
 # --- rlhf-live reward-eval -----------------------------------------------------------------------------------

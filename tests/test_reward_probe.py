@@ -10,7 +10,7 @@ import torch
 from test_reward import WORDS, marker_pairs, user
 
 from rlhf_live.learning.copies import create_reward_model
-from rlhf_live.learning.reward.lora import RewardDataError
+from rlhf_live.learning.reward.data import RewardDataError
 from rlhf_live.learning.reward.probe import ProbeRewardModel
 
 

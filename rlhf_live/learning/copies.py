@@ -7,13 +7,14 @@ adapter attached trainable); knows nothing of SQL, rounds or serving (serving lo
 from __future__ import annotations
 
 from rlhf_live.config import Config
+from rlhf_live.learning.reward.base import Scorer
 from rlhf_live.learning.reward.lora import RewardModel
 from rlhf_live.learning.reward.probe import ProbeRewardModel
 from rlhf_live.model.base import load_base, prepare_cpu_4bit, resolve
 from rlhf_live.model.lora import attach_adapter
 
 
-def create_reward_model(cfg: Config, base=None, tokenizer=None) -> RewardModel:
+def create_reward_model(cfg: Config, base=None, tokenizer=None) -> Scorer:
     """The reward model Config.reward_kind names, on `base` (loaded when not given)."""
     if cfg.reward_kind == "probe":
         return ProbeRewardModel.create(cfg, base, tokenizer)
@@ -34,7 +35,7 @@ class TrainingCopies:
         self.cfg = cfg
         self.exclude_prompts = exclude_prompts
         """User messages PPO must never train on (a simulation's held-out prompts)."""
-        self.reward_model: RewardModel | None = None
+        self.reward_model: Scorer | None = None
         """The last round's fitted reward model (for evaluation)."""
         self._source: str | None = None
         self._policy = None
@@ -45,7 +46,7 @@ class TrainingCopies:
             self._source = resolve(self.cfg.model, self.cfg.cache_dir)
         return self._source
 
-    def new_reward_model(self) -> RewardModel:
+    def new_reward_model(self) -> Scorer:
         """The reward model to fit this round."""
         if isinstance(self.reward_model, ProbeRewardModel) and self.cfg.reward_kind == "probe":
             return self.reward_model

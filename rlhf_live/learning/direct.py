@@ -23,10 +23,6 @@ from transformers import PrinterCallback, TrainerCallback
 from rlhf_live.config import Config
 from rlhf_live.model.prompt import render, training_budget
 
-LEARNERS = ("ppo", "dpo", "kto", "rm-dpo")
-"""What Config.learner may name: `ppo` (reward model + PPO, ppo.py) or one of the direct learners here; `rm-dpo` is
-DPO on the votes plus the policy's own samples ranked by the reward model."""
-
 
 class DirectDivergence(RuntimeError):
     """A DPO/KTO round produced NaN/inf loss or weights; the trained copy is thrown away, serving is untouched."""
@@ -167,7 +163,7 @@ def train_direct(
         raise ValueError(f"train_direct knows 'dpo', 'rm-dpo' and 'kto', not {learner!r}")
     need = 2 if learner == "kto" else 1  # KTO's KL baseline pairs each answer with another row's prompt
     if len(examples) < need:
-        from rlhf_live.learning.reward.lora import RewardDataError
+        from rlhf_live.learning.reward.data import RewardDataError
 
         kind = {"dpo": "A/B choices", "kto": "thumbs or A/B choices"}.get(learner, "pairs the reward model is sure of")
         raise RewardDataError(f"{learner.upper()} needs {kind} to learn from: {len(examples)} in this round.")

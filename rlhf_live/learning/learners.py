@@ -27,13 +27,13 @@ LEARNERS = {
     for learner in (
         # PPO against the reward model (ppo.py): the gate reads the rollouts PPO sampled anyway.
         Learner("ppo", True, False, ("fitting reward model", "PPO")),
-        # DPO on the votes plus the policy's own samples ranked by the reward model (direct.py).
-        Learner("rm-dpo", True, False, ("fitting reward model", "RM-DPO", "evaluating")),
         Learner("dpo", False, False, ("DPO", "evaluating")),
         Learner("kto", False, True, ("KTO", "evaluating")),
+        # DPO on the votes plus the policy's own samples ranked by the reward model (direct.py).
+        Learner("rm-dpo", True, False, ("fitting reward model", "RM-DPO", "evaluating")),
     )
 }
-"""Every learner by name (ppo, rm-dpo, dpo, kto)."""
+"""Every learner by name (ppo, dpo, kto, rm-dpo)."""
 
 
 def learner(name: str) -> Learner:

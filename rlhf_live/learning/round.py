@@ -24,7 +24,8 @@ from rlhf_live.learning.direct import DirectDivergence, reward_ranked_pairs, tra
 from rlhf_live.learning.gate import TrainingRejected, answered_rate, gate, mean_distinct2
 from rlhf_live.learning.learners import learner as learner_named
 from rlhf_live.learning.ppo import PPODivergence, PPOTrainer
-from rlhf_live.learning.reward.lora import RewardDataError, RewardModel
+from rlhf_live.learning.reward.base import Scorer
+from rlhf_live.learning.reward.data import RewardDataError
 from rlhf_live.learning.reward.probe import ProbeRewardModel
 from rlhf_live.learning.rollout import Rollouts, load_seed_prompts
 from rlhf_live.model.lora import BASE
@@ -169,7 +170,7 @@ def train_round(
     return metrics
 
 
-def _fit_reward(r: _Round, pairs: list, ties: list, pointwise: list) -> RewardModel:
+def _fit_reward(r: _Round, pairs: list, ties: list, pointwise: list) -> Scorer:
     """The round's reward model, fitted on every vote so far."""
     r.say("fitting reward model", "loading")
     reward_model = r.copies.new_reward_model()
@@ -191,7 +192,7 @@ def _weigh(cfg: Config, zeroed: frozenset[str], *lists: list[dict]) -> tuple[lis
 
 
 def _flag_contrarians(
-    r: _Round, store: Store, reward_model: RewardModel, weighted: tuple, statuses: dict, watermark: int
+    r: _Round, store: Store, reward_model: Scorer, weighted: tuple, statuses: dict, watermark: int
 ) -> frozenset[str]:
     """Sources newly flagged: each source's votes tested against a probe fitted on everyone else's (crowd.evidence)."""
     cfg = r.cfg
@@ -253,7 +254,7 @@ def _crowd_metrics(r: _Round, what: str, rows: list[dict], zeroed: frozenset[str
     )
 
 
-def _ppo(r: _Round, reward_model: RewardModel) -> Callable[[Path], None]:
+def _ppo(r: _Round, reward_model: Scorer) -> Callable[[Path], None]:
     """PPO updates against the reward model; returns the function that saves the trained adapter."""
     cfg = r.cfg
     r.say("PPO", "loading policy copy")
@@ -286,7 +287,7 @@ def _ppo(r: _Round, reward_model: RewardModel) -> Callable[[Path], None]:
     return learner.save_adapter
 
 
-def _direct(r: _Round, pairs: list, pointwise: list, reward_model: RewardModel | None, seed: int):
+def _direct(r: _Round, pairs: list, pointwise: list, reward_model: Scorer | None, seed: int):
     """DPO/KTO (through TRL) on the round's votes, plus reward-ranked pairs for rm-dpo; returns the save function."""
     cfg, name = r.cfg, r.cfg.learner.upper()
     r.say(name, "loading policy copy")

@@ -19,7 +19,7 @@ from typing import Protocol
 from rlhf_live.config import Config
 from rlhf_live.learning.copies import TrainingCopies
 from rlhf_live.learning.learners import learner, round_stages
-from rlhf_live.learning.reward.lora import RewardModel
+from rlhf_live.learning.reward.base import Scorer
 from rlhf_live.learning.round import ROUND_FAILURES, EngineFile, TrainingStopped, run_round
 from rlhf_live.model.lora import BASE
 from rlhf_live.store import Store, recovery
@@ -123,7 +123,7 @@ class Trainer:
             **self._IDLE,
         }
 
-    def reward_model(self) -> RewardModel | None:
+    def reward_model(self) -> Scorer | None:
         """The last round's fitted reward model (None before the first round, and for learners without one)."""
         return self.copies.reward_model if learner(self.cfg.learner).reward_model else None
 

@@ -2,7 +2,7 @@
 
 What it knows:
 - Features of (conversation, answer): the frozen base LM (no LoRA) reads template(conversation) + answer + end of
-  turn, exactly as `RewardModel.encode` cuts it; the hidden states are mean-pooled over the answer's tokens at 1/3,
+  turn, exactly as `Scorer.encode` cuts it; the hidden states are mean-pooled over the answer's tokens at 1/3,
   1/2 and 2/3 of the depth and after the final norm, and the final state of the last token is added: 5 x H numbers
   (2,880 for SmolLM2-135M), standardised with the training answers' mean and std. Middle layers carry the words and
   the layout of an answer, the last token what the model makes of it as a whole.
@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_live.config import Config
-from rlhf_live.learning.reward.lora import PAIR, POINT, TIE, RewardDataError, RewardModel, _collect
+from rlhf_live.learning.reward.base import Scorer
+from rlhf_live.learning.reward.data import PAIR, POINT, TIE, RewardDataError, collect
 from rlhf_live.model.base import load_base, prepare_cpu_4bit
 
 DEPTHS = (1 / 3, 1 / 2, 2 / 3)
@@ -64,8 +65,8 @@ class Posterior:
         return torch.sigmoid(d @ self.members.T).mean(1)
 
 
-class ProbeRewardModel(RewardModel):
-    """Scores (conversation, answer) with a linear head on frozen LM features; same interface as RewardModel."""
+class ProbeRewardModel(Scorer):
+    """Scores (conversation, answer) with a linear head on frozen LM features (a Scorer, as the LoRA RewardModel)."""
 
     def __init__(self, base, tokenizer, cfg: Config):
         self._setup(base, tokenizer, cfg, next(base.parameters()).device)
@@ -141,7 +142,7 @@ class ProbeRewardModel(RewardModel):
     def _standardised(self, feats: torch.Tensor) -> torch.Tensor:
         return (feats - self.feat_mean) / self.feat_std
 
-    # --- scoring: RewardModel.score, accuracy and set_normalisation call this ---------------------------
+    # --- scoring: Scorer.score, accuracy and set_normalisation call this ---------------------------
     def _raw_scores(self, prompts: list[list[dict]], answers: list[str], batch_size: int) -> torch.Tensor:
         """Unnormalised rewards (B,) float32 on CPU: the linear head on the standardised features."""
         with torch.no_grad():
@@ -267,7 +268,7 @@ class ProbeRewardModel(RewardModel):
         The leave-one-source-out consensus of crowd.evidence: the features are the fitted model's (cached), the head
         is refitted per source on everyone else's weighted votes. Call after `fit` (it reuses its standardisation).
         """
-        examples, _ = _collect(list(pairs or ()), list(ties or ()), list(pointwise or ()))
+        examples, _ = collect(list(pairs or ()), list(ties or ()), list(pointwise or ()))
         examples = [e for e in examples if e.source not in without]
         index, pos = [], 0
         for e in examples:
