@@ -15,7 +15,7 @@ from rlhf_live.serving.callers import Caller
 from rlhf_live.serving.service import LOGIN_TO_VOTE, Service
 from rlhf_live.serving.settings import InvalidRequest
 from rlhf_live.store import Store, source_id
-from rlhf_live.ui.training import _now_sentence
+from rlhf_live.ui.dashboard_text import _now_sentence
 
 
 class FakePolicy:

@@ -164,7 +164,8 @@ def test_admins_ban_and_clear_sources_and_a_banned_source_cannot_vote(tiny_cfg):
 
 
 def test_the_training_tab_shows_sources_per_version_and_what_was_left_out():
-    from rlhf_live.ui.training import VERSION_COLUMNS, source_rows, status_text, version_rows
+    from rlhf_live.ui.dashboard_figures import VERSION_COLUMNS, source_rows, version_rows
+    from rlhf_live.ui.dashboard_text import status_text
 
     metrics = {"learner": "ppo", "crowd/reward_sources": 6, "crowd/reward_largest_share": 0.25}
     rows = version_rows(

@@ -11,8 +11,10 @@ import pytest
 
 from rlhf_live.serving.service import Service
 from rlhf_live.store import Store
+from rlhf_live.ui.dashboard_figures import board_rows, curve_rows
+from rlhf_live.ui.dashboard_text import readable_time, short_time, status_text
 from rlhf_live.ui.data import data_summary
-from rlhf_live.ui.training import board_rows, curve_rows, notice_text, readable_time, short_time, status_text
+from rlhf_live.ui.training import notice_text
 
 NOW = datetime(2026, 12, 2, 14, 8, 30, tzinfo=timezone.utc).timestamp()
 AT_1403 = "2026-12-02T14:03:12.123456+00:00"  # 5 min before NOW, as the store writes times

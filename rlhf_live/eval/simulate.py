@@ -63,8 +63,6 @@ def simulate(
     thumbs: bool = False,
 ) -> dict:
     """Run `votes` simulated votes with a training round every `round_every`; the learning curve as a dict."""
-    from rlhf_live.learning.gate import TrainingRejected
-    from rlhf_live.learning.round import ROUND_FAILURES
     from rlhf_live.runtime import assemble  # heavy: only when simulating
 
     if votes < 1 or round_every < 1:
@@ -98,13 +96,7 @@ def simulate(
             if len(block) < round_every:
                 break  # a partial block at the end: collected, not trained on
             t0 = time.perf_counter()
-            metrics, status = {}, "live"
-            try:
-                metrics = trainer.run_once()
-            except TrainingRejected as exc:
-                status, metrics = "rejected", {"error": str(exc)}
-            except ROUND_FAILURES as exc:
-                status, metrics = "failed", {"error": str(exc)}
+            metrics, status = _round(trainer)
             seconds["training"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             result = evaluator.evaluate(trainer.copies.reward_model) | {"status": status}
@@ -133,6 +125,19 @@ def simulate(
     if out is not None:
         _write(Path(out), summary, samples)
     return summary
+
+
+def _round(trainer) -> tuple[dict, str]:
+    """One training round now: (its metrics, 'live'), or ({error}, 'rejected' by the gate or 'failed')."""
+    from rlhf_live.learning.gate import TrainingRejected
+    from rlhf_live.learning.round import ROUND_FAILURES
+
+    try:
+        return trainer.run_once(), "live"
+    except TrainingRejected as exc:
+        return {"error": str(exc)}, "rejected"
+    except ROUND_FAILURES as exc:
+        return {"error": str(exc)}, "failed"
 
 
 def _entry(n: int, votes: int, counts: dict, result: dict, metrics: dict, seconds: dict, start: float) -> dict:

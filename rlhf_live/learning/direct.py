@@ -210,8 +210,12 @@ def train_direct(
             model.delete_adapter("ref")
         model.set_adapter("default")
         trainer.train()
+    return _metrics(learner, model, examples, [r for r in trainer.state.log_history if "loss" in r])
+
+
+def _metrics(learner: str, model, examples: list[dict], logs: list[dict]) -> dict:
+    """The run's flat metrics from TRL's logs; DirectDivergence when a loss or a weight is not finite."""
     params = [p for p in model.parameters() if p.requires_grad]
-    logs = [r for r in trainer.state.log_history if "loss" in r]
     # transformers' Trainer drops NaN/inf losses from its logs (logging_nan_inf_filter): check the weights too.
     if not logs or not all(math.isfinite(r["loss"]) for r in logs) or not all(torch.isfinite(p).all() for p in params):
         raise DirectDivergence(f"{learner.upper()} produced a non-finite loss or weight; the round is thrown away.")
