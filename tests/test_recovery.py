@@ -29,7 +29,7 @@ def test_a_crash_between_publish_and_register_never_wedges_the_next_round(parts)
     store, registry = parts
     path = registry.publish("v0001", write_adapter, meta={"parent": "base", "metrics": {"learner": "ppo"}})
     # The process died here: a folder, no DB row. The next version skips it instead of colliding.
-    assert store.next_version() == "v0001" and recovery.next_version(store, registry) == "v0002"
+    assert store.next_version() == "v0001" and store.next_version(registry.versions()) == "v0002"
     notes = recovery.reconcile(store, registry)
     assert notes == ["Registered v0001 as a candidate: it was published but never recorded (a crash between)."]
     row = store.adapter("v0001")

@@ -285,9 +285,10 @@ def test_reward_eval_cli_prints_accuracy_json(tiny_lm_dir, tmp_path, capsys):
     train = _write_jsonl(tmp_path / "train.jsonl", marker_pairs(60))
     other = _write_jsonl(tmp_path / "other.jsonl", marker_pairs(12, seed=5))
     flags = ["--model", str(tiny_lm_dir), "--no-load-in-4bit", "--compute-dtype", "float32"]
-    flags += ["--reward-lr", "2e-3", "--reward-epochs", "3", "--reward-max-tokens", "64", "--data-dir", str(tmp_path)]
+    flags += ["--reward-max-tokens", "64", "--data-dir", str(tmp_path)]
+    lora = ["--reward-kind", "lora", "--reward-lr", "2e-3", "--reward-epochs", "3"]
     args = ["reward-eval", "--train", train, "--test", train, "--test", other, "--limit-train", "50"]
-    assert main(args + ["--limit-test", "10", *flags]) == 0
+    assert main(args + ["--limit-test", "10", *flags, *lora]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["n_train"], out["n_test"]) == (50, 10)  # the train file's last 10, disjoint from the first 50
     assert out["n_test_by_file"] == {train: 10, other: 10}  # --limit-test caps every test file
@@ -295,6 +296,10 @@ def test_reward_eval_cli_prints_accuracy_json(tiny_lm_dir, tmp_path, capsys):
     assert out["accuracy_by_file"][other] == 1.0
     assert out["length_baseline_by_file"][other] == 1.0  # 'thank you' is longer than 'hello'
     assert out["seconds"] > 0 and out["fit"]["steps"] > 0
+    # Without --reward-kind it evaluates the app's own reward model, the probe (no gradient steps: a closed fit).
+    assert main(args + ["--limit-test", "10", *flags]) == 0
+    probe = json.loads(capsys.readouterr().out)
+    assert "steps" not in probe["fit"] and probe["n_test_by_file"] == {train: 10, other: 10}
 
     # Bad input: a clear one-line error, exit code 2.
     assert main(["reward-eval", "--train", train, "--test", train, "--limit-train", "60", *flags]) == 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_reward import WORDS, marker_pairs, user
 
-from rlhf_live.learning.copies import create_reward_model
+from rlhf_live.learning.reward import create_reward_model
 from rlhf_live.learning.reward.data import RewardDataError
 from rlhf_live.learning.reward.probe import ProbeRewardModel
 
@@ -137,6 +137,6 @@ def test_pick_pair_asks_about_the_best_answer_once_the_model_is_sure(probe):
     picks = [probe.pick_pair(pair["prompt"], answers, rng) for _ in range(20)]
     assert all(i != j and 1 not in (i, j) for i, j in picks)  # never the blank answer, never the same twice
     assert sum(picks[k][0] == 2 for k in range(20)) >= 16  # the preferred answer nearly always comes first
-    # Before any fit there is no posterior: two distinct answers at random.
+    # Before any fit there is no posterior: no opinion (Compare then picks two at random).
     fresh = ProbeRewardModel(probe.model, probe.tokenizer, probe.cfg)
-    assert len(set(fresh.pick_pair(user("fruit?"), answers, random.Random(1)))) == 2
+    assert fresh.pick_pair(user("fruit?"), answers, random.Random(1)) is None

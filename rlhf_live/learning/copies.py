@@ -7,20 +7,11 @@ adapter attached trainable); knows nothing of SQL, rounds or serving (serving lo
 from __future__ import annotations
 
 from rlhf_live.config import Config
+from rlhf_live.learning.reward import create_reward_model
 from rlhf_live.learning.reward.base import Scorer
-from rlhf_live.learning.reward.lora import RewardModel
 from rlhf_live.learning.reward.probe import ProbeRewardModel
 from rlhf_live.model.base import load_base, prepare_cpu_4bit, resolve
 from rlhf_live.model.lora import attach_adapter
-
-
-def create_reward_model(cfg: Config, base=None, tokenizer=None) -> Scorer:
-    """The reward model Config.reward_kind names, on `base` (loaded when not given)."""
-    if cfg.reward_kind == "probe":
-        return ProbeRewardModel.create(cfg, base, tokenizer)
-    if cfg.reward_kind == "lora":
-        return RewardModel.create(cfg, base, tokenizer)
-    raise ValueError(f"reward_kind must be 'probe' or 'lora', not {cfg.reward_kind!r}")
 
 
 class TrainingCopies:

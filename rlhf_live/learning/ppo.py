@@ -73,7 +73,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return x.sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(x - mean) / std over the masked entries; padding comes out as 0."""
     # Advantage whitening: https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo (batch-level)
     mask = mask.bool()
@@ -81,8 +81,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     n = mask.sum().clamp(min=2)
     var = masked_mean((x - mean) ** 2, mask) * n / (n - 1)  # unbiased, as TRL
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
     return torch.where(mask, whitened, torch.zeros((), dtype=x.dtype, device=x.device))
 
 

@@ -155,7 +155,7 @@ def train_round(
     say("publishing", "saving the new version")
     metrics, live = r.metrics, r.live
     metrics.update({"watermark": watermark, "parent": live["version"] if live else BASE})
-    version = recovery.next_version(store, registry)  # free on disk too: a crash may have left a folder
+    version = store.next_version(registry.versions())  # free on disk too: a crash may have left a folder
     path = registry.publish(version, save, meta={"parent": metrics["parent"], "metrics": metrics})
     store.add_adapter(version, str(path), parent=live["version"] if live else None, status="candidate", metrics=metrics)
     metrics["version"] = version

@@ -14,6 +14,11 @@ from rlhf_live.serving.policy import Policy
 from rlhf_live.store import Store, StoreError
 
 
+def learner_of(metrics) -> str:
+    """Which learner made a version, from its metrics (versions from before the choice existed were PPO's)."""
+    return (metrics if isinstance(metrics, dict) else {}).get("learner", "ppo")
+
+
 class Dashboard:
     """Read-only figures of a running app (the leaderboard is recomputed only when votes change)."""
 
@@ -92,7 +97,7 @@ class Dashboard:
                     "votes_vs_earlier": n_earlier,
                     "reward_accuracy": metrics.get("reward/accuracy"),
                     "reward_pairs": metrics.get("reward/n_eval_pairs"),  # held-out A/B pairs the accuracy is from
-                    "learner": metrics.get("learner", "ppo"),  # versions from before learners were PPO's
+                    "learner": learner_of(metrics),
                     "kl": metrics.get("sample/kl", metrics.get("ppo/kl")),
                     "ppo_score": metrics.get("ppo/score"),
                 }

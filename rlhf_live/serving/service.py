@@ -324,11 +324,11 @@ class Service:
     def _pick_pair(self, prompt: list[dict], answers: list[str]) -> tuple[int, int]:
         """Two of several answers: by the trainer's last reward model where there is one, else at random."""
         model = self.trainer.reward_model() if self.trainer is not None else None
-        if model is None:
+        pair = model.pick_pair(prompt, answers, self._rng) if model is not None else None
+        if pair is None:  # at random, non-blank answers where there are two
             ok = [i for i, a in enumerate(answers) if a.split()]
-            i, j = self._rng.sample(ok if len(ok) >= 2 else list(range(len(answers))), 2)
-            return i, j
-        return model.pick_pair(prompt, answers, self._rng)
+            pair = tuple(self._rng.sample(ok if len(ok) >= 2 else list(range(len(answers))), 2))
+        return pair
 
     def choose(self, voter: str | Caller, pair_id: str, choice: str, reason: str = "") -> dict:
         """Record the A/B choice (once; the pair then locks) and reveal both sources."""

@@ -71,24 +71,26 @@ class AdapterRegistry:
         except (OSError, ValueError):
             return {}
 
-    def clean_partial(self, dead_only: bool = True) -> int:
+    def clean_partial(self) -> int:
         """Remove leftovers of publishes that crashed before their rename (only dead processes'); return how many."""
         leftovers = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(".tmp-")]
-        if dead_only:
-            leftovers = [p for p in leftovers if not _pid_alive(p.name)]
+        leftovers = [p for p in leftovers if not _publisher_alive(p.name)]
         for p in leftovers:
             shutil.rmtree(p, ignore_errors=True)
         return len(leftovers)
 
 
-def _pid_alive(tmp_name: str) -> bool:
+def _publisher_alive(tmp_name: str) -> bool:
     """Whether the process that named a `.tmp-vNNNN-PID-xxxx` folder still runs (old names without a pid: no)."""
     parts = tmp_name.split("-")
     if len(parts) < 4 or not parts[2].isdigit():
         return False
     pid = int(parts[2])
-    if pid == os.getpid():
-        return False  # this process is not publishing while it cleans up
+    return pid != os.getpid() and process_running(pid)  # this process is not publishing while it cleans up
+
+
+def process_running(pid: int) -> bool:
+    """Whether process `pid` runs on this host (one we may not signal runs too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

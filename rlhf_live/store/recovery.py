@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rlhf_live.model.lora import check_folder
 from rlhf_live.store import Store
-from rlhf_live.store.folders import VERSION_RE, AdapterRegistry
+from rlhf_live.store.folders import VERSION_RE, AdapterRegistry, process_running
 
 
 def owner() -> str:
@@ -33,26 +33,13 @@ def is_dead(owner_id: str | None) -> bool:
     host, _, pid = owner_id.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def next_version(store: Store, registry: AdapterRegistry) -> str:
-    """The next version name free both in the DB and on disk (a crash after publishing leaves a folder behind)."""
-    numbers = [int(v[1:]) for v in registry.versions()]
-    from_db = int(store.next_version()[1:])
-    return f"v{max([from_db, *(n + 1 for n in numbers)]):04d}"
+    return not process_running(int(pid))
 
 
 def reconcile(store: Store, registry: AdapterRegistry) -> list[str]:
     """Make the DB and the adapter folders agree after a crash; one sentence per thing fixed."""
     notes = []
-    removed = registry.clean_partial(dead_only=True)
+    removed = registry.clean_partial()
     if removed:
         notes.append(f"Removed {removed} unfinished adapter folder(s) of a process that stopped while publishing.")
     rows = {a["version"]: a for a in store.adapters()}

@@ -49,12 +49,12 @@ class Transfer(TrainingRows, Versions):
             for (mid,) in leaves:
                 yield {"messages": [*tree.context(mid), dict(tree.path(mid)[-1])]}
         else:
-            raise InvalidInput(f"The export format is one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}.")
+            raise _unknown_format(fmt)
 
     def export(self, fmt: str, out: str | Path) -> int:
         """Write `fmt` rows as JSON lines (gzip if `out` ends in .gz) atomically; return the number of rows."""
         if fmt not in EXPORT_FORMATS:
-            raise InvalidInput(f"The export format is one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}.")
+            raise _unknown_format(fmt)
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         # Temp file in the same folder + rename: readers see the old file or the whole new one, never half.
@@ -168,3 +168,7 @@ class Transfer(TrainingRows, Versions):
             "watermark": self.watermark(),
             "last_runs": self.runs(5),
         }
+
+
+def _unknown_format(fmt: str) -> InvalidInput:
+    return InvalidInput(f"The export format is one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}.")

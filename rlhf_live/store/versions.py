@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 
 from rlhf_live.store.base import ADAPTER_STATUSES, Database, InvalidInput, _loads, _now
 
@@ -67,16 +68,6 @@ class Versions(Database):
             self._get(conn, "adapters", version, "adapter version", key="version", columns="version")
             conn.execute("UPDATE adapters SET path = ?, updated = ? WHERE version = ?", (str(path), _now(), version))
 
-    def set_adapter_metrics(self, version: str, metrics: dict) -> None:
-        """Merge `metrics` into a version's metrics (e.g. win-rates measured after publishing)."""
-        with self._write() as conn:
-            row = self._get(conn, "adapters", version, "adapter version", key="version", columns="metrics")
-            merged = {**_loads(row["metrics"]), **(metrics or {})}
-            conn.execute(
-                "UPDATE adapters SET metrics = ?, updated = ? WHERE version = ?",
-                (self._metrics(merged), _now(), version),
-            )
-
     @staticmethod
     def _decode_adapter(row: dict) -> dict:
         row["metrics"] = _loads(row["metrics"])
@@ -100,9 +91,9 @@ class Versions(Database):
             rows = self._rows(conn, "SELECT * FROM adapters WHERE status = 'live'")
         return self._decode_adapter(rows[0]) if rows else None
 
-    def next_version(self) -> str:
-        """The next free version name: 'v0001', 'v0002', ..."""
-        versions = [r[0] for r in self.db().conn.execute("SELECT version FROM adapters")]
+    def next_version(self, taken: Iterable[str] = ()) -> str:
+        """The next free version name ('v0001', 'v0002', ...): after every version in the DB and in `taken`."""
+        versions = [r[0] for r in self.db().conn.execute("SELECT version FROM adapters")] + list(taken)
         numbers = [int(m.group(1)) for v in versions if (m := re.fullmatch(r"v(\d+)", v))]
         return f"v{max(numbers, default=0) + 1:04d}"
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 
 from rlhf_live.serving.service import Service
-from rlhf_live.ui.common import UserError, caller_of, coalesced
+from rlhf_live.ui.common import UserError, caller_of, coalesced, started
 
 
 def add_api(service: Service, generate: dict) -> None:
@@ -55,9 +55,7 @@ def add_api(service: Service, generate: dict) -> None:
 
 def _streamed(start: Callable[[], Iterator[dict]], keys: tuple[str, ...], interval: float) -> Iterator[dict]:
     """The service's updates, cut to the endpoint's result shape; a refusal at the start is a gr.Error."""
-    with UserError():  # the service checks the request when the first update is asked for
-        stream = start()
-        first = next(stream)
+    stream, first = started(start)
     try:
         for update in coalesced(itertools.chain([first], stream), interval):
             yield {k: update[k] for k in keys}

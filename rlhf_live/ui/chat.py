@@ -25,6 +25,7 @@ from rlhf_live.ui.common import (
     refused,
     settings_from,
     show,
+    started,
     voter_of,
 )
 
@@ -194,11 +195,11 @@ class ChatTab:
         who = caller_of(self.service, client_value, request, profile)
         settings = settings_from(self.cfg, sp, temp, tp, mnt)
         messages, thumbs = self._history(who.voter, state, state["leaf"])
-        with UserError():
-            stream = self.service.chat(
+        stream, first = started(
+            lambda: self.service.chat(
                 who, message, state["conversation_id"], parent_id=state["leaf"], settings=settings
             )
-            first = next(stream)
+        )
         shown = [*messages, {"role": "user", "content": show(message.strip())}, {"role": "assistant", "content": ""}]
         # The browser keeps the conversation from the first update on: a reload mid-answer shows the question and
         # what was written of the answer (recorded as 'cancelled' when the page went away).
@@ -254,9 +255,8 @@ class ChatTab:
         client_value = client_of(client_value, request)
         who = caller_of(self.service, client_value, request, profile)
         messages, thumbs = self._history(who.voter, state, state["ids"][-2])
-        with UserError():
-            stream = self.service.retry(who, state["ids"][-1], settings_from(self.cfg, sp, temp, tp, mnt))
-            first = next(stream)
+        settings = settings_from(self.cfg, sp, temp, tp, mnt)
+        stream, first = started(lambda: self.service.retry(who, state["ids"][-1], settings))
         shown = [*messages, {"role": "assistant", "content": ""}]
         try:
             for k, last in enumerate(coalesced(itertools.chain([first], stream), self.cfg.stream_interval_s)):

@@ -11,7 +11,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import gradio as gr
 
@@ -97,6 +97,13 @@ class UserError:
         if exc is not None and isinstance(exc, (*USER_ERRORS, RoundInProgress)):
             raise refused(str(exc)) from None
         return False  # anything else is a real error: Gradio prints its traceback
+
+
+def started(start: Callable[[], Iterator]) -> tuple[Iterator, object]:
+    """The stream `start()` returns and its first update; a refusal at the start is a gr.Error."""
+    with UserError():  # the service checks the request when the first update is asked for
+        stream = start()
+        return stream, next(stream)
 
 
 def client_of(client: dict | None, request: gr.Request) -> dict:

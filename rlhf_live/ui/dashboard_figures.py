@@ -13,6 +13,7 @@ import math
 
 from gradio.components.plot import PlotData
 
+from rlhf_live.serving.dashboard import learner_of
 from rlhf_live.serving.leaderboard import MIN_BATTLES, MIN_VOTES
 from rlhf_live.ui.dashboard_text import short_time
 
@@ -165,8 +166,7 @@ def board_rows(board: list[dict]) -> list[list]:
 
 
 def _learner(version: dict) -> str:
-    """Which learner made a version (versions from before the choice existed were PPO's)."""
-    return ((version.get("metrics") or {}) if isinstance(version.get("metrics"), dict) else {}).get("learner", "ppo")
+    return learner_of(version.get("metrics"))
 
 
 def _crowd(version: dict) -> tuple[str, str]:

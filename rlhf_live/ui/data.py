@@ -17,9 +17,9 @@ import gradio as gr
 
 from rlhf_live.config import Config
 from rlhf_live.serving.service import Service
+from rlhf_live.store import EXPORT_FORMATS
 from rlhf_live.ui.common import PRIVATE, UserError, admin_users, refused, require_admin, voter_of
 
-EXPORT_FORMATS = ("preference", "kto", "conversations")
 KEEP_DOWNLOADS_S = 600
 """How long a prepared download stays on the server (Gradio's copy goes after as long: see `build`)."""
 

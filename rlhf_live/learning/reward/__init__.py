@@ -1,0 +1,20 @@
+"""Reward models: the Scorer protocol (base.py), the LoRA reward model (lora.py) and the probe (probe.py).
+
+`create_reward_model` is the one place that picks which (Config.reward_kind).
+"""
+
+from __future__ import annotations
+
+from rlhf_live.config import Config
+from rlhf_live.learning.reward.base import Scorer
+from rlhf_live.learning.reward.lora import RewardModel
+from rlhf_live.learning.reward.probe import ProbeRewardModel
+
+
+def create_reward_model(cfg: Config, base=None, tokenizer=None) -> Scorer:
+    """The reward model Config.reward_kind names, on `base` (loaded when not given)."""
+    if cfg.reward_kind == "probe":
+        return ProbeRewardModel.create(cfg, base, tokenizer)
+    if cfg.reward_kind == "lora":
+        return RewardModel.create(cfg, base, tokenizer)
+    raise ValueError(f"reward_kind must be 'probe' or 'lora', not {cfg.reward_kind!r}")

@@ -84,12 +84,9 @@ class Scorer:
         """P(a beats b) (N,) by Bradley-Terry on the scores (a point estimate: no uncertainty)."""
         return torch.sigmoid(self.score(prompts, a) - self.score(prompts, b))
 
-    def pick_pair(self, prompt: list[dict], answers: list[str], rng: random.Random) -> tuple[int, int]:
-        """Which two of several sampled answers to show in Compare: here two at random, non-blank where possible."""
-        ok = [i for i, a in enumerate(answers) if a.split()]
-        ok = ok if len(ok) >= 2 else list(range(len(answers)))
-        i, j = rng.sample(ok, 2)
-        return i, j
+    def pick_pair(self, prompt: list[dict], answers: list[str], rng: random.Random) -> tuple[int, int] | None:
+        """Which two of several sampled answers to show in Compare; None: no opinion (the caller picks at random)."""
+        return None
 
     def accuracy(self, pairs: Iterable, batch_size: int = 8) -> float:
         """Fraction of pairs where the chosen answer scores higher (a tie counts half)."""

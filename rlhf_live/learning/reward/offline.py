@@ -14,7 +14,6 @@ import torch
 
 from rlhf_live.config import Config
 from rlhf_live.learning.reward.data import RewardDataError
-from rlhf_live.learning.reward.lora import RewardModel
 
 
 def _length_accuracy(pairs: Sequence) -> float:
@@ -76,9 +75,8 @@ def reward_eval(
     When a test file is the train file, its test pairs are the last `limit_test` ones not used for training.
     Also reports the length-only baseline and the accuracy on pairs where the chosen answer is the shorter one.
     """
-    from rlhf_live.store.formats import (
-        read_pairs,  # pure-Python file parsing; imported here to keep module import light
-    )
+    from rlhf_live.learning.reward import create_reward_model
+    from rlhf_live.store.formats import read_pairs
 
     start = time.time()
     train_all = list(read_pairs(train))
@@ -96,7 +94,7 @@ def reward_eval(
         if not test_sets[path]:
             raise RewardDataError(f"No test pairs in {path} (all of them are used for training?).")
 
-    rm = RewardModel.create(cfg)
+    rm = create_reward_model(cfg)  # the reward model the app trains (Config.reward_kind), not always the LoRA one
     fit = rm.fit(train_pairs)
     fit.pop("history", None)
     by_length, seconds_by_file = {}, {}

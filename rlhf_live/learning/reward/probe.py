@@ -156,7 +156,7 @@ class ProbeRewardModel(Scorer):
         d = post.design(self.features(prompts, a)) - post.design(self.features(prompts, b))  # (N, F+1)
         return post.prob_better(d)
 
-    def pick_pair(self, prompt: list[dict], answers: list[str], rng: random.Random) -> tuple[int, int]:
+    def pick_pair(self, prompt: list[dict], answers: list[str], rng: random.Random) -> tuple[int, int] | None:
         """Double Thompson sampling (Dwaracherla et al. 2024, arXiv 2402.00396): two answers worth asking about."""
         # The first is the best under one draw of the reward from the posterior; the second the best of the others under
         # a fresh draw (up to 8 draws for one that differs, else the others' best). Where the model is sure, the pair is
@@ -164,7 +164,7 @@ class ProbeRewardModel(Scorer):
         post = self.posterior
         ok = [i for i, a in enumerate(answers) if a.split()] or list(range(len(answers)))
         if post is None or len(ok) < 3:
-            return super().pick_pair(prompt, answers, rng)
+            return None
         x = post.design(self.features([prompt] * len(ok), [answers[i] for i in ok]))  # (K, F+1)
         gen = torch.Generator().manual_seed(rng.randrange(2**31))
         first = int((x @ post.sample(gen)).argmax())
