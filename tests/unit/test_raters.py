@@ -31,7 +31,7 @@ def test_built_in_rules():
 
 
 def test_module_and_file_specs(tmp_path):
-    assert load_rater("tests.test_raters:always_b")(P, "x", "y") == "B"
+    assert load_rater("tests.unit.test_raters:always_b")(P, "x", "y") == "B"
     rater_file = tmp_path / "my_rater.py"
     rater_file.write_text("def prefer_a(prompt, a, b):\n    return 'A'\n")
     rater = load_rater(f"{rater_file}:prefer_a")
@@ -44,7 +44,7 @@ def test_module_and_file_specs(tmp_path):
         ("nobody", "Unknown rater"),
         ("keyword:", "Unknown rater"),
         ("/no/such/file.py:f", "does not exist"),
-        ("tests.test_raters:missing", "no function"),
+        ("tests.unit.test_raters:missing", "no function"),
         ("no_such_module_xyz:f", "Cannot import"),
     ],
 )
@@ -55,7 +55,7 @@ def test_bad_specs_are_clear_errors(spec, message):
 
 def test_a_rater_answering_something_else_is_a_clear_error():
     with pytest.raises(RaterError, match=r"returned 'maybe'; a rater must return 'A', 'B' or 'tie'"):
-        load_rater("tests.test_raters:undecided")(P, "x", "y")
+        load_rater("tests.unit.test_raters:undecided")(P, "x", "y")
 
 
 def test_thumbs_from_the_pointwise_score_are_relative_to_the_median_seen():
@@ -67,7 +67,7 @@ def test_thumbs_from_the_pointwise_score_are_relative_to_the_median_seen():
     assert rater.thumbs_for(P, "a", "a b c d e f g", "A") == ("up", "down")
 
 
-@pytest.mark.parametrize("spec", [*BUILT_IN, "keyword:you", "tests.test_raters:always_b"])
+@pytest.mark.parametrize("spec", [*BUILT_IN, "keyword:you", "tests.unit.test_raters:always_b"])
 def test_a_blank_answer_loses_whatever_the_rule(spec):
     rater = load_rater(spec)
     assert rater(P, "", "Sure, here you go.") == "B" and rater(P, "Yes.", " \n") == "A"
@@ -77,7 +77,7 @@ def test_a_blank_answer_loses_whatever_the_rule(spec):
 
 
 def test_thumbs_of_a_pairwise_only_rater_follow_its_choice():
-    rater = load_rater("tests.test_raters:always_b")
+    rater = load_rater("tests.unit.test_raters:always_b")
     assert not rater.pointwise
     assert rater.thumbs_for(P, "x", "y", "B") == ("down", "up")
     assert rater.thumbs_for(P, "x", "y", "tie") == (None, None)

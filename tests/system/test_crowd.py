@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 from apphelpers import rows, shared_tiny_app
+from votes import FakePolicy
 
 from bench.crowd import queue_call
 from rlhf_live.learning.trainer import Trainer
@@ -16,14 +17,6 @@ from rlhf_live.serving.service import LOGIN_TO_VOTE, Service
 from rlhf_live.serving.settings import InvalidRequest
 from rlhf_live.store import Store, source_id
 from rlhf_live.ui.dashboard_text import _now_sentence
-
-
-class FakePolicy:
-    """Only what the request checks and the status need (no model: these tests are about who asks)."""
-
-    version = "base"
-    generating = False
-    engine_name = engine_note = ""
 
 
 def _vote(store: Store, voter: str, source: str) -> None:

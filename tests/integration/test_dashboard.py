@@ -244,7 +244,7 @@ def test_a_voters_own_data_holds_their_rows_and_never_anyone_elses(store):
 
 
 def test_a_trainer_round_reports_stage_k_of_n_in_order(tiny_cfg):
-    from test_crash import seed_votes
+    from votes import seed_votes
 
     from rlhf_live.learning.learners import round_stages
     from rlhf_live.learning.trainer import Trainer

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from test_reward import WORDS, marker_pairs, user
+from votes import WORDS, marker_pairs, user
 
 from rlhf_live.learning.reward import create_reward_model
 from rlhf_live.learning.reward.data import RewardDataError

@@ -8,8 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_crowd import FakePolicy
-from test_reward import marker_pairs
+from votes import FakePolicy, marker_pairs
 
 from rlhf_live.config import Config
 from rlhf_live.learning import crowd

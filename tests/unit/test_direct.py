@@ -167,7 +167,7 @@ def test_simulate_with_a_direct_learner(direct_cfg, tmp_path):
     cfg = replace(direct_cfg, learner="dpo")
     # A rule that never ties: the tiny model's random answers often have equal word counts (concise tied both of a
     # round's votes in CI, and DPO rightly refused a round with no A/B choice to learn from).
-    result = simulate(cfg, "tests.test_raters:always_b", 4, round_every=2, eval_prompts=2, out=tmp_path / "out")
+    result = simulate(cfg, "tests.unit.test_raters:always_b", 4, round_every=2, eval_prompts=2, out=tmp_path / "out")
     assert result["learner"] == "dpo"
     assert [e["status"] for e in result["history"]] == ["base", "live", "live"]
     assert result["history"][1]["train_loss_first"] == pytest.approx(0.6931, abs=1e-3)

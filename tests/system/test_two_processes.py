@@ -8,12 +8,7 @@ import time
 
 from apphelpers import ROOT, run_app
 from gradio_client import Client
-
-TINY_TRAINING = [
-    *("--no-load-in-4bit", "--compute-dtype", "float32", "--lora-r", "4", "--lora-alpha", "8"),
-    *("--max-context-tokens", "256", "--ppo-batch-size", "2", "--ppo-max-new-tokens", "6"),
-    *("--ppo-updates-per-round", "1", "--ppo-epochs", "1", "--ppo-minibatches", "1"),
-]
+from votes import TINY_TRAINING
 
 
 def test_the_server_serves_a_version_the_trainer_process_publishes(tiny_lm_dir, tmp_path):
@@ -41,7 +36,7 @@ def test_train_watch_runs_a_round_once_enough_new_votes_arrived(tiny_lm_dir, tmp
     import threading
     from dataclasses import replace
 
-    from test_crash import seed_votes
+    from votes import seed_votes
 
     from rlhf_live.config import Config
     from rlhf_live.learning.trainer import watch

@@ -47,7 +47,7 @@ def test_a_blank_or_parroted_answer_is_not_an_answer():
 def test_base_against_itself_ties_and_has_zero_kl(tiny_cfg):
     policy = Policy.from_config(tiny_cfg)
     settings = GenerationSettings.from_config(tiny_cfg, max_new_tokens=6, seed=0)
-    evaluator = Evaluator(policy, load_rater("tests.test_raters:always_b"), PROMPTS, settings)
+    evaluator = Evaluator(policy, load_rater("tests.unit.test_raters:always_b"), PROMPTS, settings)
     result = Evaluator(policy, lambda p, a, b: "tie", PROMPTS, settings).evaluate()
     assert result["win_rate"] == 0.5 and result["ties"] == 6 and result["kl"] == 0.0
     # A rater that always picks B: the live answer wins exactly when it was shown second.

@@ -16,7 +16,7 @@ import time
 
 from apphelpers import ROOT, rows, run_app
 from gradio_client import Client
-from test_two_processes import TINY_TRAINING
+from votes import TINY_TRAINING, seed_votes
 
 from rlhf_live.store import Store
 from rlhf_live.store.folders import AdapterRegistry
@@ -26,15 +26,6 @@ from rlhf_live.store.recovery import reconcile
 def train_once(tiny_lm_dir, data, *extra) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "rlhf_live", "train", "--once", "--data-dir", str(data), "--model", str(tiny_lm_dir)]
     return subprocess.run([*cmd, *TINY_TRAINING, *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-def seed_votes(store: Store, n: int = 4) -> None:
-    for i in range(n):
-        cid = store.new_conversation("s")
-        q = store.add_message(cid, "user", f"Tell me about apples {i}")
-        a = store.add_message(cid, "assistant", "Red.", parent_id=q)
-        b = store.add_message(cid, "assistant", "They grow on trees in autumn.", parent_id=q)
-        store.choose(store.new_comparison(cid, a, b, a_source="base", b_source="base", voter="s"), "s", "A")
 
 
 def test_votes_acknowledged_before_a_kill_survive_the_restart(tiny_lm_dir, tmp_path):

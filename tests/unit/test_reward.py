@@ -8,35 +8,13 @@ import random
 
 import pytest
 import torch
+from votes import WORDS, marker_pairs, user
 
 from rlhf_live.learning.reward.data import RewardDataError, collect, split
 from rlhf_live.learning.reward.lora import RewardModel
 from rlhf_live.learning.reward.losses import _corr, bt_loss, length_loss, pointwise_loss, tie_loss
 from rlhf_live.model.prompt import template
 from rlhf_live.store.formats import Pair
-
-WORDS = ["apple", "banana", "cherry", "weather", "sunny", "warm", "paris", "france", "help", "today"]
-
-
-def user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
-
-
-def marker_pairs(n: int, seed: int = 0) -> list[dict]:
-    """Pairs whose chosen answer ends in 'thank you' and rejected in 'hello'; the rest of the answer is shared."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        body = " ".join(rng.choice(WORDS) for _ in range(5))
-        out.append(
-            {
-                "prompt": user(f"question {i}: " + " ".join(rng.choice(WORDS) for _ in range(4))),
-                "chosen": body + " thank you",
-                "rejected": body + " hello",
-                "conversation_id": f"c{i}",
-            }
-        )
-    return out
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 ANSWER_TIMEOUT = 60_000  # ms; the tiny model answers in well under a second, the first request warms up
 XSS = 'Look: <script>window.__xss=1</script> and <img src=x onerror="window.__xss=2"> done'
 

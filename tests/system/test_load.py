@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from apphelpers import run_app
-from test_two_processes import TINY_TRAINING
+from votes import TINY_TRAINING
 
 from bench.load import check_db, drive
 

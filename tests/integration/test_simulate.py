@@ -26,7 +26,7 @@ def sim_cfg(tiny_cfg):
 def test_a_short_run_votes_trains_goes_live_and_reports(sim_cfg, tmp_path):
     # A rater that never ties: the tiny model's answers are often the same length, so "concise" tied both votes of a
     # round in CI now and then, and a round without a preference rightly fails instead of going live.
-    rater = "tests.test_raters:always_b"
+    rater = "tests.unit.test_raters:always_b"
     result = simulate(sim_cfg, rater, 4, round_every=2, eval_prompts=3, out=tmp_path / "out", thumbs=True)
     store = Store.from_config(sim_cfg)
     stats = store.stats()
