@@ -9,7 +9,7 @@ opposite of the honest preference. What they achieve: versions live, their share
     python bench/crowd.py --scenario attack -- --ppo-updates-per-round 4   # app flags after --
 
 Prints a table and writes bench/crowd.json. Loopback only (127.0.0.2-127.0.0.30 are all this machine).
-`queue_call` is also what tests/test_crowd.py drives the app with.
+`queue_call` is also what tests/system/test_crowd.py drives the app with.
 """
 
 from __future__ import annotations

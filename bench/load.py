@@ -4,7 +4,7 @@ while the trainer runs a round; errors, limit refusals, latency, file descriptor
     python bench/load.py --users 20 --seconds 180                 # the real default model, 32-token answers
     python bench/load.py --model /path/to/tiny --users 20 --seconds 60
 
-Prints a table and writes bench/load.json. `drive()` is also what tests/test_load.py runs against the tiny model.
+Prints a table and writes bench/load.json. `drive()` is also what tests/system/test_load.py runs against the tiny model.
 """
 
 from __future__ import annotations

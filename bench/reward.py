@@ -6,7 +6,7 @@
 Train on the first N pairs of Anthropic HH helpful-base-test (2,354 pairs), test on its last 354 (disjoint) and
 on OpenAssistant pairs. Both trainers: one epoch, the same pairs, batch size, learning rate + schedule, LoRA
 modules and max length, the same base weights (NF4 values, dequantized to bf16 on CPU for both: see
-rlhf_live/reward.py), and the same test scoring code. Prints a table, writes bench/reward.json.
+rlhf_live/learning/reward/), and the same test scoring code. Prints a table, writes bench/reward.json.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ What it knows:
   Llama/Qwen2/Mistral/SmolLM-like models; models with logit soft-capping or scaling (Gemma 2, Cohere) are not
   handled.
 - CPU NF4: bitsandbytes' packed inference kernel has no backward, so PPOTrainer turns packing off
-  (`models.disable_cpu_4bit_packing`); the live-loop trainer's copy comes from `models.prepare_cpu_4bit`
+  (`model.base.disable_cpu_4bit_packing`); the live-loop trainer's copy comes from `model.base.prepare_cpu_4bit`
   (on CPU: NF4 values as plain linears, faster).
 - A loss or gradient that is NaN/inf raises PPODivergence after restoring the LoRA, value head, optimizer and KL
   controller to their state before the update (bit-identical); a non-finite reward raises before anything moves.

@@ -264,7 +264,7 @@ def prepare_cpu_4bit(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
     Every CPU copy needs this, the served one too. bitsandbytes 0.50's packed CPU format has no backward, and loading
     a PEFT adapter into a model whose NF4 weights are already packed corrupts them (PEFT's state-dict load runs
     bitsandbytes' lossy inverse of the packing): measured, a hot-swapped adapter then served noise
-    (`tests/test_policy.py::test_a_swapped_adapter_serves_the_trained_policy`).
+    (`tests/unit/test_policy.py::test_a_swapped_adapter_serves_the_trained_policy`).
     """
     if cfg.cpu_dequantize:
         dequantize_cpu_4bit(model)

@@ -2,7 +2,7 @@
 
 Knows tensors, token ids and llama.cpp's penalty rule; knows nothing of models, prompts, engines or SQL. Serving
 (torch and llama.cpp), PPO's rollouts, PPO's recomputed log-probs and the KL the gate measures all go through here,
-so the trained policy is the served one (tests/test_sampling.py checks each against the others).
+so the trained policy is the served one (tests/unit/test_sampling.py checks each against the others).
 
 - Repetition penalty, exactly llama.cpp's `penalties` sampler (CTRL, Keskar et al. 2019, https://arxiv.org/abs/1909.05858,
   with llama.cpp's fix for negative logits): every token seen in the last `last_n` tokens of prompt + answer has its

@@ -1,7 +1,7 @@
 """Reward model: a scalar head on the base LM (4-bit NF4 + its own LoRA), trained on people's votes.
 
 What it knows:
-- Architecture. The causal LM from `models.load_base` (the same loader, dtype and NF4 setting as the policy),
+- Architecture. The causal LM from `model.base.load_base` (the same loader, dtype and NF4 setting as the policy),
   its own LoRA, and a linear head H -> 1 on the final (normed) hidden state of the last token of
   "chat template(conversation) + answer + end of turn". We call the LM's decoder (`get_decoder()`) directly,
   never `lm_head`, so the 49k-vocabulary projection is not computed. Chosen over
@@ -10,7 +10,7 @@ What it knows:
   last token by searching for `pad_token_id`, which for SmolLM2 equals the end-of-turn token that ends every
   answer; we pad on the right ourselves and index the last real token from the attention mask.
   The LoRA sits on the top `reward_lora_layers` layers only (backward stops below them; ~2x faster steps), and
-  on CPU the NF4 linears are dequantized to bf16 with the same values (`models.dequantize_cpu_4bit` says why).
+  on CPU the NF4 linears are dequantized to bf16 with the same values (`model.base.dequantize_cpu_4bit` says why).
 - Objective (one loss, per example, averaged over the batch):
   A/B choice   Bradley-Terry  -logsigmoid(r_chosen - r_rejected)             (InstructGPT, arXiv 2203.02155, eq. 1)
   tie          w_tie * -0.5 * (logsigmoid(d) + logsigmoid(-d)), d = r_a - r_b  (BT with target 1/2: min at d = 0)
@@ -102,7 +102,7 @@ class RewardModel(Scorer):
 
     @classmethod
     def create(cls, cfg: Config, base=None, tokenizer=None) -> RewardModel:
-        """A fresh reward model: base/tokenizer from models.load_base(cfg) unless given, a new LoRA and head."""
+        """A fresh reward model: base/tokenizer from model.base.load_base(cfg) unless given, a new LoRA and head."""
         if isinstance(base, PeftModel):
             raise ValueError("Pass a plain base model: the reward model adds its own LoRA (this one already has one).")
         if base is None or tokenizer is None:
