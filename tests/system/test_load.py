@@ -35,7 +35,7 @@ def test_twenty_users_for_three_minutes_while_training(tiny_lm_dir, tmp_path):
     assert ("ok", 1) in db["rounds"] or any(status == "ok" for status, _ in db["rounds"]), db["rounds"]
     # Each worker thread holds one SQLite connection for its life and closes it when it ends, so connections never
     # outnumber live threads; the per-thread leak this guards against grew with requests from changing threads
-    # (tests/unit/test_store.py shows it over 2,000 requests). A "connections stay flat" check failed in two of four fresh
+    # (tests/unit/test_store.py, over 2,000 requests). A "connections stay flat" check failed in two of four fresh
     # clones (connections up 9 while live threads stayed at 26, never more connections than threads): pool threads
     # can touch the DB for the first time late in the run. Connections are held to live threads at every sample.
     samples = result["fds"][3:]

@@ -10,7 +10,7 @@ What it knows:
   64 pairs: 0.44 held-out accuracy for the LoRA model vs 0.78 for this one; bench/RESULTS.md ## Simulated raters).
   A linear probe on frozen features has few degrees of freedom, needs no backward pass through the LM, and
   an answer's features never change, so they are cached and a round computes only the new answers'.
-- Objective: the losses of `reward/losses.py` (Bradley-Terry on A/B choices, the tie loss, the thumbs loss, same weights)
+- Objective: the losses of `losses.py` (Bradley-Terry on A/B choices, the tie loss, the thumbs loss, same weights)
   plus `reward_probe_l2` * |w|^2, minimised over all feedback at once with L-BFGS (a convex problem: no epochs,
   no learning rate, the same result every time). Held-out accuracy comes from a fit on the split's training part
   (split by conversation, as reward/data.py does); the model then keeps the fit on all feedback, since with few votes
@@ -86,7 +86,7 @@ class ProbeRewardModel(Scorer):
 
     @classmethod
     def create(cls, cfg: Config, base=None, tokenizer=None) -> ProbeRewardModel:
-        """A reward model on `base` (frozen; loaded by model.base.load_base(cfg) unless given) with an untrained head."""
+        """A reward model on `base` (frozen; loaded by load_base(cfg) unless given) with an untrained head."""
         if base is None or tokenizer is None:
             base, tokenizer = load_base(cfg)
         prepare_cpu_4bit(base, cfg)  # on CPU: plain linears with the NF4 values (fast whole-sequence forwards)
