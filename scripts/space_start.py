@@ -45,7 +45,7 @@ def space_start(work: Path, timeout: float = 900) -> dict:
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, repo / name)
+        shutil.copy2(ROOT / name, repo / name, follow_symlinks=False)  # assets/ links into the package
     run([sys.executable, "-m", "venv", str(venv)])
     py = str(venv / "bin" / "python")
     run(
