@@ -32,6 +32,17 @@ def _default_cache_dir() -> str:
     return str(Path(base) / "rlhf_live")
 
 
+CHOICES = {
+    "compute_dtype": ("bfloat16", "float32", "float16"),
+    "device": ("auto", "cpu", "cuda"),
+    "engine": ("auto", "torch", "llamacpp"),
+    "reward_kind": ("probe", "lora"),
+    "direct_votes": ("new", "all"),
+    "learner": ("ppo", "dpo", "kto", "rm-dpo"),
+}
+"""The values a Config field may take where it names one of a few (learning/learners.py has a learner for each)."""
+
+
 @dataclass
 class Config:
     """Every setting of rlhf-live; see `rlhf-live serve --help` for the same text."""
@@ -290,6 +301,11 @@ class Config:
     generation_concurrency: int = 2
     """How many answers torch generates at once (llama.cpp: engine_parallel); more requests queue."""
 
+    def __post_init__(self) -> None:
+        for name, allowed in CHOICES.items():  # checked once, where the Config is built, not at each use
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+
     @property
     def db_path(self) -> Path:
         """The SQLite file inside data_dir."""
@@ -349,7 +365,7 @@ def from_env(environ: typing.Mapping[str, str] | None = None) -> Config:
                 setattr(cfg, f.name, _coerce(f, environ[key]))
             except ValueError as exc:
                 raise SystemExit(f"{key}: {exc}") from None
-    return cfg
+    return _checked(cfg)
 
 
 def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -378,4 +394,13 @@ def from_args(args: argparse.Namespace, environ: typing.Mapping[str, str] | None
         value = getattr(args, f.name, None)
         if value is not None:
             setattr(cfg, f.name, value)
+    return _checked(cfg)
+
+
+def _checked(cfg: Config) -> Config:
+    """`cfg` once its fields were set from env and flags, checked as Config() checks; a sentence where it is wrong."""
+    try:
+        cfg.__post_init__()
+    except ValueError as exc:
+        raise SystemExit(f"rlhf-live: {exc}") from None
     return cfg

@@ -108,8 +108,6 @@ def train_round(
 ) -> dict:
     """One round on the store's feedback; publishes a candidate version and returns its metrics."""
     learner = learner_named(cfg.learner)
-    if cfg.direct_votes not in ("new", "all"):
-        raise ValueError(f"direct_votes must be 'new' or 'all', not {cfg.direct_votes!r}")
     copies = copies or TrainingCopies(cfg)
     registry = AdapterRegistry(cfg.adapters_dir)
     registry.clean_partial()

@@ -36,3 +36,18 @@ def test_skipped_field_is_left_to_the_command():
     parser.add_argument("--train")
     cfg = from_args(parser.parse_args(["--train", "pairs.jsonl"]), {})
     assert cfg.train is True
+
+
+def test_a_value_outside_a_fields_choices_is_refused_where_the_config_is_built():
+    from rlhf_live.config import CHOICES
+    from rlhf_live.learning.learners import LEARNERS
+
+    with pytest.raises(ValueError, match="learner must be one of ppo, dpo, kto, rm-dpo, not 'sft'"):
+        Config(learner="sft")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit, match="engine must be one of auto, torch, llamacpp, not 'vllm'"):
+        from_args(parser.parse_args(["--engine", "vllm"]), {})
+    with pytest.raises(SystemExit, match="reward_kind must be one of probe, lora"):
+        from_env({"RLHF_LIVE_REWARD_KIND": "nope"})
+    assert set(CHOICES["learner"]) == set(LEARNERS)  # every name Config accepts has a learner, and the reverse

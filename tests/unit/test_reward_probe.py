@@ -80,9 +80,6 @@ def test_reward_kind_picks_the_model(tiny_cfg):
     assert isinstance(create_reward_model(tiny_cfg), ProbeRewardModel)
     tiny_cfg.reward_kind = "lora"
     assert type(create_reward_model(tiny_cfg)).__name__ == "RewardModel"
-    tiny_cfg.reward_kind = "nope"
-    with pytest.raises(ValueError, match="reward_kind"):
-        create_reward_model(tiny_cfg)
 
 
 def test_features_are_the_layers_outputs(probe):

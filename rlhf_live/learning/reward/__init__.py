@@ -13,8 +13,5 @@ from rlhf_live.learning.reward.probe import ProbeRewardModel
 
 def create_reward_model(cfg: Config, base=None, tokenizer=None) -> Scorer:
     """The reward model Config.reward_kind names, on `base` (loaded when not given)."""
-    if cfg.reward_kind == "probe":
-        return ProbeRewardModel.create(cfg, base, tokenizer)
-    if cfg.reward_kind == "lora":
-        return RewardModel.create(cfg, base, tokenizer)
-    raise ValueError(f"reward_kind must be 'probe' or 'lora', not {cfg.reward_kind!r}")
+    kind = {"probe": ProbeRewardModel, "lora": RewardModel}[cfg.reward_kind]  # Config checked the name
+    return kind.create(cfg, base, tokenizer)
