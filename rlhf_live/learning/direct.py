@@ -127,14 +127,13 @@ def reward_ranked_pairs(
 
 
 class _Progress(TrainerCallback):
-    """Reports each optimizer step and yields to serving between steps (the trainer's pause)."""
+    """Reports each optimizer step; `progress` may block, and so yields to serving between steps."""
 
-    def __init__(self, say: Callable[[str], None], pause: Callable[[], None]):
-        self.say, self.pause = say, pause
+    def __init__(self, progress: Callable[[str], None]):
+        self.progress = progress
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.pause()
-        self.say(f"step {state.global_step}/{state.max_steps}")
+        self.progress(f"step {state.global_step}/{state.max_steps}")
 
 
 def train_direct(
@@ -146,8 +145,7 @@ def train_direct(
     pointwise: list[dict],
     *,
     seed: int = 0,
-    say: Callable[[str], None] = lambda detail: None,
-    pause: Callable[[], None] = lambda: None,
+    progress: Callable[[str], None] = lambda detail: None,
 ) -> dict:
     """Train the PeftModel's active LoRA in place with TRL's DPOTrainer / KTOTrainer; flat metrics of the run."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings the Hub on start; this app runs offline
@@ -170,7 +168,7 @@ def train_direct(
 
     import datasets
 
-    datasets.disable_progress_bars()  # a round reports through `say`, not through bars on the app's stderr
+    datasets.disable_progress_bars()  # a round reports through `progress`, not through bars on the app's stderr
 
     if len({e["weight"] for e in examples}) > 1:
         trainer_cls = _weighted(trainer_cls, seed)
@@ -201,7 +199,7 @@ def train_direct(
             args=args,
             train_dataset=datasets.Dataset.from_list(examples),
             processing_class=tokenizer,
-            callbacks=[_Progress(say, pause)],
+            callbacks=[_Progress(progress)],
         )
         trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout (simulate's JSON goes there)
         # TRL copies the adapter into a "ref" adapter for the reference; without it, TRL's reference pass disables

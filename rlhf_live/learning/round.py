@@ -92,6 +92,10 @@ class _Round:
     def live_path(self) -> str | None:
         return self.live["path"] if self.live and Path(self.live["path"]).is_dir() else None
 
+    def step(self, stage: str) -> Callable[[str], None]:
+        """What a stage's learner calls after each step: serving goes first (wait), then the detail is reported."""
+        return lambda detail: (self.wait(), self.say(stage, detail))[1]
+
     def mark(self, stage: str) -> None:
         """The wall clock at the end of `stage` (its time is the gap to the previous mark)."""
         self.seconds[stage] = time.perf_counter()
@@ -173,8 +177,7 @@ def _fit_reward(r: _Round, pairs: list, ties: list, pointwise: list) -> Scorer:
     r.say("fitting reward model", "loading")
     reward_model = r.copies.new_reward_model()
     r.mark("reward_load")
-    progress = lambda *a: (r.wait(), r.say("fitting reward model", _fmt(a)))  # noqa: E731
-    fit = reward_model.fit(pairs, ties=ties, pointwise=pointwise, progress=progress)
+    fit = reward_model.fit(pairs, ties=ties, pointwise=pointwise, progress=r.step("fitting reward model"))
     r.metrics.update({f"reward/{k}": v for k, v in fit.items()})
     r.mark("reward_fit")
     return reward_model
@@ -269,10 +272,9 @@ def _ppo(r: _Round, reward_model: Scorer) -> Callable[[Path], None]:
     if r.live_path:
         learner.load_value_head(r.live_path)
     r.mark("ppo_load")
-    updates = []
+    updates, step = [], r.step("PPO")
     for i in range(cfg.ppo_updates_per_round):
-        r.wait()
-        r.say("PPO", f"update {i + 1}/{cfg.ppo_updates_per_round}")
+        step(f"update {i + 1}/{cfg.ppo_updates_per_round}")
         updates.append(learner.step([r.pool[r.rng.randrange(len(r.pool))] for _ in range(cfg.ppo_batch_size)]))
     ppo_metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[-1]}
     ppo_metrics["score_first"], ppo_metrics["score_last"] = updates[0]["score"], updates[-1]["score"]
@@ -297,9 +299,8 @@ def _direct(r: _Round, pairs: list, pointwise: list, reward_model: Scorer | None
         r.metrics.update({f"{cfg.learner}/{k}": v for k, v in rank_metrics.items()})
         pairs = pairs + ranked
         r.mark("sample_pairs")
-    say = lambda detail: r.say(name, detail)  # noqa: E731
     trained = train_direct(
-        cfg.learner, policy_model, r.copies.tokenizer, cfg, pairs, pointwise, seed=seed, say=say, pause=r.wait
+        cfg.learner, policy_model, r.copies.tokenizer, cfg, pairs, pointwise, seed=seed, progress=r.step(name)
     )
     r.metrics.update({f"{cfg.learner}/{k}": v for k, v in trained.items()})
     r.mark("train")
@@ -328,15 +329,6 @@ def _ranked_pairs(cfg: Config, policy_model, tokenizer, reward_model, pool: list
     return reward_ranked_pairs(
         prompts, sample, reward_model.score, cfg.rm_dpo_samples, cfg.rm_dpo_min_confidence, reward_model.prob_better
     )
-
-
-def _fmt(args: tuple) -> str:
-    """Reward-fit progress as 'step 3/46, loss 0.69' (whatever the reward model reports)."""
-    info = args[0] if len(args) == 1 and isinstance(args[0], dict) else {}
-    if "step" in info and "steps" in info:
-        loss = f", loss {info['loss']:.3f}" if isinstance(info.get("loss"), float) else ""
-        return f"step {info['step']}/{info['steps']}{loss}"
-    return " ".join(str(a) for a in args)
 
 
 def run_round(cfg: Config, store: Store, **kwargs) -> dict:

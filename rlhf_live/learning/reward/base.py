@@ -44,19 +44,19 @@ class Scorer:
         ties: Iterable = (),
         pointwise: Iterable = (),
         eval_fraction: float = 0.1,
-        progress: Callable[[dict], None] | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> dict:
         """Train on A/B pairs, ties and thumbs; metrics of the held-out part (split by conversation).
 
-        `progress(info)` is called after every step with {step, steps, ...} (and eval results when there were some);
-        it may block, e.g. to let serving go first.
+        `progress(detail)` is called after every step with a line such as 'step 3/46, loss 0.690'; it may block,
+        e.g. to let serving go first (the same shape as the direct learners' and PPO's progress within a round).
         """
         start = time.time()
         if not 0 <= eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
         examples, counts = collect(list(pairs or ()), list(ties or ()), list(pointwise or ()))
         train, held = split(examples, eval_fraction, self.cfg.seed)
-        metrics = self._fit(examples, train, held, counts, eval_fraction, progress or (lambda info: None))
+        metrics = self._fit(examples, train, held, counts, eval_fraction, progress or (lambda detail: None))
         return {**metrics, **split_counts(train, held), **counts, "seconds": round(time.time() - start, 2)}
 
     def _fit(self, examples, train, held, counts: dict, eval_fraction: float, progress) -> dict:

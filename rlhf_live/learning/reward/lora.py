@@ -242,7 +242,7 @@ class RewardModel(Scorer):
                 sched.step()
                 step += 1
                 interval.append(loss.item())
-                info = {"step": step, "steps": total, "epoch": round(step / steps_per_epoch, 3), "loss": interval[-1]}
+                detail = f"step {step}/{total}, loss {interval[-1]:.3f}"
                 if step % eval_every == 0 or step == total or step % steps_per_epoch == 0:
                     train_loss = sum(interval) / len(interval)
                     first_interval_loss = train_loss if first_interval_loss is None else first_interval_loss
@@ -259,10 +259,9 @@ class RewardModel(Scorer):
                     else:
                         best.update(step=step, train_loss=train_loss)
                     history.append(point)
-                    info.update(point)
                     stopped_early = bool(held) and bad_evals >= cfg.reward_patience
                 if progress is not None:
-                    progress(info)
+                    progress(detail)
                 if stopped_early:
                     break
             if stopped_early:

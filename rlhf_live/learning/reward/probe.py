@@ -304,7 +304,7 @@ class ProbeRewardModel(Scorer):
 
     def _fit(self, examples: list, train: list, held: list, counts: dict, eval_fraction: float, progress) -> dict:
         """Fit the head on A/B pairs, ties and thumbs (from scratch: the problem is convex); held-out metrics."""
-        progress({"step": 0, "steps": 2, "stage": "features"})
+        progress("step 0/2, features of the answers")
         prompts = [e.prompt for e in examples for _ in e.answers]
         answers = [a for e in examples for a in e.answers]
         feats = self.features(prompts, answers)  # (S, F)
@@ -324,10 +324,10 @@ class ProbeRewardModel(Scorer):
             with torch.no_grad():
                 eval_loss = float(self._objective(x, held, [index[id(e)] for e in held])())
             accuracy = self._pair_accuracy(x, held, [index[id(e)] for e in held])
-        progress({"step": 1, "steps": 2, "stage": "fit"})
+        progress("step 1/2, fitting the head")
         train_loss = self._fit_head(x, examples, [index[id(e)] for e in examples])
         self.posterior = self._ensemble(x, examples, [index[id(e)] for e in examples])
-        progress({"step": 2, "steps": 2, "loss": train_loss})
+        progress(f"step 2/2, loss {train_loss:.3f}")
         sample = [(e.prompt, a) for e in examples for a in e.answers]
         random.Random(self.cfg.seed).shuffle(sample)
         sample = sample[: self.cfg.reward_norm_samples]
