@@ -216,7 +216,7 @@ class Config:
     missing_eos_penalty: float = 0.0
     """Added to the score of an answer with no EOS (cut at ppo_max_new_tokens), e.g. -1; 0 (off): no voter asked."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (less memory, ~30% slower); off on small models."""
+    """Recompute activations in the backward pass (less memory, slower steps); off on small models."""
 
     # --- direct learners (DPO / KTO through TRL) ----------------------------------------------------
     direct_beta: float = 0.1

@@ -24,8 +24,7 @@ What it knows:
   answer's score minus the value baseline. The reward is one number per answer, and the zero-initialised value
   head knows nothing at first, so lambda < 1 would give the early tokens (where an answer's style is decided)
   almost no credit: 0.95^60 = 0.05. Ahmadian et al. 2024 (https://arxiv.org/abs/2402.14740) make the same case
-  for lambda = 1 in RLHF; measured here with a perfect reward, lambda 1 vs 0.95: win-rate 0.92 vs 0.78 after 12
-  updates (bench/RESULTS.md ## Simulated raters).
+  for lambda = 1 in RLHF; with a perfect reward it also won more here (bench/RESULTS.md ## Simulated raters).
 - Rollouts sample with temperature only (top_k=0, top_p=1): PPO's ratio needs the log-prob of the distribution
   that was actually sampled, so the serving top_p is not used here.
 - Logits = lm_head(final hidden state), computed in float32 on the response slice only (49k vocab). This holds for

@@ -219,10 +219,10 @@ def dequantize_cpu_4bit(model: torch.nn.Module) -> int:
     """Replace CPU NF4 linears by plain ones in the compute dtype with the same (dequantized) values; returns how many.
 
     In eval mode with no gradient, bitsandbytes 0.50 repacks CPU NF4 weights for a fused kernel whose fast version
-    comes from the hub (`kernels` package); the bundled fallback is 5-15x slower than bf16 on whole sequences
-    (measured: 2,048 tokens, 26-30 s vs 1.6-2 s). Dequantizing gives plain linears with exactly the NF4
+    comes from the hub (`kernels` package); the bundled fallback is several times slower than bf16 on whole sequences
+    (bench/RESULTS.md ## Generation). Dequantizing gives plain linears with exactly the NF4
     values (scores match bitsandbytes' own dequantize+matmul path, used when gradients flow, bit for bit).
-    Costs 2 bytes per weight in bf16 instead of ~0.5 (SmolLM2-135M: ~270 MB). A LoRA trained on top behaves the same on
+    Costs 2 bytes per weight in bf16 instead of ~0.5. A LoRA trained on top behaves the same on
     the NF4 base, since the base computes with exactly these values. For training copies only; serving keeps NF4.
     """
     quantized = _cpu_4bit_linears(model, "dequantize_cpu_4bit")
@@ -249,8 +249,8 @@ def disable_cpu_4bit_packing(model: torch.nn.Module) -> int:
 
     bitsandbytes 0.50 repacks a CPU NF4 weight on its first eval no-grad forward (a rollout, a scoring pass); from
     then on every forward, with gradients too, runs the packed kernel `gemv_4bit`, which has no autograd formula:
-    gradients through the base linears are silently wrong (measured: the LoRA gradients of a 3-layer model off by
-    60-125% relative to the same model dequantized). Training copies must call this before any such forward.
+    gradients through the base linears are silently wrong (`tests/unit/test_models.py` compares them with the same
+    model dequantized; bench/RESULTS.md ## PPO). Training copies must call this before any such forward.
     """
     quantized = _cpu_4bit_linears(model, "disable_cpu_4bit_packing")
     for _, m in quantized:

@@ -1,10 +1,10 @@
 """The llama.cpp process: one xllamacpp server on one GGUF, answering JSON-line requests on stdin with lines on stdout.
 
 Knows xllamacpp and its reply format; knows nothing of chat templates, versions or the app. Runs as
-`python -m rlhf_live.serving.engine_worker` (started by `engine._Server`) so that llama.cpp's OpenMP threads live in a
+`python -m rlhf_live.serving.engine_worker` (started by `llamacpp._Server`) so that llama.cpp's OpenMP threads live in a
 process where torch never ran: libgomp counts every OpenMP thread of a process, and once torch's own pool exists the
-count passes the 2 cores and every barrier of llama.cpp's ~500 per token sleeps instead of spinning (measured: 140 ->
-60-95 tok/s in one process; https://gcc.gnu.org/onlinedocs/libgomp/GOMP_005fSPINCOUNT.html).
+count passes the 2 cores and every barrier of llama.cpp's hundreds per token sleeps instead of spinning (decode speed
+in one process: bench/RESULTS.md ## Serving engine; https://gcc.gnu.org/onlinedocs/libgomp/GOMP_005fSPINCOUNT.html).
 
 Protocol, one JSON object per line. In: the first line is the server's settings; then
 {"id", "op": "complete", "body"} (a llama.cpp completion request) or {"id", "op": "cancel"}. Out: {"ready": true} or

@@ -9,7 +9,7 @@ What it knows:
   conversion, NF4, devices) and may be handed in by the trainer, (2) the sequence-classification head finds the
   last token by searching for `pad_token_id`, which for SmolLM2 equals the end-of-turn token that ends every
   answer; we pad on the right ourselves and index the last real token from the attention mask.
-  The LoRA sits on the top `reward_lora_layers` layers only (backward stops below them; ~2x faster steps), and
+  The LoRA sits on the top `reward_lora_layers` layers only (backward stops below them: faster steps), and
   on CPU the NF4 linears are dequantized to bf16 with the same values (`model.base.dequantize_cpu_4bit` says why).
 - Objective (one loss, per example, averaged over the batch):
   A/B choice   Bradley-Terry  -logsigmoid(r_chosen - r_rejected)             (InstructGPT, arXiv 2203.02155, eq. 1)

@@ -6,8 +6,8 @@ What it knows:
   1/2 and 2/3 of the depth and after the final norm, and the final state of the last token is added: 5 x H numbers
   (2,880 for SmolLM2-135M), standardised with the training answers' mean and std. Middle layers carry the words and
   the layout of an answer, the last token what the model makes of it as a whole.
-- Why not fine-tune: with tens of votes a LoRA reward model memorises them (measured on a simulated rater's votes,
-  64 pairs: 0.44 held-out accuracy for the LoRA model vs 0.78 for this one; bench/RESULTS.md ## Simulated raters).
+- Why not fine-tune: with tens of votes a LoRA reward model memorises them, where this one generalises (held-out
+  accuracy on a simulated rater's votes: bench/RESULTS.md ## Simulated raters).
   A linear probe on frozen features has few degrees of freedom, needs no backward pass through the LM, and
   an answer's features never change, so they are cached and a round computes only the new answers'.
 - Objective: the losses of `losses.py` (Bradley-Terry on A/B choices, the tie loss, the thumbs loss, same weights)
