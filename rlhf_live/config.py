@@ -333,25 +333,15 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    hints = typing.get_type_hints(Config)
-    return hints[f.name]
-
-
-def _parse_bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in {"1", "true", "yes", "on"}:
-        return True
-    if low in {"0", "false", "no", "off", ""}:
-        return False
-    raise ValueError(f"expected a boolean (1/0, true/false), got {text!r}")
-
-
 def _coerce(f: dataclasses.Field, text: str) -> object:
-    typ = _field_type(f)
-    if typ is bool:
-        return _parse_bool(text)
-    return typ(text)
+    """An env variable's text as the field's type (booleans: 1/0, true/false, yes/no, on/off)."""
+    typ = typing.get_type_hints(Config)[f.name]
+    if typ is not bool:
+        return typ(text)
+    low = text.strip().lower()
+    if low in {"1", "true", "yes", "on", "0", "false", "no", "off", ""}:
+        return low in {"1", "true", "yes", "on"}
+    raise ValueError(f"expected a boolean (1/0, true/false), got {text!r}")
 
 
 def from_env(environ: typing.Mapping[str, str] | None = None) -> Config:
@@ -377,7 +367,7 @@ def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        typ = _field_type(f)
+        typ = typing.get_type_hints(Config)[f.name]
         if typ is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name))
         else:

@@ -22,6 +22,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from rlhf_live.config import Config
 from rlhf_live.model.prompt import render, training_budget
+from rlhf_live.store.rows import PairRow, ThumbRow
 
 
 class DirectDivergence(RuntimeError):
@@ -33,26 +34,25 @@ def _context(cfg: Config, messages: list[dict], tokenizer) -> list[dict]:
     return render(tokenizer, messages, training_budget(cfg)).messages
 
 
-def dpo_examples(cfg: Config, tokenizer, pairs: list[dict]) -> list[dict]:
+def dpo_examples(cfg: Config, tokenizer, pairs: list[PairRow]) -> list[dict]:
     """A/B choices as TRL's conversational preference rows; ties and both-bad are not in `pairs` (nothing to learn)."""
     return [
         {
-            "prompt": _context(cfg, p["prompt"], tokenizer),
-            "chosen": [{"role": "assistant", "content": p["chosen"]}],
-            "rejected": [{"role": "assistant", "content": p["rejected"]}],
-            "weight": float(p.get("weight", 1.0)),
+            "prompt": _context(cfg, p.prompt, tokenizer),
+            "chosen": [{"role": "assistant", "content": p.chosen}],
+            "rejected": [{"role": "assistant", "content": p.rejected}],
+            "weight": float(p.weight),
         }
         for p in pairs
-        if p["chosen"] != p["rejected"] and p.get("weight", 1.0) > 0
+        if p.chosen != p.rejected and p.weight > 0
     ]
 
 
-def kto_examples(cfg: Config, tokenizer, pairs: list[dict], pointwise: list[dict]) -> list[dict]:
+def kto_examples(cfg: Config, tokenizer, pairs: list[PairRow], pointwise: list[ThumbRow]) -> list[dict]:
     """Thumbs (both-bad = two downs) and A/B choices (winner desirable, loser not) as TRL's unpaired rows."""
-    rows = [(p["prompt"], p["completion"], bool(p["label"]), p.get("weight", 1.0)) for p in pointwise]
+    rows = [(p.prompt, p.completion, bool(p.label), p.weight) for p in pointwise]
     for p in pairs:
-        w = p.get("weight", 1.0)
-        rows += [(p["prompt"], p["chosen"], True, w), (p["prompt"], p["rejected"], False, w)]
+        rows += [(p.prompt, p.chosen, True, p.weight), (p.prompt, p.rejected, False, p.weight)]
     return [
         {
             "prompt": _context(cfg, prompt, tokenizer),
@@ -87,7 +87,7 @@ def reward_ranked_pairs(
     n: int,
     min_confidence: float,
     prob_better: Callable[[list[list[dict]], list[str], list[str]], torch.Tensor] | None = None,
-) -> tuple[list[dict], dict]:
+) -> tuple[list[PairRow], dict]:
     """Best vs worst of `n` sampled answers per prompt, by the reward model; (DPO pairs, metrics)."""
     # A pair is kept only when the reward model gives the best answer at least `min_confidence` probability of beating
     # the worst (`prob_better`, e.g. averaged over an ensemble; by default Bradley-Terry on the score gap), so a reward
@@ -112,7 +112,7 @@ def reward_ranked_pairs(
     else:
         confidence = []
     pairs = [
-        {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        PairRow(prompt, chosen, rejected, origin="rm-dpo")
         for (prompt, chosen, rejected, _), p in zip(candidates, confidence)
         if p >= min_confidence
     ]
@@ -141,8 +141,8 @@ def train_direct(
     model,
     tokenizer,
     cfg: Config,
-    pairs: list[dict],
-    pointwise: list[dict],
+    pairs: list[PairRow],
+    pointwise: list[ThumbRow],
     *,
     seed: int = 0,
     progress: Callable[[str], None] = lambda detail: None,

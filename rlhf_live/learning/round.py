@@ -143,7 +143,7 @@ def train_round(
         save = _ppo(r, reward_model)
     else:
         since = 0 if cfg.direct_votes == "all" or not r.live else int((r.live.get("metrics") or {}).get("watermark", 0))
-        new_pairs, new_labels = [p for p in pairs if p["seq"] > since], [p for p in pointwise if p["seq"] > since]
+        new_pairs, new_labels = [p for p in pairs if p.seq > since], [p for p in pointwise if p.seq > since]
         if not learner.thumbs:
             new_labels = []  # DPO and rm-dpo learn from A/B choices only
         new_pairs, new_labels = _weigh(cfg, zeroed, new_pairs, new_labels)
@@ -188,8 +188,8 @@ def _weigh(cfg: Config, zeroed: frozenset[str], *lists: list[dict]) -> tuple[lis
     if not cfg.public:
         return lists  # one person testing locally trains as before: every vote weighs 1
     rows = [row for rows in lists for row in rows]
-    weights = iter(crowd.capped_weights([row.get("voter_source") or "" for row in rows], cfg.max_source_share, zeroed))
-    return tuple([{**row, "weight": next(weights)} for row in rows] for rows in lists)
+    weights = iter(crowd.capped_weights([row.voter_source for row in rows], cfg.max_source_share, zeroed))
+    return tuple([replace(row, weight=next(weights)) for row in rows] for rows in lists)
 
 
 def _flag_contrarians(
@@ -243,8 +243,8 @@ def _enough_sources(cfg: Config, sources: int, left_out: int) -> None:
 
 def _crowd_metrics(r: _Round, what: str, rows: list[dict], zeroed: frozenset[str]) -> None:
     """How many sources the learner's votes came from, the largest one's share of its weight, votes weighted 0."""
-    sources = [row.get("voter_source") or "" for row in rows]
-    weights = [row.get("weight", 1.0) for row in rows]
+    sources = [row.voter_source for row in rows]
+    weights = [row.weight for row in rows]
     share = crowd.shares(sources, weights) if sum(weights) else {}
     r.metrics.update(
         {

@@ -12,6 +12,7 @@ from collections import Counter
 
 from rlhf_live.store.base import Database, InvalidInput
 from rlhf_live.store.conversations import MessageTree
+from rlhf_live.store.rows import PairRow, ThumbRow, TieRow
 
 
 class TrainingRows(Database):
@@ -75,8 +76,8 @@ class TrainingRows(Database):
     def _tree_for(self, conn: sqlite3.Connection, rows: list[dict], everything: bool) -> MessageTree:
         return MessageTree(conn, None if everything else [r["conversation_id"] for r in rows])
 
-    def preference_pairs(self, since: int = 0) -> list[dict]:
-        """A/B choices after `since`: {prompt, chosen, rejected, conversation_id, seq, voter_source, ...}."""
+    def preference_pairs(self, since: int = 0) -> list[PairRow]:
+        """A/B choices after watermark `since`, oldest first."""
         with self._read() as conn:
             rows = self._comparison_rows(conn, ("A", "B"), since)
             tree = self._tree_for(conn, rows, since <= 0)
@@ -84,37 +85,37 @@ class TrainingRows(Database):
         for r in rows:
             a_wins = r["choice"] == "A"
             out.append(
-                {
-                    "prompt": tree.context(r["a_id"]),
-                    "chosen": r["a_text"] if a_wins else r["b_text"],
-                    "rejected": r["b_text"] if a_wins else r["a_text"],
-                    "conversation_id": r["conversation_id"],
-                    "comparison_id": r["id"],
-                    "seq": r["seq"],
-                    "origin": r["origin"],
-                    "chosen_source": r["a_source"] if a_wins else r["b_source"],
-                    "rejected_source": r["b_source"] if a_wins else r["a_source"],
-                    "voter_source": r["voter_source"],
-                }
+                PairRow(
+                    prompt=tree.context(r["a_id"]),
+                    chosen=r["a_text"] if a_wins else r["b_text"],
+                    rejected=r["b_text"] if a_wins else r["a_text"],
+                    conversation_id=r["conversation_id"],
+                    comparison_id=r["id"],
+                    seq=r["seq"],
+                    origin=r["origin"],
+                    chosen_source=r["a_source"] if a_wins else r["b_source"],
+                    rejected_source=r["b_source"] if a_wins else r["a_source"],
+                    voter_source=r["voter_source"],
+                )
             )
         return out
 
-    def ties(self, since: int = 0) -> list[dict]:
-        """Tie choices after watermark `since`: {prompt, a, b, conversation_id, comparison_id, seq}."""
+    def ties(self, since: int = 0) -> list[TieRow]:
+        """Tie choices after watermark `since`, oldest first."""
         with self._read() as conn:
             rows = self._comparison_rows(conn, ("tie",), since)
             tree = self._tree_for(conn, rows, since <= 0)
         return [
-            {
-                "prompt": tree.context(r["a_id"]),
-                "a": r["a_text"],
-                "b": r["b_text"],
-                "conversation_id": r["conversation_id"],
-                "comparison_id": r["id"],
-                "seq": r["seq"],
-                "origin": r["origin"],
-                "voter_source": r["voter_source"],
-            }
+            TieRow(
+                prompt=tree.context(r["a_id"]),
+                a=r["a_text"],
+                b=r["b_text"],
+                conversation_id=r["conversation_id"],
+                comparison_id=r["id"],
+                seq=r["seq"],
+                origin=r["origin"],
+                voter_source=r["voter_source"],
+            )
             for r in rows
         ]
 
@@ -127,11 +128,11 @@ class TrainingRows(Database):
                 " WHERE choice IN ('A', 'B', 'tie') AND a_source != b_source AND origin != 'import' ORDER BY seq",
             )
 
-    def pointwise_labels(self, since: int = 0) -> list[dict]:
+    def pointwise_labels(self, since: int = 0) -> list[ThumbRow]:
         """Thumbs (final non-cleared value per answer and voter) and both_bad as two thumbs-down, after `since`.
 
-        Rows: {prompt, completion, label, conversation_id, response_id, seq}. A thumb changed after `since` comes
-        back with its new value; one cleared after `since` does not come back (its old label is simply stale).
+        A thumb changed after `since` comes back with its new value; one cleared after `since` does not come back
+        (its old label is simply stale).
         """
         with self._read() as conn:
             thumbs = self._rows(
@@ -146,31 +147,31 @@ class TrainingRows(Database):
                 None if since <= 0 else [r["conversation_id"] for r in thumbs + both_bad],
             )
         out = [
-            {
-                "prompt": tree.context(t["response_id"]),
-                "completion": t["content"],
-                "label": t["value"] == "up",
-                "conversation_id": t["conversation_id"],
-                "response_id": t["response_id"],
-                "seq": t["seq"],
-                "voter_source": t["source"],
-            }
+            ThumbRow(
+                prompt=tree.context(t["response_id"]),
+                completion=t["content"],
+                label=t["value"] == "up",
+                conversation_id=t["conversation_id"],
+                response_id=t["response_id"],
+                seq=t["seq"],
+                voter_source=t["source"],
+            )
             for t in thumbs
         ]
         for r in both_bad:
             for mid, text in ((r["a_id"], r["a_text"]), (r["b_id"], r["b_text"])):
                 out.append(
-                    {
-                        "prompt": tree.context(mid),
-                        "completion": text,
-                        "label": False,
-                        "conversation_id": r["conversation_id"],
-                        "response_id": mid,
-                        "seq": r["seq"],
-                        "voter_source": r["voter_source"],
-                    }
+                    ThumbRow(
+                        prompt=tree.context(mid),
+                        completion=text,
+                        label=False,
+                        conversation_id=r["conversation_id"],
+                        response_id=mid,
+                        seq=r["seq"],
+                        voter_source=r["voter_source"],
+                    )
                 )
-        out.sort(key=lambda row: row["seq"])
+        out.sort(key=lambda row: row.seq)
         return out
 
     def prompts(self, limit: int = 200) -> list[list[dict]]:

@@ -29,15 +29,15 @@ class Transfer(TrainingRows, Versions):
 
         if fmt == "preference":
             for p in self.preference_pairs(0):
-                yield {"prompt": p["prompt"], "chosen": answer(p["chosen"]), "rejected": answer(p["rejected"])}
+                yield {"prompt": p.prompt, "chosen": answer(p.chosen), "rejected": answer(p.rejected)}
         elif fmt == "kto":
             # KTO learns from unpaired labels: thumbs and both_bad, plus each A/B choice split into a desirable
             # and an undesirable row (what TRL's unpair_preference_dataset does). Ties carry no label.
             for p in self.pointwise_labels(0):
-                yield {"prompt": p["prompt"], "completion": answer(p["completion"]), "label": p["label"]}
+                yield {"prompt": p.prompt, "completion": answer(p.completion), "label": p.label}
             for p in self.preference_pairs(0):
-                yield {"prompt": p["prompt"], "completion": answer(p["chosen"]), "label": True}
-                yield {"prompt": p["prompt"], "completion": answer(p["rejected"]), "label": False}
+                yield {"prompt": p.prompt, "completion": answer(p.chosen), "label": True}
+                yield {"prompt": p.prompt, "completion": answer(p.rejected), "label": False}
         elif fmt == "conversations":
             # Every root-to-leaf path is one conversation: retries and A/B answers each end their own branch.
             with self._read() as conn:

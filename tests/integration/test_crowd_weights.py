@@ -20,6 +20,7 @@ from rlhf_live.learning.round import _flag_contrarians, _Round, _weigh
 from rlhf_live.serving.callers import Caller
 from rlhf_live.serving.service import BANNED, Service
 from rlhf_live.store import InvalidInput, Store, UnknownId
+from rlhf_live.store.rows import PairRow
 
 
 def _shares(sources: list[str], weights: list[float]) -> dict[str, float]:
@@ -61,17 +62,19 @@ def test_evidence_counts_disagreements_against_how_often_the_others_agree_with_a
 
 
 def test_the_trainer_weighs_votes_only_on_public_deployments(tiny_cfg):
-    rows = [{"voter_source": "big"} for _ in range(30)] + [{"voter_source": f"s{i}"} for i in range(6)]
+    rows = [PairRow([], "a", "b", voter_source="big") for _ in range(30)]
+    rows += [PairRow([], "a", "b", voter_source=f"s{i}") for i in range(6)]
     (local,) = _weigh(tiny_cfg, frozenset(), rows)
     assert local is rows  # a laptop trains as before
     pairs, thumbs = _weigh(replace(tiny_cfg, public=True), frozenset({"s0"}), rows[:20], rows[20:])
     weighted = pairs + thumbs
-    share = crowd.shares([r["voter_source"] for r in weighted], [r["weight"] for r in weighted])
-    assert share["big"] == pytest.approx(0.25) and "s0" not in share and "weight" not in rows[0]
+    share = crowd.shares([r.voter_source for r in weighted], [r.weight for r in weighted])
+    assert share["big"] == pytest.approx(0.25) and "s0" not in share and rows[0].weight == 1.0  # copies, weighted
 
 
 def test_every_learner_honours_the_weights(tiny_cfg):
-    pairs = [{**p, "weight": w} for p, w in zip(marker_pairs(3), (0.5, 1.0, 0.0))]
+    pairs = [PairRow(p["prompt"], p["chosen"], p["rejected"], weight=w) for p, w in zip(marker_pairs(3), (0.5, 1.0))]
+    pairs.append(PairRow(marker_pairs(3)[2]["prompt"], "x", "y", weight=0.0))
     # Reward model (LoRA and probe): each example's loss is scaled by its weight; weight 0 is not trained on.
     examples, counts = collect(pairs, [], [])
     assert [e.weight for e in examples] == [0.5, 1.0] and counts["n_zero_weight"] == 1

@@ -77,7 +77,7 @@ def test_a_live_version_and_the_feedback_go_up_and_come_back_to_an_empty_data_di
     ]
     again = Store.from_config(fresh)
     reconcile(again, AdapterRegistry(fresh.adapters_dir))
-    assert again.preference_pairs()[0]["chosen"] == "Apples."
+    assert again.preference_pairs()[0].chosen == "Apples."
     assert serving_choice(fresh, again) == (str(AdapterRegistry(fresh.adapters_dir).path("v0001")), "v0001")
     assert sqlite3.connect(fresh.db_path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert HubSync(fresh).pull() == []  # not empty any more: nothing is overwritten

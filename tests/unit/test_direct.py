@@ -15,6 +15,7 @@ from rlhf_live.model.lora import BASE, attach_adapter
 from rlhf_live.serving.policy import Policy
 from rlhf_live.serving.service import Service
 from rlhf_live.store import Store
+from rlhf_live.store.rows import PairRow, ThumbRow
 
 P = [{"role": "user", "content": "Tell me about apples."}]
 
@@ -49,8 +50,8 @@ def _vote(service: Service, *, pairs: bool = True, thumbs: bool = True) -> None:
 def test_votes_become_trl_rows(direct_cfg):
     _, tokenizer = _tiny_policy_copy(direct_cfg)
     pirate = {"role": "system", "content": "You are a pirate."}  # a row keeps the system prompt it was answered under
-    pairs = [{"prompt": [pirate, *P], "chosen": "Red.", "rejected": "Apples are a fruit that grows on trees."}]
-    pairs.append({"prompt": P, "chosen": "Same.", "rejected": "Same."})  # nothing to learn: dropped
+    pairs = [PairRow([pirate, *P], "Red.", "Apples are a fruit that grows on trees.")]
+    pairs.append(PairRow(P, "Same.", "Same."))  # nothing to learn: dropped
     (row,) = dpo_examples(direct_cfg, tokenizer, pairs)
     assert row == {
         "prompt": [pirate, *P],
@@ -58,9 +59,9 @@ def test_votes_become_trl_rows(direct_cfg):
         "rejected": [{"role": "assistant", "content": "Apples are a fruit that grows on trees."}],
         "weight": 1.0,
     }
-    (imported,) = dpo_examples(direct_cfg, tokenizer, [{**pairs[0], "prompt": P}])
+    (imported,) = dpo_examples(direct_cfg, tokenizer, [replace(pairs[0], prompt=P)])
     assert imported["prompt"] == P  # stored without one (an import): none is made up
-    thumbs = [{"prompt": P, "completion": "Green.", "label": False}]
+    thumbs = [ThumbRow(P, "Green.", False)]
     rows = kto_examples(direct_cfg, tokenizer, pairs[:1], thumbs)
     assert [(r["completion"][0]["content"], r["label"]) for r in rows] == [
         ("Green.", False),
@@ -69,7 +70,7 @@ def test_votes_become_trl_rows(direct_cfg):
     ]
     # A conversation longer than the prompt budget loses its oldest turns, never the question nor the system prompt.
     long = [pirate, {"role": "user", "content": "old " * 300}, {"role": "assistant", "content": "ok"}, *P]
-    (row,) = dpo_examples(direct_cfg, tokenizer, [{**pairs[0], "prompt": long}])
+    (row,) = dpo_examples(direct_cfg, tokenizer, [replace(pairs[0], prompt=long)])
     assert row["prompt"] == [pirate, *P]
 
 
@@ -77,7 +78,7 @@ def test_dpo_loss_falls_on_separable_pairs(direct_cfg):
     direct_cfg.direct_epochs, direct_cfg.direct_lr, direct_cfg.direct_batch_size = 8, 3e-3, 4
     model, tokenizer = _tiny_policy_copy(direct_cfg)
     prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(8)]
-    pairs = [{"prompt": p, "chosen": "Thank you very much.", "rejected": "It is sunny and warm."} for p in prompts]
+    pairs = [PairRow(p, "Thank you very much.", "It is sunny and warm.") for p in prompts]
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     metrics = train_direct("dpo", model, tokenizer, direct_cfg, pairs, [], seed=0)
     assert metrics["loss_first"] == pytest.approx(0.6931, abs=1e-3)  # ln 2: the policy starts as the reference
@@ -92,10 +93,10 @@ def test_dpo_follows_the_weighted_votes_when_two_sources_contradict(direct_cfg):
     direct_cfg.direct_epochs, direct_cfg.direct_lr, direct_cfg.direct_batch_size = 8, 3e-3, 4
     model, tokenizer = _tiny_policy_copy(direct_cfg)
     prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(8)]
-    honest = [{"prompt": p, "chosen": "Thank you very much.", "rejected": "It is sunny and warm."} for p in prompts]
+    honest = [PairRow(p, "Thank you very much.", "It is sunny and warm.") for p in prompts]
     # The same pairs the other way round from a source over its cap: weighted 1/50, so rarely drawn. Unweighted,
     # the two halves cancel and the loss cannot leave ln 2.
-    contrary = [{**p, "chosen": p["rejected"], "rejected": p["chosen"], "weight": 0.02} for p in honest]
+    contrary = [replace(p, chosen=p.rejected, rejected=p.chosen, weight=0.02) for p in honest]
     metrics = train_direct("dpo", model, tokenizer, direct_cfg, honest + contrary, [], seed=0)
     assert metrics["examples"] == 16.0 and metrics["loss_last"] < 0.8 * math.log(2)
 
@@ -199,7 +200,7 @@ def test_reward_ranked_pairs_are_best_vs_worst_when_the_reward_model_is_sure():
     assert calls == [9]
     # "Two?": the blank answer scores highest but is never chosen; y beats the blank by -4.7: not sure -> no pair.
     # "Three?": all answers equal: no pair.
-    assert [(p["prompt"][-1]["content"], p["chosen"], p["rejected"]) for p in pairs] == [("One?", "good", "bad")]
+    assert [(p.prompt[-1]["content"], p.chosen, p.rejected) for p in pairs] == [("One?", "good", "bad")]
     assert metrics["pairs"] == 1.0 and metrics["samples"] == 9.0
     assert metrics["pair_confidence"] == pytest.approx(1 / (1 + math.exp(-4.0)))
     # A reward model that is unsure (gap 0.3 < logit(0.6) = 0.405) adds nothing; a lower bar takes the pair.

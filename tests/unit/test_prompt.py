@@ -48,7 +48,7 @@ def test_every_consumer_renders_a_stored_conversation_to_the_ids_it_was_served_f
     store.choose(pair_id, "v-pirate", "A")
     (pair,) = store.preference_pairs()  # the A/B siblings' training row, as every learner reads it
     context = store.context(a)
-    assert context == store.context(b) == pair["prompt"] and context[0] == {"role": "system", "content": PIRATE}
+    assert context == store.context(b) == pair.prompt and context[0] == {"role": "system", "content": PIRATE}
 
     # Serving: the Service answers under the conversation's own system prompt.
     served_policy = Policy.from_config(cfg)
@@ -67,7 +67,7 @@ def test_every_consumer_renders_a_stored_conversation_to_the_ids_it_was_served_f
 
     # DPO and KTO: TRL templates the messages we give it, so those messages must template to the served ids.
     pairs = [pair]
-    assert (pair["chosen"], pair["rejected"]) == ("Under the old oak, matey.", "I cannot say.")
+    assert (pair.chosen, pair.rejected) == ("Under the old oak, matey.", "I cannot say.")
     (dpo,) = dpo_examples(cfg, tok, pairs)
     assert template(tok, dpo["prompt"]) == served
     kto = kto_examples(cfg, tok, pairs, [])

@@ -291,7 +291,7 @@ def test_training_rows_after_the_watermark(store):
 
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
     [p] = store.preference_pairs(mark0)
-    assert (p["prompt"], p["chosen"], p["rejected"], p["comparison_id"], p["seq"]) == (
+    assert (p.prompt, p.chosen, p.rejected, p.comparison_id, p.seq) == (
         prompt,
         "Four.",
         "4",
@@ -300,7 +300,7 @@ def test_training_rows_after_the_watermark(store):
     )
     assert store.preference_pairs(mark1) == []
     [label] = store.pointwise_labels(mark0)
-    assert (label["completion"], label["label"], label["response_id"]) == ("4", True, a)
+    assert (label.completion, label.label, label.response_id) == ("4", True, a)
 
     # A tie and a both_bad on a new pair under the same user turn.
     c = store.add_message(cid, "assistant", "2+2=4", parent_id=user)
@@ -310,9 +310,9 @@ def test_training_rows_after_the_watermark(store):
     store.choose(tie, "v2", "tie")
     store.choose(bad, "v2", "both_bad")
     [t] = store.ties(mark1)
-    assert (t["a"], t["b"], t["prompt"]) == ("4", "2+2=4", prompt)
+    assert (t.a, t.b, t.prompt) == ("4", "2+2=4", prompt)
     labels = store.pointwise_labels(mark1)
-    assert [(x["completion"], x["label"]) for x in labels] == [("2+2=4", False), ("five", False)]
+    assert [(x.completion, x.label) for x in labels] == [("2+2=4", False), ("five", False)]
     assert store.preference_pairs(store.watermark()) == []
     assert store.prompts() == [prompt]
 
