@@ -240,7 +240,7 @@ def _outcome(data_dir: Path, voters: list[Voter]) -> dict:
 
 def evaluator(extra: list[str], rater, n_eval: int, seed: int):
     """evaluate(adapter_path): the rater's win-rate of that version vs the base on held-out prompts (this process)."""
-    from rlhf_live import config as config_mod
+    from rlhf_live import flags
     from rlhf_live.eval.evaluation import Evaluator
     from rlhf_live.eval.simulate import split_prompts
     from rlhf_live.model.lora import BASE
@@ -248,8 +248,8 @@ def evaluator(extra: list[str], rater, n_eval: int, seed: int):
     from rlhf_live.serving.settings import GenerationSettings
 
     parser = argparse.ArgumentParser()
-    config_mod.add_arguments(parser)
-    cfg = config_mod.from_args(parser.parse_known_args(extra)[0])
+    flags.add_arguments(parser)
+    cfg = flags.from_args(parser.parse_known_args(extra)[0])
     held_out, _ = split_prompts(n_eval, seed)
     policy = Policy.from_config(cfg)
     settings = GenerationSettings.from_config(cfg, max_new_tokens=cfg.ppo_max_new_tokens, seed=seed)

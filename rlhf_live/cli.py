@@ -10,6 +10,7 @@ import json
 import sys
 
 from rlhf_live import config as config_mod
+from rlhf_live import flags
 from rlhf_live.logs import quiet_libraries
 
 
@@ -19,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_: str, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
-        config_mod.add_arguments(p, skip)
+        flags.add_arguments(p, skip)
         return p
 
     command("serve", "Start the web app (chat, compare, training dashboard, data).")
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
         args = _parser().parse_args(["serve", *(argv or [])])
-    cfg = config_mod.from_args(args)
+    cfg = flags.from_args(args)
     quiet_libraries()
     try:
         return _run(args, cfg)

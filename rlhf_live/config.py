@@ -5,17 +5,11 @@ Knows field names, types and their documentation; knows nothing of models, SQL o
 
 from __future__ import annotations
 
-import argparse
-import ast
-import dataclasses
-import inspect
 import math
 import os
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-ENV_PREFIX = "RLHF_LIVE_"
 ASSETS = Path(__file__).resolve().parent / "assets"
 """Seed prompts and the page's CSS, inside the package so that a wheel carries them (top-level assets/ links here)."""
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -301,6 +295,12 @@ class Config:
     generation_concurrency: int = 2
     """How many answers torch generates at once (llama.cpp: engine_parallel); more requests queue."""
 
+    # --- OpenAI-compatible API (/v1 beside the page) ------------------------------------------------
+    api_model_name: str = "rlhf-live"
+    """What /v1/models calls the live version (earlier ones are NAME-vNNNN, the original NAME-base)."""
+    api_keys: str = ""
+    """API keys for /v1, comma-separated or @FILE (one per line); none: anyone may call it, as the page."""
+
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():  # checked once, where the Config is built, not at each use
             if getattr(self, name) not in allowed:
@@ -319,78 +319,3 @@ class Config:
     def sources_per_round(self) -> int:
         """Distinct sources a public round needs: min_round_sources, and enough that each may stay under the cap."""
         return max(self.min_round_sources, math.ceil(1 / self.max_source_share - 1e-9))
-
-
-def field_docs() -> dict[str, str]:
-    """Map field name -> the docstring written on the line below it."""
-    tree = ast.parse(inspect.getsource(Config))
-    docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:]):
-        documented = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-        if isinstance(node, ast.AnnAssign) and documented and isinstance(nxt.value.value, str):
-            docs[node.target.id] = nxt.value.value  # type: ignore[union-attr]
-    return docs
-
-
-def _coerce(f: dataclasses.Field, text: str) -> object:
-    """An env variable's text as the field's type (booleans: 1/0, true/false, yes/no, on/off)."""
-    typ = typing.get_type_hints(Config)[f.name]
-    if typ is not bool:
-        return typ(text)
-    low = text.strip().lower()
-    if low in {"1", "true", "yes", "on", "0", "false", "no", "off", ""}:
-        return low in {"1", "true", "yes", "on"}
-    raise ValueError(f"expected a boolean (1/0, true/false), got {text!r}")
-
-
-def from_env(environ: typing.Mapping[str, str] | None = None) -> Config:
-    """Config with defaults overridden by RLHF_LIVE_<FIELD> variables."""
-    environ = os.environ if environ is None else environ
-    cfg = Config()
-    for f in fields(Config):
-        key = ENV_PREFIX + f.name.upper()
-        if key in environ:
-            try:
-                setattr(cfg, f.name, _coerce(f, environ[key]))
-            except ValueError as exc:
-                raise SystemExit(f"{key}: {exc}") from None
-    return _checked(cfg)
-
-
-def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """Add one --flag per Config field but `skip` (default None: unset flags leave env/defaults alone)."""
-    docs = field_docs()
-    group = parser.add_argument_group("configuration (env RLHF_LIVE_<FIELD> works too)")
-    parser.set_defaults(_config_skip=skip)
-    for f in fields(Config):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        typ = typing.get_type_hints(Config)[f.name]
-        if typ is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name))
-        else:
-            group.add_argument(flag, type=typ, default=None, help=docs.get(f.name), dest=f.name)
-
-
-def from_args(args: argparse.Namespace, environ: typing.Mapping[str, str] | None = None) -> Config:
-    """Defaults < env < flags."""
-    cfg = from_env(environ)
-    skip = getattr(args, "_config_skip", ())
-    for f in fields(Config):
-        if f.name in skip:
-            continue
-        value = getattr(args, f.name, None)
-        if value is not None:
-            setattr(cfg, f.name, value)
-    return _checked(cfg)
-
-
-def _checked(cfg: Config) -> Config:
-    """`cfg` once its fields were set from env and flags, checked as Config() checks; a sentence where it is wrong."""
-    try:
-        cfg.__post_init__()
-    except ValueError as exc:
-        raise SystemExit(f"rlhf-live: {exc}") from None
-    return cfg

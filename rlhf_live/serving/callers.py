@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from rlhf_live.config import Config
-from rlhf_live.serving.settings import InvalidRequest
+from rlhf_live.serving.settings import TooManyRequests
 from rlhf_live.store import source_id, voter_id
 
 
@@ -76,7 +76,7 @@ class Callers:
                 times.popleft()
             if len(times) >= limit:
                 wait = 60 - (now - times[0])
-                raise InvalidRequest(f"Too many requests{whose}: at most {limit} a minute. Please wait {wait:.0f} s.")
+                raise TooManyRequests(f"Too many requests{whose}: at most {limit} a minute. Please wait {wait:.0f} s.")
             times.append(now)
             if len(self._recent) > 10_000:  # forget voters idle for a minute, so the map stays small
                 self._recent = {v: t for v, t in self._recent.items() if t and now - t[-1] <= 60}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from rlhf_live.model.sampling import LoopStop, loop_cut
 from rlhf_live.serving import llamacpp as llama
 from rlhf_live.serving.settings import GenerationSettings, sampling_kwargs
 
+_clock = time.monotonic
 Steps = Iterator[tuple[str, ...]]
 """The texts so far of every answer after each new token; the last item is the final texts."""
 
@@ -303,3 +305,19 @@ class LlamaCppSampler(Sampler):
             cancel.set()
             for t in threads:
                 t.join()
+
+
+def coalesced(updates: Iterator, interval: float) -> Iterator:
+    """The first update, then the newest at most every `interval` seconds, and always the last one."""
+    # One update per token costs the server and a browser on the same cores more than the engine takes to write
+    # it (bench/RESULTS.md, "Page streaming"), so the tokens in between go together (Config.stream_interval_s).
+    sent_at, pending, held = -float("inf"), None, False
+    for update in updates:
+        now = _clock()
+        if now - sent_at >= interval:
+            sent_at, held = now, False
+            yield update
+        else:
+            pending, held = update, True
+    if held:
+        yield pending

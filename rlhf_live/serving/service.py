@@ -71,8 +71,13 @@ class Service:
             )
         return s
 
-    def _start_turn(self, voter: str | Caller, message: str, conversation_id: str, parent_id: str | None, settings):
-        """Validate, then record the user's message; return (conversation_id, user message id, prompt, settings)."""
+    def _start_turn(
+        self, voter: str | Caller, message: str, conversation_id: str, parent_id: str | None, settings, history=()
+    ):
+        """Validate, then record the user's message; return (conversation_id, user message id, prompt, settings).
+
+        `history`: earlier turns a client sent with a new conversation (the OpenAI API), stored before the message.
+        """
         self._limit(voter)
         who = as_caller(voter)
         voter = who.voter
@@ -96,11 +101,13 @@ class Service:
             settings = self._settings(settings)
             conversation_id = self.store.new_conversation(voter, system_prompt=settings.system_prompt, asker=who.source)
             parent_id = None
+            for turn in history:  # a client's own record of the conversation; its answers carry no version of ours
+                parent_id = self.store.add_message(conversation_id, turn["role"], turn["content"], parent_id=parent_id)
         user_id = self.store.add_message(conversation_id, "user", text, parent_id=parent_id)
         prompt = [*self.store.context(user_id), {"role": "user", "content": text}]
         return conversation_id, user_id, prompt, settings
 
-    def _record_answer(self, conversation_id, user_id, answer, settings) -> str:
+    def record_answer(self, conversation_id, user_id, answer, settings) -> str:
         return self.store.add_message(
             conversation_id,
             "assistant",
@@ -156,7 +163,7 @@ class Service:
             stream.cancel()
             (answer,) = stream.answers
             # Recorded even when the browser went away mid-answer (finish_reason 'cancelled'): nothing is lost.
-            response_id = self._record_answer(cid, user_id, answer, settings)
+            response_id = self.record_answer(cid, user_id, answer, settings)
         yield {
             "conversation_id": cid,
             "text": answer.text,
@@ -309,8 +316,8 @@ class Service:
             if shown is None:
                 shown = self._pick_pair(prompt, [x.text for x in stream.answers])
             a, b = stream.answers[shown[0]], stream.answers[shown[1]]
-            a_id = self._record_answer(cid, user_id, a, settings)
-            b_id = self._record_answer(cid, user_id, b, settings)
+            a_id = self.record_answer(cid, user_id, a, settings)
+            b_id = self.record_answer(cid, user_id, b, settings)
             pair_id = self.store.new_comparison(
                 cid, a_id, b_id, a_source=a.adapter_version, b_source=b.adapter_version, voter=voter
             )

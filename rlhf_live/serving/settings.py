@@ -15,6 +15,10 @@ class InvalidRequest(ValueError):
     """A request the policy refuses, with a sentence a person understands."""
 
 
+class TooManyRequests(InvalidRequest):
+    """A request past a per-minute limit (HTTP clients get 429)."""
+
+
 @dataclass
 class GenerationSettings:
     """How one answer is sampled; stored beside every answer."""

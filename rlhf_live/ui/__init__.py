@@ -12,7 +12,10 @@ import os
 from pathlib import Path
 
 import gradio as gr
+import uvicorn
+from fastapi import FastAPI
 
+from rlhf_live.api.openai import add_openai_api
 from rlhf_live.config import ASSETS, Config
 from rlhf_live.runtime import assemble
 from rlhf_live.serving.service import Service
@@ -80,11 +83,24 @@ def build(service: Service, cfg: Config) -> gr.Blocks:
 
 
 def serve(cfg: Config) -> None:
-    """Load the policy and store, start the trainer (unless --no-train) and run the app until interrupted."""
+    """Load the policy and store, start the trainer (unless --no-train) and serve the page and /v1 on one port."""
     service = assemble(cfg, say=lambda note: print(f"rlhf-live: {note}", flush=True)).service
     demo = build(service, cfg)
-    # uvicorn (which Gradio starts) rewrites the peer address from X-Forwarded-For only for these peers; its own
-    # default trusts 127.0.0.1, where any local client could then claim any address.
-    os.environ["FORWARDED_ALLOW_IPS"] = cfg.trusted_proxies
+    # One port (a Space exposes one): the OpenAI-compatible routes beside the mounted Gradio app.
+    app = FastAPI(title="rlhf-live", docs_url=None, redoc_url=None)
+    add_openai_api(app, service)
     css = CSS_FILE.read_text() if CSS_FILE.is_file() else None
-    demo.launch(server_name=cfg.host, server_port=cfg.port, css=css, theme=gr.themes.Soft())
+    app = gr.mount_gradio_app(
+        app, demo, path="/", css=css, theme=gr.themes.Soft(), server_name=cfg.host, server_port=cfg.port
+    )
+    print(f"Running on local URL:  http://{cfg.host}:{cfg.port}", flush=True)
+    # uvicorn rewrites the peer address from X-Forwarded-For only for these peers (Config.trusted_proxies); its own
+    # default trusts 127.0.0.1, where any local client could then claim any address.
+    uvicorn.run(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        proxy_headers=True,
+        forwarded_allow_ips=cfg.trusted_proxies,
+        log_level="warning",
+    )

@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterator
 
 import gradio as gr
 
+from rlhf_live.serving.samplers import coalesced
 from rlhf_live.serving.service import Service
-from rlhf_live.ui.common import UserError, caller_of, coalesced, started
+from rlhf_live.ui.common import UserError, caller_of, started
 
 
 def add_api(service: Service, generate: dict) -> None:

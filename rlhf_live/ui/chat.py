@@ -12,6 +12,7 @@ import time
 import gradio as gr
 
 from rlhf_live.config import Config
+from rlhf_live.serving.samplers import coalesced
 from rlhf_live.serving.service import USER_ERRORS, Service
 from rlhf_live.ui.common import (
     PRIVATE,
@@ -21,7 +22,6 @@ from rlhf_live.ui.common import (
     chat_state,
     chat_view,
     client_of,
-    coalesced,
     refused,
     settings_from,
     show,

@@ -9,7 +9,6 @@ import hmac
 import html
 import os
 import re
-import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -66,25 +65,6 @@ def refused(message: str) -> gr.Error:
     # (an empty message, a limit) that was ~39 lines per request.
     refusal(message)
     return gr.Error(message, print_exception=False)
-
-
-_clock = time.monotonic
-
-
-def coalesced(updates: Iterator, interval: float) -> Iterator:
-    """The first update, then the newest at most every `interval` seconds, and always the last one."""
-    # One update per token costs the server and a browser on the same cores more than the engine takes to write
-    # it (bench/RESULTS.md, "Page streaming"), so the tokens in between go together (Config.stream_interval_s).
-    sent_at, pending, held = -float("inf"), None, False
-    for update in updates:
-        now = _clock()
-        if now - sent_at >= interval:
-            sent_at, held = now, False
-            yield update
-        else:
-            pending, held = update, True
-    if held:
-        yield pending
 
 
 class UserError:

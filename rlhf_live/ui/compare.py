@@ -13,9 +13,10 @@ import gradio as gr
 
 from rlhf_live.config import Config
 from rlhf_live.logs import refusal
+from rlhf_live.serving.samplers import coalesced
 from rlhf_live.serving.service import COMPARE_MODES, USER_ERRORS, Service
 from rlhf_live.ui.chat import ChatTab
-from rlhf_live.ui.common import PRIVATE, UserError, caller_of, coalesced, refused, settings_from, show
+from rlhf_live.ui.common import PRIVATE, UserError, caller_of, refused, settings_from, show
 
 LABELS = {"A": "A is better", "B": "B is better", "tie": "a tie", "both_bad": "both bad"}
 

@@ -5,7 +5,8 @@ from dataclasses import fields
 
 import pytest
 
-from rlhf_live.config import Config, add_arguments, field_docs, from_args, from_env
+from rlhf_live.config import Config
+from rlhf_live.flags import add_arguments, field_docs, from_args, from_env
 
 
 def test_every_field_is_documented():

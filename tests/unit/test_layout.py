@@ -13,6 +13,7 @@ LAYER = {
     "__init__": 9,
     "__main__": 9,
     "config": 0,
+    "flags": 1,
     "logs": 0,
     "model": 1,
     "store": 2,
@@ -20,8 +21,9 @@ LAYER = {
     "learning": 3,
     "eval": 5,
     "runtime": 4,
-    "ui": 6,
-    "cli": 7,
+    "api": 6,
+    "ui": 7,
+    "cli": 8,
 }
 """Each part may import only parts of a lower layer, or itself; serving and learning share a layer: neither imports
 the other (DESIGN.md, "Imports flow one way")."""

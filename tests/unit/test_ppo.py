@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from rlhf_live.config import Config, field_docs
+from rlhf_live.config import Config
+from rlhf_live.flags import field_docs
 from rlhf_live.learning import ppo
 from rlhf_live.learning.rollout import load_seed_prompts
 from rlhf_live.model import base as models

@@ -2,7 +2,7 @@
 
 import itertools
 
-from rlhf_live.ui import common
+from rlhf_live.serving import samplers as common
 
 
 def test_fast_updates_are_coalesced_and_the_last_always_arrives(monkeypatch):
