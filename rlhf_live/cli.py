@@ -34,8 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     p = command("export", "Write the collected feedback as a TRL-format .jsonl file.")
     p.add_argument("--format", choices=["preference", "kto", "conversations"], required=True)
     p.add_argument("--out", required=True, help="output .jsonl path")
-    p = command("import", "Import preference pairs (TRL or Anthropic HH .jsonl/.jsonl.gz) as A/B choices.")
-    p.add_argument("--pairs", required=True, help="input .jsonl or .jsonl.gz")
+    p = command("import", "Import preference pairs (TRL or Anthropic HH) as A/B choices, or Open WebUI's ratings.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--pairs", help="input .jsonl or .jsonl.gz")
+    what.add_argument("--openwebui", help="Open WebUI's feedback export (Admin > Evaluations > Export, .json)")
     p = command("reward-eval", "Fit a reward model on pairs once and report held-out accuracy as JSON.", ("train",))
     p.add_argument("--train", required=True)
     p.add_argument("--test", action="append", required=True, help="repeat for several test files")
@@ -112,7 +114,11 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     if args.command == "import":
         from rlhf_live.store import Store
 
-        _print_json(Store.from_config(cfg).import_pairs(args.pairs))
+        store = Store.from_config(cfg)
+        if args.openwebui:
+            _print_json(store.import_openwebui(args.openwebui, ours=(cfg.api_model_name,)))
+        else:
+            _print_json(store.import_pairs(args.pairs))
         return 0
     if args.command == "stats":
         from rlhf_live.store import Store

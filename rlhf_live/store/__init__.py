@@ -13,6 +13,7 @@ concern lives in its own module:
 | training_rows.py | (reads all of them) | `watermark`, `preference_pairs`, `ties`, `pointwise_labels`, `prompts` |
 | versions.py | adapters, training_runs | `add_adapter`, `set_adapter_status`, `live_adapter`, `start_run` |
 | transfer.py | (all) | `export`, `import_pairs`, `stats` |
+| openwebui.py | conversations, messages, feedback, comparisons | `import_openwebui` (Open WebUI's rating export) |
 | people.py | (all, one voter's rows) | `voter_data` ("download my data"), `delete_voter` ("delete my data") |
 | sources.py | sources | `flag_source`, `set_source_status`, `source_statuses` (flagged, banned, cleared) |
 
@@ -45,6 +46,7 @@ from rlhf_live.store.base import (
     voter_id,
 )
 from rlhf_live.store.conversations import Conversations, MessageTree
+from rlhf_live.store.openwebui import OpenWebUI
 from rlhf_live.store.people import People
 from rlhf_live.store.sources import SOURCE_STATUSES, Sources
 from rlhf_live.store.transfer import Transfer
@@ -70,5 +72,5 @@ __all__ = [
 ]
 
 
-class Store(Conversations, Votes, Transfer, People, Sources):
+class Store(Conversations, Votes, Transfer, People, Sources, OpenWebUI):
     """The SQLite feedback DB; safe to share between threads (each thread gets its own connection)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -159,3 +160,35 @@ def test_with_keys_a_request_needs_one_and_a_key_is_its_own_voter(tiny_lm_dir, t
         db = data / "rlhf_live.db"
         sources = {r["source"] for r in rows(db, "SELECT source FROM feedback")}
         assert len(sources) == 1 and "alpha" not in next(iter(sources))  # a salted id, never the key
+
+
+def test_an_open_webui_rating_of_a_completion_becomes_a_vote_on_the_stored_answer(app, tmp_path):
+    """The Open WebUI loop: it chats through /v1, its user rates the answer, the admin's export is imported."""
+    from rlhf_live.cli import main
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    done = _client(app).chat.completions.create(model="rlhf-live", messages=messages, max_tokens=6)
+    answer = done.choices[0].message.content
+    record = json.loads((Path(__file__).parents[1] / "support" / "data" / "openwebui_export.json").read_text())[0]
+    history = {
+        "u1": {"id": "u1", "parentId": None, "childrenIds": ["a1"], "role": "user", "content": messages[0]["content"]},
+        "a1": {
+            "id": "a1",
+            "parentId": "u1",
+            "childrenIds": [],
+            "role": "assistant",
+            "content": answer,
+            "model": "rlhf-live",
+        },
+    }
+    record["snapshot"]["chat"]["chat"] = {"history": {"messages": history, "currentId": "a1"}, "params": {}}
+    record["meta"]["message_id"], record["data"]["rating"] = "a1", -1
+    export = tmp_path / "feedback-history-export.json"
+    export.write_text(json.dumps([record]))
+    assert main(["import", "--openwebui", str(export), "--data-dir", str(app.data_dir)]) == 0
+    (thumb,) = rows(
+        app.data_dir / "rlhf_live.db",
+        "SELECT f.value FROM feedback f JOIN messages m ON m.id = f.response_id WHERE m.parent_id = ?",
+        (done.id.removeprefix("chatcmpl-"),),
+    )
+    assert thumb["value"] == "down"  # on the answer this server wrote: an on-policy vote
