@@ -129,6 +129,9 @@ def _read(proc: subprocess.Popen, routes: dict[int, Callable[[dict], None]]) -> 
         route = routes.pop(message["id"], None) if message.get("done") else routes.get(message["id"])
         if route is not None:
             route(message)
+        # Waiting for the next line, this frame must not keep the last answer's callback: it holds its server, so a
+        # server left idle by a swap would never be collected, and its process (~450 MB) never stopped.
+        route = message = None
     code = proc.wait()
     for rid in list(routes):
         route = routes.pop(rid, None)

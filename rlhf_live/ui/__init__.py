@@ -103,4 +103,5 @@ def serve(cfg: Config) -> None:
         proxy_headers=True,
         forwarded_allow_ips=cfg.trusted_proxies,
         log_level="warning",
+        timeout_graceful_shutdown=5,  # browsers and clients hold streams open (Gradio's heartbeat): stop anyway
     )

@@ -402,6 +402,24 @@ def test_llamacpp_a_stream_in_flight_finishes_on_its_version_when_a_swap_comes(s
 
 
 @pytest.mark.slow
+def test_a_swap_stops_the_llamacpp_process_of_the_version_it_replaced(served, adapters):
+    """A long-running app swaps after every round: each old version's server (~450 MB) must go, not pile up."""
+    import gc
+    import time
+
+    settings = GenerationSettings(max_new_tokens=4, temperature=0.0)
+    served.swap(adapters[0], "v0001")
+    served.generate(PROMPTS[0], settings)  # an answer on v0001: its callback must not keep the server alive
+    old = served.engine._merged["v0001"]._proc
+    served.swap(adapters[1], "v0002")
+    deadline = time.monotonic() + 15
+    while old.poll() is None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.2)
+    assert old.poll() is not None and served.generate(PROMPTS[0], settings)[0].adapter_version == "v0002"
+
+
+@pytest.mark.slow
 def test_llamacpp_a_chats_next_turn_prefills_only_what_is_new(served):
     settings = GenerationSettings(max_new_tokens=24, temperature=0.0)
     history = [{"role": "user", "content": "Tell me about the history of bread in Europe. " * 20}]
