@@ -76,7 +76,7 @@ def test_chat_stores_user_and_assistant_turns_with_version_and_settings(service,
     )
     assert answer["adapter_version"] == BASE
     assert answer["settings"] == GenerationSettings.from_config(tiny_cfg).as_dict()
-    assert answer["finish_reason"] in {"stop", "length"}
+    assert answer["finish_reason"] in {"eos", "length", "loop"}  # the random tiny model may end with EOS
     assert 0 <= answer["n_tokens"] <= tiny_cfg.max_new_tokens
 
     # A second turn continues the same conversation under the answer, with per-request settings.
