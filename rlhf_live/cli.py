@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a round whenever enough new votes arrive (beside `serve --no-train` on the same data dir)",
     )
+    p.add_argument(
+        "--follow",
+        metavar="URL",
+        help="with --watch: train for the app at URL over HTTP (another machine; its --admin-token needed)",
+    )
     p = command("export", "Write the collected feedback as a TRL-format .jsonl file.")
     p.add_argument("--format", choices=["preference", "kto", "conversations"], required=True)
     p.add_argument("--out", required=True, help="output .jsonl path")
@@ -89,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         # Known, user-facing failures print one sentence; anything else keeps its traceback.
+        from rlhf_live.learning.remote import FeedError
         from rlhf_live.model.base import ModelNotAvailable
         from rlhf_live.store.recovery import TrainingBusy
 
-        user_errors: tuple[type, ...] = (ModelNotAvailable, FileNotFoundError, ValueError, TrainingBusy)
+        user_errors: tuple[type, ...] = (ModelNotAvailable, FileNotFoundError, ValueError, TrainingBusy, FeedError)
         if isinstance(exc, user_errors):
             print(f"rlhf-live: {exc}", file=sys.stderr)
             return 2
@@ -138,6 +144,13 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         from rlhf_live.learning.trainer import train_once, watch
         from rlhf_live.runtime import engine_file
 
+        if args.watch and args.follow:
+            from rlhf_live.learning.remote import RemoteStore, follow_url, shared_settings
+            from rlhf_live.store.recovery import owner
+
+            store = RemoteStore(follow_url(args.follow), cfg.admin_token, cfg.data_dir + "/followed", owner())
+            watch(shared_settings(cfg, store), store=store)
+            return 0
         if args.watch:
             from rlhf_live.store.hub import HubSync
 

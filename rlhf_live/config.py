@@ -279,6 +279,8 @@ class Config:
     """Run the background trainer while serving (--no-train serves and collects only)."""
     admin_token: str = ""
     """Token that unlocks the admin controls (train now, roll back, export everyone's data); empty: no token works."""
+    trainer_lease_s: float = 600.0
+    """A trainer following this app over HTTP that is silent this long loses its round (marked interrupted)."""
     admin_users: str = ""
     """Hugging Face user names (comma-separated) who, signed in, get the admin controls; on a Space its owner too."""
     hub_model_repo: str = ""

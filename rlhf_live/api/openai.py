@@ -303,6 +303,8 @@ def add_openai_api(app: FastAPI, service: Service) -> OpenAIApi:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
+        if not request.url.path.startswith("/v1/"):
+            return JSONResponse({"error": "The request body must be valid JSON (an object)."}, status_code=400)
         return ApiError(400, "The request body must be valid JSON (an object).").response()
 
     return api

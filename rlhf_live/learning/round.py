@@ -339,14 +339,14 @@ def run_round(cfg: Config, store: Store, **kwargs) -> dict:
 
 def _recorded_round(cfg: Config, store: Store, **kwargs) -> dict:
     run_id = store.start_run("round", owner=recovery.owner())
+    beat = getattr(store, "heartbeat", None)  # a followed app (learning/remote.py) hears how the round goes
+    if beat is not None:
+        kwargs["progress"] = _beating(kwargs.get("progress"), lambda stage, detail: beat(run_id, stage, detail))
     try:
         metrics = train_round(cfg, store, **kwargs)
         (kwargs.get("progress") or (lambda stage, detail: None))("gate", "checking the new version")
         gate(cfg, metrics)
-        old = store.live_adapter()
-        if old:
-            store.set_adapter_status(old["version"], "retired")
-        store.set_adapter_status(metrics["version"], "live")
+        store.set_adapter_status(metrics["version"], "live")  # retires the old live version in the same step
     except ROUND_FAILURES as exc:
         store.finish_run(run_id, "failed", error=str(exc))
         raise
@@ -355,3 +355,17 @@ def _recorded_round(cfg: Config, store: Store, **kwargs) -> dict:
         raise
     store.finish_run(run_id, "ok", metrics)
     return metrics
+
+
+def _beating(progress: Progress | None, beat: Progress, every_s: float = 10.0) -> Progress:
+    """`progress`, and `beat` at a new stage or at most every `every_s` seconds."""
+    last = {"stage": None, "at": 0.0}
+
+    def report(stage: str, detail: str) -> None:
+        if progress is not None:
+            progress(stage, detail)
+        if stage != last["stage"] or time.monotonic() - last["at"] >= every_s:
+            last.update(stage=stage, at=time.monotonic())
+            beat(stage, detail)
+
+    return report

@@ -19,6 +19,7 @@ from typing import Protocol
 from rlhf_live.config import Config
 from rlhf_live.learning.copies import TrainingCopies
 from rlhf_live.learning.learners import learner, round_stages
+from rlhf_live.learning.remote import FeedError, prune_local
 from rlhf_live.learning.reward.base import Scorer
 from rlhf_live.learning.round import ROUND_FAILURES, EngineFile, TrainingStopped, run_round
 from rlhf_live.model.lora import BASE
@@ -65,11 +66,14 @@ def watch(
     stop: threading.Event | None = None,
     hub=None,
     engine_file: EngineFile | None = None,
+    store=None,
 ) -> None:
     """`rlhf-live train --watch`: a round whenever train_min_new_votes new votes arrive; a JSON line per round."""
-    # The trainer as its own process beside `serve --no-train`, on the same data dir.
-    store, copies, stop = Store.from_config(cfg), TrainingCopies(cfg), stop or threading.Event()
-    for note in recovery.reconcile(store, AdapterRegistry(cfg.adapters_dir)):
+    # The trainer as its own process beside `serve --no-train`: on the same data dir, or following the app over
+    # HTTP from another machine (`store` a learning.remote.RemoteStore; the app owns its DB and serving files).
+    remote = store is not None
+    store, copies, stop = store or Store.from_config(cfg), TrainingCopies(cfg), stop or threading.Event()
+    for note in [] if remote else recovery.reconcile(store, AdapterRegistry(cfg.adapters_dir)):
         print(f"[train] {note}", flush=True)
     live = store.live_adapter()
     seen = int((live or {}).get("metrics", {}).get("watermark", 0)) if live else 0
@@ -79,11 +83,14 @@ def watch(
             seen = store.watermark()  # a failed round is not retried on the same votes
             try:
                 metrics = run_round(cfg, store, copies=copies, engine_file=engine_file)
-                recovery.prune(store, cfg.keep_versions)
+                if remote:
+                    prune_local(cfg.adapters_dir, cfg.keep_versions)
+                else:
+                    recovery.prune(store, cfg.keep_versions)
                 if hub is not None and hub.enabled:
                     hub.push_live(store, metrics["version"], store.adapter(metrics["version"])["path"]).join()
                 print(json.dumps({"version": metrics["version"], "status": "live", **_headline(metrics)}), flush=True)
-            except ROUND_FAILURES as exc:
+            except (*ROUND_FAILURES, FeedError) as exc:
                 print(json.dumps({"status": "failed", "error": str(exc)}), flush=True)
             done += 1
         stop.wait(cfg.train_check_s)

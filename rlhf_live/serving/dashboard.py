@@ -25,6 +25,8 @@ class Dashboard:
     def __init__(self, policy: Policy, store: Store, cfg: Config, trainer=None):
         self.policy, self.store, self.cfg, self.trainer = policy, store, cfg, trainer
         self._board: tuple[int, list[dict]] | None = None  # (watermark, leaderboard rows)
+        self.remote_rounds: dict[int, dict] = {}
+        """Rounds a trainer on another machine runs for this app: run id -> its last heartbeat (api/trainer.py)."""
 
     def forget(self) -> None:
         """Drop the cached leaderboard (votes were deleted without moving the watermark)."""
@@ -157,6 +159,8 @@ class Dashboard:
             "trainer": trainer,
             # A round another process (`train --watch`) runs now: when it started.
             "round_running_since": elsewhere[0]["started"] if elsewhere else None,
+            # A trainer on another machine (`train --watch --follow`): where, when last heard, what it was doing.
+            "remote_trainer": max(self.remote_rounds.values(), key=lambda h: h["at"], default=None),
             # The newest finished round: {status, finished, error}; and how long the last successful one took.
             "last_round": {k: rounds[0].get(k) for k in ("status", "finished", "error")} if rounds else None,
             "last_round_s": done[0]["metrics"]["seconds/round"] if done else None,

@@ -16,6 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from rlhf_live.api.openai import add_openai_api
+from rlhf_live.api.trainer import add_trainer_feed
 from rlhf_live.config import ASSETS, Config
 from rlhf_live.runtime import assemble
 from rlhf_live.serving.service import Service
@@ -89,6 +90,7 @@ def serve(cfg: Config) -> None:
     # One port (a Space exposes one): the OpenAI-compatible routes beside the mounted Gradio app.
     app = FastAPI(title="rlhf-live", docs_url=None, redoc_url=None)
     add_openai_api(app, service)
+    add_trainer_feed(app, service)  # a trainer on another machine follows this app through it (--admin-token)
     css = CSS_FILE.read_text() if CSS_FILE.is_file() else None
     app = gr.mount_gradio_app(
         app, demo, path="/", css=css, theme=gr.themes.Soft(), server_name=cfg.host, server_port=cfg.port

@@ -65,7 +65,13 @@ def _now_sentence(status: dict, now: float) -> str:
         if started:
             began = _epoch(started)
             left = max(0.0, status["last_round_s"] - (now - began)) if status.get("last_round_s") and began else None
-            return f"a training round is running (started {readable_time(started, now)}); {left_words(left)}."
+            remote = status.get("remote_trainer")  # a trainer on another machine that follows this app
+            where = ""
+            if remote:
+                ago = max(0, round(now - remote["at"]))
+                stage = STAGE_LABELS.get(remote.get("stage"), remote.get("stage") or "starting")
+                where = f" on {html.escape(remote['owner'])}, {html.escape(stage)}, last heard {ago} s ago"
+            return f"a training round is running{where} (started {readable_time(started, now)}); {left_words(left)}."
         if not new:
             return "training runs separately from this page; no new votes since the last round yet."
         return f"training runs separately from this page; {so_far} are waiting for the next round."

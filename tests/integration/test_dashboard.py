@@ -271,3 +271,21 @@ def test_a_trainer_round_reports_stage_k_of_n_in_order(tiny_cfg):
     after = trainer.status()
     assert (after["state"], after["stage"], after["round_started"]) == ("idle", 0, None)
     store.close()
+
+
+def test_the_sentence_names_a_trainer_on_another_machine():
+    from rlhf_live.ui.dashboard_text import _now_sentence
+
+    status = {
+        "trainer": {"state": "not running", "running": False},
+        "votes_since_last_round": 0,
+        "votes_per_round": 8,
+        "round_running_since": "2026-12-07T10:00:00+00:00",
+        "last_round_s": None,
+        "remote_trainer": {"owner": "gpu-box:4242", "at": 1_796_637_600.0 - 12, "stage": "PPO", "detail": ""},
+    }
+    sentence = _now_sentence(status, now=1_796_637_600.0)
+    assert sentence.startswith(
+        "a training round is running on gpu-box:4242, PPO: improving the model against the "
+        "reward model, last heard 12 s ago (started"
+    )
