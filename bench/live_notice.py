@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from gradio_client import Client
-from load import start_app
+from load import start_app, vote_shorter
 from page_stream import CHROMIUM, FLAGS
 
 from rlhf_live.config import Config
@@ -50,10 +50,7 @@ def main() -> None:
             training.goto(url)
             training.get_by_role("tab", name="Training").click()
             client = Client(url, verbose=False)
-            for i in range(votes):
-                pair = client.predict(f"Give me one tip for a good morning ({i}).", "", api_name="/compare")
-                shorter = "A" if len(pair["a"]["text"]) <= len(pair["b"]["text"]) else "B"
-                client.predict(pair["pair_id"], shorter, "shorter is better", api_name="/choose")
+            vote_shorter(client, "Give me one tip for a good morning.", votes)
             last_vote = time.monotonic()
             said, seen = [], {}
             while time.monotonic() - last_vote < args.timeout and len(seen) < 2:

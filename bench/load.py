@@ -129,6 +129,14 @@ def check_db(db_path: Path, acked: dict) -> dict:
     return out
 
 
+def vote_shorter(client, question: str, n: int) -> None:
+    """`n` Compare choices through /compare and /choose, the shorter answer winning (a voter with a clear taste)."""
+    for i in range(n):
+        pair = client.predict(f"{question} ({i})", "", api_name="/compare")
+        shorter = "A" if len(pair["a"]["text"]) <= len(pair["b"]["text"]) else "B"
+        client.predict(pair["pair_id"], shorter, "shorter is better", api_name="/choose")
+
+
 def start_app(model: str, data: Path, port: int, extra: list[str]) -> subprocess.Popen:
     """`python app.py` with the trainer on; returns once the page answers."""
     cmd = [sys.executable, str(HERE.parent / "app.py"), "--model", model, "--data-dir", str(data), "--port", str(port)]

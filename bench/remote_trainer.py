@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from gradio_client import Client
-from load import start_app
+from load import start_app, vote_shorter
 
 HERE = Path(__file__).resolve().parent
 TOKEN = "bench-token"
@@ -48,10 +48,7 @@ def run(remote: bool, votes: int, tokens: int) -> dict:
                 cmd += ["--data-dir", str(Path(tmp) / "training"), *common]
                 trainer = subprocess.Popen(cmd, cwd=HERE.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             client = Client(url, verbose=False)
-            for i in range(votes):
-                pair = client.predict(f"What is a good name for a cat? ({i})", "", api_name="/compare")
-                shorter = "A" if len(pair["a"]["text"]) <= len(pair["b"]["text"]) else "B"
-                client.predict(pair["pair_id"], shorter, "", api_name="/choose")
+            vote_shorter(client, "What is a good name for a cat?", votes)
             voted = time.monotonic()
             while client.predict(api_name="/status")["live_version"] == "base":
                 if time.monotonic() - voted > 1800:
