@@ -149,6 +149,7 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config) -> int:
             from rlhf_live.store.recovery import owner
 
             store = RemoteStore(follow_url(args.follow), cfg.admin_token, cfg.data_dir + "/followed", owner())
+            store.state(patience_s=20)  # a wrong URL or token fails now, not after minutes of retries
             watch(shared_settings(cfg, store), store=store)
             return 0
         if args.watch:

@@ -7,6 +7,7 @@ downloaded adapter folders. Knows nothing of tensors or Gradio: the round runs a
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -19,8 +20,8 @@ from pathlib import Path
 
 from rlhf_live.store.rows import PairRow, ThumbRow, TieRow
 
-RETRIES = 5
-"""Tries of one request before a round fails (a dropped connection, a restarting app): 1, 2, 4, 8 s apart."""
+PATIENCE_S = 300.0
+"""How long one request is retried (a dropped connection, an app restarting) before the round fails."""
 PAGE = 1000
 
 
@@ -40,12 +41,16 @@ class RemoteStore:
         self._state: dict | None = None
 
     # --- HTTP ------------------------------------------------------------------------------------------------
-    def _call(self, method: str, path: str, body: bytes | dict | None = None, raw: bool = False):
-        """One request with retries on a dropped connection or a 5xx; a refusal (4xx) raises at once."""
+    def _call(
+        self, method: str, path: str, body: bytes | dict | None = None, raw: bool = False, patience_s: float = -1.0
+    ):
+        """One request, retried on a dropped connection or a 5xx for `patience_s`; a refusal (4xx) raises at once."""
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         kind = "application/json" if isinstance(body, dict) else "application/gzip"
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": kind}
-        for attempt in range(RETRIES):
+        deadline = time.monotonic() + (PATIENCE_S if patience_s < 0 else patience_s)
+        attempt = 0
+        while True:
             req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=120) as resp:
@@ -58,12 +63,15 @@ class RemoteStore:
                 reason = f"HTTP {exc.code}"
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
                 reason = str(exc)
-            time.sleep(2**attempt)
-        raise FeedError(f"{self.url}{path} did not answer after {RETRIES} tries ({reason}).")
+            attempt += 1
+            wait = min(2.0**attempt / 2, 15.0)  # 1, 2, 4, 8, 15, 15 ... s: an app restart takes seconds to minutes
+            if time.monotonic() + wait > deadline:
+                raise FeedError(f"{self.url}{path} did not answer after {attempt} tries ({reason}).")
+            time.sleep(wait)
 
-    def state(self) -> dict:
+    def state(self, patience_s: float = -1.0) -> dict:
         """The app's watermark, versions and settings (read once per round and cached until then)."""
-        self._state = self._call("GET", "/state")
+        self._state = self._call("GET", "/state", patience_s=patience_s)
         return self._state
 
     # --- what a round reads ----------------------------------------------------------------------------------
@@ -137,7 +145,9 @@ class RemoteStore:
 
     def heartbeat(self, run_id: int, stage: str, detail: str) -> None:
         """Tell the app the round is alive and where it is (its dashboard shows it; a silent round loses its lease)."""
-        self._call("POST", f"/runs/{run_id}", {"owner": self.owner, "stage": stage, "detail": detail})
+        # One try: the round goes on while the app restarts; its next heartbeat or its end reaches it again.
+        with contextlib.suppress(FeedError):
+            self._call("POST", f"/runs/{run_id}", {"owner": self.owner, "stage": stage, "detail": detail}, patience_s=0)
 
     def finish_run(self, run_id: int, status: str, metrics: dict | None = None, error: str = "") -> None:
         body = {"owner": self.owner, "status": status, "metrics": metrics or {}, "error": error}

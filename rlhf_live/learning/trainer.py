@@ -79,20 +79,27 @@ def watch(
     seen = int((live or {}).get("metrics", {}).get("watermark", 0)) if live else 0
     done = 0
     while not stop.is_set() and (rounds is None or done < rounds):
-        if round_due(cfg, store, seen):
+        try:
+            if not round_due(cfg, store, seen):
+                stop.wait(cfg.train_check_s)
+                continue
             seen = store.watermark()  # a failed round is not retried on the same votes
-            try:
-                metrics = run_round(cfg, store, copies=copies, engine_file=engine_file)
-                if remote:
-                    prune_local(cfg.adapters_dir, cfg.keep_versions)
-                else:
-                    recovery.prune(store, cfg.keep_versions)
-                if hub is not None and hub.enabled:
-                    hub.push_live(store, metrics["version"], store.adapter(metrics["version"])["path"]).join()
-                print(json.dumps({"version": metrics["version"], "status": "live", **_headline(metrics)}), flush=True)
-            except (*ROUND_FAILURES, FeedError) as exc:
-                print(json.dumps({"status": "failed", "error": str(exc)}), flush=True)
-            done += 1
+        except FeedError as exc:  # the followed app is down or restarting: ask again later
+            print(json.dumps({"status": "waiting", "error": str(exc)}), flush=True)
+            stop.wait(cfg.train_check_s)
+            continue
+        try:
+            metrics = run_round(cfg, store, copies=copies, engine_file=engine_file)
+            if remote:
+                prune_local(cfg.adapters_dir, cfg.keep_versions)
+            else:
+                recovery.prune(store, cfg.keep_versions)
+            if hub is not None and hub.enabled:
+                hub.push_live(store, metrics["version"], store.adapter(metrics["version"])["path"]).join()
+            print(json.dumps({"version": metrics["version"], "status": "live", **_headline(metrics)}), flush=True)
+        except (*ROUND_FAILURES, FeedError) as exc:
+            print(json.dumps({"status": "failed", "error": str(exc)}), flush=True)
+        done += 1
         stop.wait(cfg.train_check_s)
 
 

@@ -43,10 +43,12 @@ class App:
 
 
 @contextlib.contextmanager
-def run_app(model: Path, data_dir: Path, *, timeout: float = 120.0, extra: tuple[str, ...] = ()) -> Iterator[App]:
-    """Start `python app.py` on a free port with `model` (full precision, no trainer); stop it on exit."""
+def run_app(
+    model: Path, data_dir: Path, *, timeout: float = 120.0, extra: tuple[str, ...] = (), port: int | None = None
+) -> Iterator[App]:
+    """Start `python app.py` on `port` or a free one with `model` (full precision, no trainer); stop it on exit."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = data_dir.parent / f"app-{port}.log"
     cmd = [
         sys.executable,

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from apphelpers import ROOT, rows, run_app
+from apphelpers import ROOT, free_port, rows, run_app
 from gradio_client import Client
 from votes import TINY_TRAINING
 
@@ -157,3 +157,42 @@ def test_a_trainer_killed_mid_round_loses_its_round_and_the_next_one_trains(tiny
         versions = rows(db, "SELECT version, status FROM adapters ORDER BY version")
         assert versions[-1]["status"] == "live" and len({v["version"] for v in versions}) == len(versions)
         assert all((serving / "adapters" / v["version"]).is_dir() for v in versions)  # every row has its folder
+
+
+def test_the_app_killed_mid_round_loses_nothing_and_the_round_goes_live_after_its_restart(tiny_lm_dir, tmp_path):
+    """kill -9 of the app while a remote round runs: the trainer waits for it, then hands its version over once."""
+    serving, port = tmp_path / "serving" / "data", free_port()
+    extra = ("--admin-token", TOKEN, "--follow-check-s", "1")
+    db = serving / "rlhf_live.db"
+    cmd = [sys.executable, "-m", "rlhf_live", "train", "--watch", "--follow", f"http://127.0.0.1:{port}/"]
+    cmd += ["--admin-token", TOKEN, "--model", str(tiny_lm_dir), *TINY_TRAINING, "--train-min-new-votes", "3"]
+    cmd += ["--train-check-s", "1", "--data-dir", str(tmp_path / "training")]
+    with run_app(tiny_lm_dir, serving, extra=extra, port=port) as app:
+        client = Client(app.url, verbose=False)
+        for i in range(3):
+            pair = client.predict(f"Tell me about plums {i}", "", api_name="/compare")
+            client.predict(pair["pair_id"], "A", "", api_name="/choose")
+        trainer = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started = time.monotonic()
+        while not rows(db, "SELECT id FROM training_runs WHERE status = 'running'"):
+            assert time.monotonic() - started < 120 and trainer.poll() is None, "the trainer never started a round"
+            time.sleep(0.1)
+        app.proc.kill()  # mid-round: the trainer's next request finds nobody
+        app.proc.wait()
+    assert rows(db, "SELECT count(*) AS n FROM adapters")[0]["n"] == 0  # the app died before the round's upload
+    try:
+        time.sleep(35)  # down longer than a dropped connection: the trainer keeps its round and waits for the app
+        with run_app(tiny_lm_dir, serving, extra=extra, port=port) as app:
+            client = Client(app.url, verbose=False)
+            while client.predict(api_name="/status")["live_version"] != "v0001":
+                assert trainer.poll() is None, trainer.stdout.read()[-3000:]
+                assert time.monotonic() - started < 300, "the round never went live after the app came back"
+                time.sleep(1)
+    finally:
+        trainer.terminate()
+        out = trainer.communicate(timeout=30)[0]
+    assert '"status": "failed"' not in out, out[-3000:]  # the same round finished: no round was lost
+    runs = rows(db, "SELECT status FROM training_runs ORDER BY id")
+    assert [r["status"] for r in runs] == ["ok"]
+    assert rows(db, "SELECT version, status FROM adapters") == [{"version": "v0001", "status": "live"}]
+    assert sorted(p.name for p in (serving / "adapters").iterdir() if p.name.startswith("v")) == ["v0001"]
