@@ -61,6 +61,7 @@ def start_engine(cfg: Config, model: PeftModel) -> llama.LlamaCppEngine | None:
         parallel=cfg.engine_parallel,
         n_ctx=cfg.max_context_tokens,
         cache_mib=cfg.engine_cache_mib,
+        options={"ubatch": cfg.engine_ubatch} if cfg.engine_ubatch else {},
     )
 
 

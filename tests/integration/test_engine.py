@@ -353,6 +353,18 @@ def test_a_merged_version_is_the_base_plus_alpha_over_r_b_a(tiny_cfg, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_prompt_prefilled_in_several_steps_is_the_same_policy(served):
+    """engine_ubatch cuts a long prompt into prefill steps; the next-token distribution is still torch's."""
+    assert served.engine.options == {"ubatch": Config().engine_ubatch} and Config().engine_ubatch < 512
+    notes = " ".join(f"Item {i}: the team agreed to revisit point {i * 7 % 13} next week." for i in range(40))
+    ids = served.build_prompt([{"role": "user", "content": notes + " Summarise."}], GenerationSettings())[0]
+    assert len(ids) > 4 * Config().engine_ubatch  # several steps, and a last one that is not full
+    n_vocab = len(served.tokenizer)
+    for version in ("v0001", BASE):
+        assert _kl(_torch_logprobs(served, ids, version), _engine_logprobs(served.engine, ids, version, n_vocab)) < 0.05
+
+
+@pytest.mark.slow
 def test_runtime_lora_mode_serves_the_trained_policy_too(adapters):
     policy = Policy.from_config(Config(engine="llamacpp", engine_merge=False, max_new_tokens=8), adapters[0], "v0001")
     n_vocab = len(policy.tokenizer)
