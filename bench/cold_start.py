@@ -143,11 +143,12 @@ def main() -> None:
     plain = AutoModelForCausalLM.from_pretrained(resolve(cfg.model, cfg.cache_dir), dtype=torch.float32).eval()
     path = policy.engine.model
     rows: dict[str, list[float]] = {}
+    default = {"ubatch": cfg.engine_ubatch} if cfg.engine_ubatch else {}
     variants = {
-        "llama.cpp q8_0, flash attention off (default)": {},
-        "llama.cpp q8_0, flash attention on": {"flash_attn": 1},
-        "llama.cpp q8_0, ubatch 128": {"ubatch": 128},
+        f"llama.cpp q8_0, flash attention off, ubatch {cfg.engine_ubatch or 512} (default)": default,
+        "llama.cpp q8_0, flash attention on": {**default, "flash_attn": 1},
         "llama.cpp q8_0, ubatch 256": {"ubatch": 256},
+        "llama.cpp q8_0, ubatch 512 (llama.cpp's default)": {},
         "llama.cpp q8_0, ubatch 1024": {"ubatch": 1024},
     }
     for _ in range(args.runs):  # interleaved, so a busy moment of the machine hits every row alike
