@@ -278,11 +278,28 @@ class LlamaCppEngine:
     ) -> dict[int, float]:
         """Next-token log-probs after `prompt_ids` (token id -> logprob), raw or after (penalty, last_n), for tests."""
         server, lora = self._route(version)
-        request = {"prompt": list(prompt_ids), "max_tokens": 1, "temperature": 0, "n_probs": n_vocab}
+        # Without post_sampling_probs the log-probs are the model's own, whatever samples the token.
+        request = {"prompt": list(prompt_ids), "max_tokens": 1, "temperature": 1.0, "n_probs": n_vocab}
+        request |= {"samplers": ["temperature"], "cache_prompt": False, **({"lora": lora} if lora else {})}
         if penalty is not None:  # the distribution after the penalties sampler alone (temperature 1)
-            request |= {"temperature": 1.0, "samplers": ["penalties"], "post_sampling_probs": True}
+            request |= {"samplers": ["penalties"], "post_sampling_probs": True}
             request |= {"repeat_penalty": penalty[0], "repeat_last_n": penalty[1]}
-        request |= {"cache_prompt": False, **({"lora": lora} if lora else {})}
+        # A sampled token that ends inside a UTF-8 character (a byte token) is held back with its log-probs until the
+        # character completes, which one token never does; the distribution is the same whichever token is sampled,
+        # so another seed samples again, from the whole vocabulary at temperature 1 (greedy would pick it every time).
+        for seed in range(8):
+            first = self._first_logprobs(server, request | {"seed": seed})
+            if first is not None:
+                break
+        else:
+            raise EngineError("llama.cpp sent no log-probs for the next token")
+        if penalty is not None:
+            return {t["id"]: math.log(t["prob"]) for t in first["top_probs"] if t["prob"] > 0}
+        return {t["id"]: t["logprob"] for t in first["top_logprobs"]}
+
+    @staticmethod
+    def _first_logprobs(server: _Server, request: dict) -> dict | None:
+        """The log-probs entry of the one token `request` samples, or None when llama.cpp sent none."""
         replies: queue.Queue = queue.Queue()
         server.request(server.new_id(), request, replies.put)
         first = None
@@ -292,11 +309,7 @@ class LlamaCppEngine:
             # A reply can arrive in parts, and only the part with the token carries its log-probs.
             content = ((m["reply"].get("choices") or [{}])[0].get("logprobs") or {}).get("content")
             first = first or (content[0] if content else None)
-        if first is None:
-            raise EngineError("llama.cpp sent no log-probs for the next token")
-        if penalty is not None:
-            return {t["id"]: math.log(t["prob"]) for t in first["top_probs"] if t["prob"] > 0}
-        return {t["id"]: t["logprob"] for t in first["top_logprobs"]}
+        return first
 
 
 def _prefill(server: _Server, sequences: list[list[int]], timeout: float) -> None:

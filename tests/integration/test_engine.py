@@ -33,7 +33,9 @@ def _random_lora(cfg: Config, folder, seed: int, scale: float = 0.05):
     """A LoRA on every linear of the real model with B != 0, as training leaves it, saved as an adapter folder."""
     base, _ = load_base(cfg)
     prepare_cpu_4bit(base, cfg)
-    model = attach_adapter(base, cfg)
+    with torch.random.fork_rng():  # lora_A's random init too: the same adapter every run
+        torch.manual_seed(seed)
+        model = attach_adapter(base, cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -103,9 +105,11 @@ def test_llamacpp_serves_the_trained_policy(served, adapters, tmp_path):
     assert np.mean(mismatch) < 0.02 and max(mismatch) < 0.05, mismatch
     assert np.mean(effect) > 10 * np.mean(mismatch), (np.mean(effect), np.mean(mismatch))
 
-    # Converted without llama.cpp's q/k row permutation, an adapter is measurably a different policy. A strong
-    # adapter, so that the error shows above the quantization noise (with B ~ 0.05 the two were within 2x-8x).
-    strong = _random_lora(Config(engine="torch"), tmp_path / "strong", 3, scale=0.3)
+    # Converted without llama.cpp's q/k row permutation, an adapter is measurably a different policy. A stronger
+    # adapter, so that the error shows above the quantization noise (with B ~ 0.05 the two were within 2x-8x), but not
+    # so strong that q8_0's rounding of its activations dominates: over 5 seeds' A, B ~ 0.15 gave 0.005-0.085 nats
+    # permuted vs 0.1-1.7 unpermuted (22-43x on the mean); B ~ 0.3 gave up to 1.2 permuted (8-39x, 2 contexts: 2-96x).
+    strong = _random_lora(Config(engine="torch"), tmp_path / "strong", 3, scale=0.15)
     served.load_for_comparison(strong, "strong")
     config = served.model.config.to_dict()
     kl_by_permutation = {}
@@ -120,7 +124,7 @@ def test_llamacpp_serves_the_trained_policy(served, adapters, tmp_path):
         engine.set_adapters({"strong": path})
         kl_by_permutation[permuted] = [
             _kl(_torch_logprobs(served, ids, "strong"), _engine_logprobs(engine, ids, "strong", n_vocab))
-            for ids in _contexts(served)[:2]
+            for ids in _contexts(served)
         ]
     assert np.mean(kl_by_permutation[False]) > 5 * np.mean(kl_by_permutation[True]), kl_by_permutation
 
@@ -353,8 +357,9 @@ def test_a_merged_version_is_the_base_plus_alpha_over_r_b_a(tiny_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_prompt_prefilled_in_several_steps_is_the_same_policy(served):
+def test_a_prompt_prefilled_in_several_steps_is_the_same_policy(served, adapters):
     """engine_ubatch cuts a long prompt into prefill steps; the next-token distribution is still torch's."""
+    served.swap(adapters[0], "v0001")  # tests before this one leave other versions serving
     assert served.engine.options == {"ubatch": Config().engine_ubatch} and Config().engine_ubatch < 512
     notes = " ".join(f"Item {i}: the team agreed to revisit point {i * 7 % 13} next week." for i in range(40))
     ids = served.build_prompt([{"role": "user", "content": notes + " Summarise."}], GenerationSettings())[0]
