@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, TextIteratorStreamer
 from rlhf_live.config import Config
 from rlhf_live.model.base import resolve
 from rlhf_live.serving import llamacpp as llama
+from rlhf_live.serving.engine_files import engine_options
 from rlhf_live.serving.policy import Policy
 from rlhf_live.serving.settings import GenerationSettings
 
@@ -143,7 +144,7 @@ def main() -> None:
     plain = AutoModelForCausalLM.from_pretrained(resolve(cfg.model, cfg.cache_dir), dtype=torch.float32).eval()
     path = policy.engine.model
     rows: dict[str, list[float]] = {}
-    default = {"ubatch": cfg.engine_ubatch} if cfg.engine_ubatch else {}
+    default = engine_options(cfg)  # what the app starts its servers with
     variants = {
         f"llama.cpp q8_0, flash attention off, ubatch {cfg.engine_ubatch or 512} (default)": default,
         "llama.cpp q8_0, flash attention on": {**default, "flash_attn": 1},

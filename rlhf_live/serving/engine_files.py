@@ -61,8 +61,13 @@ def start_engine(cfg: Config, model: PeftModel) -> llama.LlamaCppEngine | None:
         parallel=cfg.engine_parallel,
         n_ctx=cfg.max_context_tokens,
         cache_mib=cfg.engine_cache_mib,
-        options={"ubatch": cfg.engine_ubatch} if cfg.engine_ubatch else {},
+        options=engine_options(cfg),
     )
+
+
+def engine_options(cfg: Config) -> dict:
+    """The engine_worker settings Config chooses beyond threads, slots and context (llama.cpp's defaults otherwise)."""
+    return {"ubatch": cfg.engine_ubatch} if cfg.engine_ubatch else {}
 
 
 def version_file(cfg: Config, model: PeftModel, adapter_path: str | Path) -> Path:
