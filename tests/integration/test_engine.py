@@ -112,6 +112,8 @@ def test_llamacpp_serves_the_trained_policy(served, adapters, tmp_path):
     strong = _random_lora(Config(engine="torch"), tmp_path / "strong", 3, scale=0.15)
     served.load_for_comparison(strong, "strong")
     config = served.model.config.to_dict()
+    contexts = _contexts(served)
+    reference = [_torch_logprobs(served, ids, "strong") for ids in contexts]  # the same for both conversions
     kl_by_permutation = {}
     for permuted in (True, False):
         original = gguf_export.PERMUTED_QK
@@ -123,8 +125,7 @@ def test_llamacpp_serves_the_trained_policy(served, adapters, tmp_path):
         engine = LlamaCppEngine(served.engine.model, threads=1, parallel=1, n_ctx=512)
         engine.set_adapters({"strong": path})
         kl_by_permutation[permuted] = [
-            _kl(_torch_logprobs(served, ids, "strong"), _engine_logprobs(engine, ids, "strong", n_vocab))
-            for ids in _contexts(served)
+            _kl(p, _engine_logprobs(engine, ids, "strong", n_vocab)) for p, ids in zip(reference, contexts)
         ]
     assert np.mean(kl_by_permutation[False]) > 5 * np.mean(kl_by_permutation[True]), kl_by_permutation
 
