@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 UNKNOWN = ""
 """The source of a vote recorded before sources existed, or imported: not a person, so it is never capped or flagged."""
@@ -93,19 +93,90 @@ def typical_agreement(probs_by_source: dict[str, Sequence[float]], min_votes: in
     return min(max(median, 0.5), 0.95)
 
 
-def evidence(probs: Sequence[float], typical: float) -> Evidence:
-    """A source's votes as a sequential probability-ratio test: agrees as often as a typical source, or its mirror."""
-    # Wald 1945: "agrees with the others' model as often as a typical source" (`typical`) vs "as often as its mirror
-    # image" (1 - typical). It counts agreements instead of multiplying the model's own probabilities: on the real
-    # model, a probe fitted on ~60 votes was confidently wrong often enough that honest voters scored as contrarians
-    # (bench/RESULTS.md, Crowd). Chatbot Arena's malicious-user test also scores each vote under the other voters'
-    # model (Chiang et al. 2024, arXiv 2403.04132, section 5.1).
-    n, agree = len(probs), agreement(probs)
-    typical = min(max(typical, 0.5), 0.95)
-    log_odds = n * (1 - 2 * agree) * math.log(typical / (1 - typical))  # (disagreements - agreements) * log-ratio
-    return Evidence(n, agree, log_odds)
+def calibration(probs_by_source: dict[str, Sequence[float]]) -> float:
+    """How far to trust the others' model: beta in P(a typical vote as cast) = sigmoid(beta * logit p), by MLE."""
+    # Platt scaling with no intercept (Platt 1999), fitted on the typical sources' own held-out votes: a consensus as
+    # sure as it is right keeps beta = 1, an overconfident one (a probe on tens of votes) gets beta < 1, and one no
+    # better than chance gets 0 and accuses nobody. The log-likelihood is concave in beta: bisect its derivative.
+    logits = [_logit(p) for ps in probs_by_source.values() for p in ps]
+    if not logits or sum(logits) <= 1e-9 * len(logits):  # no better than chance (up to rounding)
+        return 0.0
+
+    def slope(beta: float) -> float:
+        return sum(x * (1 - 1 / (1 + math.exp(-beta * x))) for x in logits)
+
+    if slope(1.0) >= 0:
+        return 1.0  # never surer than the model itself: a few votes the others' model happens to fit seem certain
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if slope(mid) > 0 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def evidence(probs: Sequence[float], beta: float) -> Evidence:
+    """A source's votes as a sequential probability-ratio test: cast as a typical source would, or as its mirror."""
+    # Wald 1945: each vote is as likely as the calibrated consensus says (q = sigmoid(beta * logit p), H0: a typical
+    # source) or as its mirror image says (1 - q, H1: votes against the others); the log-ratio of one vote is
+    # log((1 - q) / q) = -beta * logit p, capped at log 19 either way since no vote is surer than 95%. Chatbot Arena's
+    # malicious-user test also scores each vote under the other voters' model (Chiang et al. 2024, arXiv
+    # 2403.04132, section 5.1); beta is what keeps an overconfident consensus from accusing honest voters
+    # (bench/RESULTS.md, Crowd: uncalibrated probabilities flagged 2 of 5 honest sources).
+    cap = math.log(19)
+    log_odds = sum(min(max(-beta * _logit(p), -cap), cap) for p in probs)
+    return Evidence(len(probs), agreement(probs), log_odds)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
 
 
 def is_contrarian(ev: Evidence, min_votes: int, odds: float) -> bool:
     """Flag a source once it has `min_votes` votes and contrarian is `odds` times likelier than typical."""
     return ev.votes >= min_votes and ev.log_odds >= math.log(odds)
+
+
+@dataclass
+class Test:
+    """One round's contrarian test: the sources it flagged with their evidence, the calibration, the top evidence."""
+
+    flagged: dict[str, Evidence] = field(default_factory=dict)
+    beta: float = 0.0
+    """The calibration of the last consensus tested against (`calibration`)."""
+    most: float | None = None
+    """The evidence of the least typical source tested (None when nobody had enough votes)."""
+    tested: int = 0
+    """Sources with enough votes to test (cleared ones aside)."""
+
+
+def trimmed_test(
+    held_out: Callable[[frozenset[str]], dict[str, list[float]]],
+    exempt: frozenset[str],
+    min_votes: int,
+    odds: float,
+    statistic: Callable[[Sequence[float], dict[str, list[float]]], Evidence] | None = None,
+) -> Test:
+    """Flag contrarians one at a time, each tested against a consensus fitted without it and those flagged before."""
+    # A trimmed consensus: the least typical source is tested against how its votes sit with a model fitted without it
+    # and calibrated on the others when it is left out of every fit too. Otherwise a contrarian holding 25% of the
+    # weight sits in every honest source's leave-out model and pulls the consensus to chance (bench/RESULTS.md, Crowd).
+    # held_out(without) -> {source: each vote's probability under a model fitted on everyone else, `without` left out}.
+    statistic = statistic or (lambda mine, others: evidence(mine, calibration(others)))
+    test, left_out = Test(), frozenset()
+    probs = held_out(left_out)
+    big = [s for s, p in probs.items() if len(p) >= min_votes and s not in exempt]
+    test.tested = len(big)
+    while big:
+        worst = max(big, key=lambda s: evidence(probs[s], 1.0).log_odds)  # the most contrarian by the raw model
+        others = held_out(left_out | {worst})
+        ev = statistic(probs[worst], others)
+        test.beta = calibration(others)
+        test.most = ev.log_odds if test.most is None else test.most
+        if not is_contrarian(ev, min_votes, odds):
+            break  # the least typical source is typical enough: so is everyone who sits better with the others
+        test.flagged[worst] = ev
+        left_out |= {worst}
+        probs = others  # the next test's leave-out models skip it
+        big = [s for s in big if s != worst and s in probs]
+    return test

@@ -200,34 +200,21 @@ def _flag_contrarians(
     if not cfg.public or not isinstance(reward_model, ProbeRewardModel):
         return frozenset()  # the LoRA reward model would need a fit per source: only the probe runs the test
     r.say("fitting reward model", "testing each source against everyone else's votes")
-    # Every source with 2+ votes tells how well the others' model predicts a typical source; at most 64 of them (the
-    # largest, so every source big enough to flag is among them) keep the test to seconds on a busy Space.
-    probs = reward_model.held_out_probs(*weighted, min_votes=2, most=64)
-    big = [s for s, p in probs.items() if len(p) >= cfg.flag_min_votes and statuses.get(s) != "cleared"]
-    flagged: set[str] = set()
-    typical, most = crowd.typical_agreement(probs), None
-    # A trimmed consensus: the least-agreeing source is tested against how often the others agree with each other
-    # when it is left out of every fit too. Otherwise a contrarian holding 25% of the weight sits in every honest
-    # source's leave-out model and pulls the typical agreement to chance (measured: bench/RESULTS.md, Crowd).
-    while big:
-        worst = min(big, key=lambda s: crowd.agreement(probs[s]))
-        others = reward_model.held_out_probs(*weighted, min_votes=2, most=64, without=frozenset(flagged | {worst}))
-        typical = crowd.typical_agreement(others)
-        ev = crowd.evidence(probs[worst], typical)
-        most = ev.log_odds if most is None else most
-        if not crowd.is_contrarian(ev, cfg.flag_min_votes, cfg.flag_odds):
-            break  # the least-agreeing source is typical enough: so is everyone who agrees more
-        store.flag_source(worst, votes=ev.votes, log_odds=ev.log_odds, agree=ev.agree, at_vote=watermark)
-        flagged.add(worst)
-        big.remove(worst)
-        probs = {s: p for s, p in others.items() if s not in flagged}  # the next test's leave-out models skip it
-        big = [s for s in big if s in probs]
-    tested = sum(1 for s, p in probs.items() if len(p) >= cfg.flag_min_votes) + len(flagged)
-    r.metrics.update({"crowd/tested": tested, "crowd/flagged": len(flagged), "crowd/typical_agreement": typical})
-    if most is not None:
-        r.metrics["crowd/max_log_odds"] = most
+
+    # Every source with 2+ votes calibrates the others' model; at most 64 of them (the largest, so every source big
+    # enough to flag is among them) keep the test to seconds on a busy Space.
+    def held_out(without: frozenset[str]) -> dict[str, list[float]]:
+        return reward_model.held_out_probs(*weighted, min_votes=2, most=64, without=without)
+
+    cleared = frozenset(s for s, status in statuses.items() if status == "cleared")
+    test = crowd.trimmed_test(held_out, cleared, cfg.flag_min_votes, cfg.flag_odds)
+    for source, ev in test.flagged.items():
+        store.flag_source(source, votes=ev.votes, log_odds=ev.log_odds, agree=ev.agree, at_vote=watermark)
+    r.metrics.update({"crowd/tested": test.tested, "crowd/flagged": len(test.flagged), "crowd/calibration": test.beta})
+    if test.most is not None:
+        r.metrics["crowd/max_log_odds"] = test.most
     r.mark("crowd_test")
-    return frozenset(flagged)
+    return frozenset(test.flagged)
 
 
 def _enough_sources(cfg: Config, sources: int, left_out: int) -> None:

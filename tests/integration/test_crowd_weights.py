@@ -45,20 +45,51 @@ def test_no_source_carries_more_than_its_share_and_its_votes_are_down_weighted_n
         crowd.capped_weights(["a"], 0.0)
 
 
-def test_evidence_counts_disagreements_against_how_often_the_others_agree_with_a_typical_source():
-    # The others' model agrees with typical sources 80% of the time; one source it agrees with 20% of the time.
-    probs = {f"honest{i}": [0.9] * 8 + [0.1] * 2 for i in range(4)} | {"contrarian": [0.9] * 2 + [0.1] * 8}
-    typical = crowd.typical_agreement(probs)
-    assert typical == 0.8  # the median source, not the pooled votes
-    contrarian, honest = crowd.evidence(probs["contrarian"], typical), crowd.evidence(probs["honest0"], typical)
+def test_the_consensus_is_calibrated_on_the_others_votes_before_it_accuses_anyone():
+    # Votes fall as the others' model says (80% as cast at p = 0.8): trusted as it is (beta = 1).
+    calibrated = {f"s{i}": [0.8] * 8 + [0.2] * 2 for i in range(4)}
+    assert crowd.calibration(calibrated) == pytest.approx(1.0, abs=1e-6)
+    # The same votes with the model 99% sure: overconfident, so each of its logits counts 0.30 of itself.
+    overconfident = {f"s{i}": [0.99] * 8 + [0.01] * 2 for i in range(4)}
+    assert crowd.calibration(overconfident) == pytest.approx(math.log(4) / math.log(99), abs=1e-6)
+    # Never surer than the model: ten votes it gets right at p = 0.6 look certain, and count as 0.6 each still.
+    assert crowd.calibration({"s0": [0.6] * 6, "s1": [0.6] * 4}) == 1.0
+    # A model no better than chance at predicting people accuses nobody, however sure it is of a source's votes.
+    chance = {f"s{i}": [0.9, 0.1] * 5 for i in range(5)}
+    assert crowd.calibration(chance) == 0 and crowd.evidence([0.01] * 20, 0.0).log_odds == 0
+
+
+def test_evidence_weighs_each_vote_by_how_sure_the_calibrated_consensus_is():
+    # The others agree with typical sources 80% of the time at p = 0.9: beta = log 4 / log 9. A source agreeing 20%
+    # of the time: 6 net disagreements of log 4 each (at one confidence it is the count of disagreements).
+    probs = {f"honest{i}": [0.9] * 8 + [0.1] * 2 for i in range(4)}
+    beta = crowd.calibration(probs)
+    contrarian, honest = crowd.evidence([0.9] * 2 + [0.1] * 8, beta), crowd.evidence(probs["honest0"], beta)
     assert contrarian.agree == 0.2 and contrarian.log_odds == pytest.approx(6 * math.log(4))
     assert crowd.is_contrarian(contrarian, 8, 100) and not crowd.is_contrarian(honest, 8, 100) and honest.log_odds < 0
-    assert not crowd.is_contrarian(crowd.evidence([0.1] * 7, typical), 8, 100)  # too few votes to flag
-    # Confidence is not evidence: an honest source the model is sure it gets wrong twice is still typical.
-    assert crowd.evidence([0.99] * 8 + [1e-6] * 2, typical).log_odds < 0
-    # A model no better than chance at predicting people accuses nobody, however its votes fall.
-    chance = {f"s{i}": [0.9, 0.1] * 5 for i in range(5)}
-    assert crowd.typical_agreement(chance) == 0.5 and crowd.evidence([0.1] * 20, 0.5).log_odds == 0
+    assert not crowd.is_contrarian(crowd.evidence([0.1] * 7, beta), 8, 100)  # too few votes to flag
+    # Disagreeing where the consensus is sure says more than where it hesitates; no vote says more than log 19.
+    sure, unsure = crowd.evidence([0.95] * 5 + [0.05] * 5, 1.0), crowd.evidence([0.95] * 5 + [0.45] * 5, 1.0)
+    assert sure.log_odds == pytest.approx(0, abs=1e-9) and unsure.log_odds < -10
+    assert crowd.evidence([1e-9], 1.0).log_odds == pytest.approx(math.log(19))
+    # An honest source the model is sure it gets wrong twice is still typical.
+    assert crowd.evidence([0.99] * 8 + [1e-6] * 2, beta).log_odds < 0
+
+
+def test_the_trimmed_test_flags_the_contrarian_against_a_consensus_fitted_without_it():
+    # The attacker sits in every honest source's leave-out model and drags it to chance; left out, the consensus is
+    # sure again. held_out(without) plays the leave-out models.
+    def held_out(without: frozenset[str]) -> dict[str, list[float]]:
+        p = 0.9 if "attacker" in without else 0.55
+        honest = {f"honest{i}": [p] * 8 + [1 - p] * 2 for i in range(4)}
+        return honest if "attacker" in without else honest | {"attacker": [0.1] * 10}
+
+    test = crowd.trimmed_test(held_out, frozenset(), 8, 100)
+    assert list(test.flagged) == ["attacker"] and test.tested == 5
+    assert test.flagged["attacker"].log_odds == pytest.approx(10 * math.log(4)) and test.beta > 0
+    # Cleared by an admin: never tested again; with too few votes nobody is tested.
+    assert crowd.trimmed_test(held_out, frozenset({"attacker"}), 8, 100).flagged == {}
+    assert crowd.trimmed_test(held_out, frozenset(), 11, 100).tested == 0
 
 
 def test_the_trainer_weighs_votes_only_on_public_deployments(tiny_cfg):
@@ -123,11 +154,7 @@ def test_a_contrarian_source_is_flagged_and_honest_ones_are_not(tiny_cfg):
 
     r = _Round(cfg, None, random.Random(0), [], None, lambda *a: None, lambda: None)
     assert _flag_contrarians(r, store, probe, weighted, {}, store.watermark()) == {"attacker"}
-    assert (
-        r.metrics["crowd/tested"] == 4
-        and r.metrics["crowd/flagged"] == 1
-        and r.metrics["crowd/typical_agreement"] > 0.5
-    )
+    assert r.metrics["crowd/tested"] == 4 and r.metrics["crowd/flagged"] == 1 and r.metrics["crowd/calibration"] > 0
     row = store.source_rows()[0]
     assert (row["source"], row["status"], row["votes"]) == ("attacker", "flagged", 12) and row["log_odds"] > 0
     assert store.sources_between(0, store.watermark()) == 3  # a flagged source no longer counts towards a round
