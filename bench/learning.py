@@ -53,21 +53,31 @@ def run_one(rater: str, learner: str | None, args: argparse.Namespace, extra: li
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def gain_per_nat(r: dict) -> float:
+    """Win-rate gained per nat of KL to the base: the last evaluation over the first (the base against itself)."""
+    # Where the KL budget went (issue 23): a run that spends the gate's 20 nats on drift the rater does not reward
+    # shows a small number here even when its win-rate ends high.
+    start = r["history"][0]["win_rate"] if r.get("history") else 0.5
+    return (r["win_rate"] - start) / r["kl"] if r["kl"] > 0 else float("nan")
+
+
 def table(results: list[dict]) -> str:
     head = (
-        "| rater | learner | informative votes | win-rate vs base [95%] | KL | words (base) | EOS rate (base) "
-        "| distinct-2 (base) | fluent | minutes |\n|---|---|---:|---|---:|---:|---:|---:|---|---:|"
+        "| rater | learner | informative votes | win-rate vs base [95%] | KL | gain per nat | words (base) "
+        "| EOS rate (base) | distinct-2 (base) | fluent | minutes |\n"
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|"
     )
     rows = [head]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['rater']} | {r['learner']} | error: {r['error']} |||||||")
+            rows.append(f"| {r['rater']} | {r['learner']} | error: {r['error']} ||||||||")
             continue
         b, (lo, hi) = r["base"], r["win_rate_ci"]
         rows.append(
             f"| {r['rater']} | {r.get('learner', 'ppo')} | {r['informative_votes']}/{r['votes']} "
             f"| {r['win_rate']:.2f} [{lo:.2f}, {hi:.2f}] "
-            f"| {r['kl']:.1f} | {r['answer_words']:.0f} ({b['answer_words']:.0f}) | {r['eos_rate']:.2f} "
+            f"| {r['kl']:.1f} | {gain_per_nat(r):+.3f} "
+            f"| {r['answer_words']:.0f} ({b['answer_words']:.0f}) | {r['eos_rate']:.2f} "
             f"({b['eos_rate']:.2f}) | {r['distinct2']:.2f} ({b['distinct2']:.2f}) | {r['fluent']} "
             f"| {r['seconds'] / 60:.1f} |"
         )
