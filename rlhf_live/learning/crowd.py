@@ -81,18 +81,6 @@ def agreement(probs: Sequence[float]) -> float:
     return sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in probs) / len(probs) if probs else 0.5
 
 
-def typical_agreement(probs_by_source: dict[str, Sequence[float]], min_votes: int = 2) -> float:
-    """How often the others' model agrees with a typical source: the median over sources with `min_votes` votes."""
-    # The median, not the pooled rate: a contrarian casting half of all votes still is one source of several.
-    # Clamped to [0.5, 0.95]: a model no better than chance can accuse nobody, and no agreement is ever certain.
-    rates = sorted(agreement(p) for p in probs_by_source.values() if len(p) >= min_votes)
-    if not rates:
-        return 0.5
-    mid = len(rates) // 2
-    median = rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
-    return min(max(median, 0.5), 0.95)
-
-
 def calibration(probs_by_source: dict[str, Sequence[float]]) -> float:
     """How far to trust the others' model: beta in P(a typical vote as cast) = sigmoid(beta * logit p), by MLE."""
     # Platt scaling with no intercept (Platt 1999), fitted on the typical sources' own held-out votes: a consensus as
