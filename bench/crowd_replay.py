@@ -14,6 +14,7 @@ any source never meant to be flagged, and writes bench/crowd_replay.json. Source
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -51,6 +52,7 @@ def replay(data_dir: Path, reward_model, cfg, every: int, names: dict[str, str])
         weighted = _weigh(cfg, frozenset(), *upto)
         reward_model.fit(*weighted[:1], ties=weighted[1], pointwise=weighted[2], progress=lambda _: None)
 
+        @functools.cache  # the table below and both statistics' tests ask for the same leave-out fits
         def held_out(without: frozenset[str], weighted=weighted) -> dict[str, list[float]]:
             return reward_model.held_out_probs(*weighted, min_votes=2, most=64, without=without)
 

@@ -150,7 +150,6 @@ def trimmed_test(
     # and calibrated on the others when it is left out of every fit too. Otherwise a contrarian holding 25% of the
     # weight sits in every honest source's leave-out model and pulls the consensus to chance (bench/RESULTS.md, Crowd).
     # held_out(without) -> {source: each vote's probability under a model fitted on everyone else, `without` left out}.
-    statistic = statistic or (lambda mine, others: evidence(mine, calibration(others)))
     test, left_out = Test(), frozenset()
     probs = held_out(left_out)
     big = [s for s, p in probs.items() if len(p) >= min_votes and s not in exempt]
@@ -158,8 +157,8 @@ def trimmed_test(
     while big:
         worst = max(big, key=lambda s: evidence(probs[s], 1.0).log_odds)  # the most contrarian by the raw model
         others = held_out(left_out | {worst})
-        ev = statistic(probs[worst], others)
         test.beta = calibration(others)
+        ev = statistic(probs[worst], others) if statistic else evidence(probs[worst], test.beta)
         test.most = ev.log_odds if test.most is None else test.most
         if not is_contrarian(ev, min_votes, odds):
             break  # the least typical source is typical enough: so is everyone who sits better with the others
