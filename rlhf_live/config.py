@@ -173,7 +173,10 @@ class Config:
 
     # --- ppo (issue 6 owns this section) ----------------------------------------------------------
     ppo_batch_size: int = 8
-    """Prompts per PPO update (one answer is sampled for each)."""
+    """Prompts per PPO update (ppo_samples_per_prompt answers are sampled for each)."""
+    ppo_samples_per_prompt: int = 1
+    """Answers sampled per prompt in a PPO update; above 1 each answer's score counts against its siblings' mean
+    (RLOO's leave-one-out baseline, arXiv 2402.14740): what the prompt adds to every answer's reward cancels."""
     ppo_max_new_tokens: int = 64
     """Longest answer in a PPO rollout; an answer cut here has no EOS (see missing_eos_penalty)."""
     ppo_max_prompt_tokens: int = 256
@@ -210,6 +213,9 @@ class Config:
     """Stop an update's epochs early once approx_kl (per token, old vs new policy) exceeds this; 0 turns it off."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm of each optimizer step to this."""
+    reward_pessimism: float = 0.0
+    """PPO's reward is the reward model's score minus this many standard deviations of its ensemble members' scores
+    (Coste et al., arXiv 2310.02743): answers the votes say little about earn less; 0 = the score alone."""
     missing_eos_penalty: float = 0.0
     """Added to the score of an answer with no EOS (cut at ppo_max_new_tokens), e.g. -1; 0 (off): no voter asked."""
     gradient_checkpointing: bool = False
@@ -266,6 +272,9 @@ class Config:
     min_answered_rate: float = 0.8
     """Gate: a round where fewer of the sampled answers say something (not blank, not the question or system prompt
     parroted back) is not made live."""
+    max_reward_spread: float = 0.0
+    """Gate: a round whose sampled answers the reward ensemble disagrees on more than this many times as much as on the
+    voted answers is not made live (the policy found answers the votes never judged: a hack); 0 = off."""
     keep_versions: int = 10
     """Adapter folders kept on disk: the live version, its parent and the newest N (older ones are deleted)."""
     gate_prompts: int = 16

@@ -133,6 +133,15 @@ def value_loss(
     return loss, vf_clipfrac
 
 
+def leave_one_out(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Each score minus the mean of the other k-1 answers to its prompt (RLOO, arXiv 2402.14740); k = 1: unchanged."""
+    if k <= 1:
+        return scores
+    grouped = scores.view(-1, k)  # (P, k): a prompt's k answers are consecutive
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)  # (P, k) mean of the siblings
+    return (grouped - baseline).flatten()  # (B,)
+
+
 class KLController:
     """Beta: fixed, or adaptive towards a target KL (Ziegler et al. 2019, arXiv 1909.08593, section 2.2)."""
 
@@ -175,6 +184,8 @@ class PPOTrainer(Rollouts):
         if not prompts:
             raise ValueError("PPO step needs at least one prompt.")
         cfg = self.cfg
+        k = max(1, cfg.ppo_samples_per_prompt)
+        prompts = [p for p in prompts for _ in range(k)]  # a prompt's k answers side by side: leave_one_out's groups
         torch.manual_seed(cfg.seed + self.updates)  # reproducible given cfg.seed and the update number
         t0 = time.perf_counter()
 
@@ -198,6 +209,9 @@ class PPOTrainer(Rollouts):
         # EOS trick (https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo), as TRL applied it
         # last: a penalty on top of the score, so the reward model's opinion of a cut answer still counts.
         scores = torch.where(has_eos, raw_scores, raw_scores + cfg.missing_eos_penalty)  # (B,)
+        # With k answers per prompt, what the prompt adds to every answer's score cancels: the reward model's
+        # features carry the prompt, and without this its between-prompt spread dominates the whitened advantages.
+        relative = leave_one_out(scores, k)  # (B,)
         with torch.no_grad():
             logprobs, values, entropy = self._forward_micro(
                 query, query_mask, responses, mask, values=True, entropy=True
@@ -210,7 +224,7 @@ class PPOTrainer(Rollouts):
         non_score_reward = -beta * kl  # (B, T)
         rewards = non_score_reward.clone()
         last = mask.sum(1) - 1  # (B,) index of each answer's last token (EOS or the cut)
-        rewards[torch.arange(B, device=self.device), last] += scores
+        rewards[torch.arange(B, device=self.device), last] += relative
         values = values * mask_f
         t2 = time.perf_counter()
 

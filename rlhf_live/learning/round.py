@@ -249,11 +249,19 @@ def _ppo(r: _Round, reward_model: Scorer) -> Callable[[Path], None]:
     policy_model = r.copies.policy_copy(r.live_path)
     last_answers: list[str] = []
     last_prompts: list[list[dict]] = []
+    spreads: list[float] = []  # the ensemble's spread on each answer of the last rollout (what the gate reads)
 
     def reward_fn(prompts, texts):
         last_answers[:] = texts
         last_prompts[:] = prompts
-        return reward_model.score(prompts, texts, normalise=True)
+        scores = reward_model.score(prompts, texts, normalise=True)  # (B,)
+        members = reward_model.member_scores(prompts, texts)  # (B, K) or None: no ensemble
+        if members is None or members.shape[1] < 2:
+            return scores
+        spread = members.std(1)  # (B,)
+        spreads[:] = spread.tolist()
+        # Pessimism (Coste et al., arXiv 2310.02743): the fit on all votes, less what the votes leave open.
+        return scores - cfg.reward_pessimism * spread
 
     learner = PPOTrainer(policy_model, r.copies.tokenizer, cfg, reward_fn)
     if r.live_path:
@@ -270,8 +278,17 @@ def _ppo(r: _Round, reward_model: Scorer) -> Callable[[Path], None]:
     r.metrics.update({"sample/kl": ppo_metrics["kl"], "sample/answer_tokens": updates[-1]["answer_tokens"]})
     r.metrics["sample/distinct2"] = mean_distinct2(last_answers)
     r.metrics["sample/answered_rate"] = answered_rate(last_prompts, last_answers)
+    _spread_metric(r, reward_model, spreads)
     r.mark("ppo_updates")
     return learner.save_adapter
+
+
+def _spread_metric(r: _Round, reward_model: Scorer, spreads: list[float]) -> None:
+    """sample/reward_spread: the ensemble's mean spread on the sampled answers over its spread on the voted ones."""
+    # An answer unlike any voted one keeps the members' random priors apart: a version the ensemble disagrees on far
+    # more than on what people judged found answers nobody judged (the gate's max_reward_spread).
+    if spreads and reward_model.norm_spread:
+        r.metrics["sample/reward_spread"] = sum(spreads) / len(spreads) / reward_model.norm_spread
 
 
 def _direct(r: _Round, pairs: list, pointwise: list, reward_model: Scorer | None, seed: int):
@@ -300,6 +317,9 @@ def _direct(r: _Round, pairs: list, pointwise: list, reward_model: Scorer | None
     r.metrics["sample/distinct2"] = mean_distinct2(answers)
     r.metrics["sample/answered_rate"] = answered_rate(prompts, answers)
     r.metrics.update({f"sample/{k}": v for k, v in drift.items()})
+    if reward_model is not None:
+        members = reward_model.member_scores(prompts, answers)
+        _spread_metric(r, reward_model, [] if members is None else members.std(1).tolist())
     r.mark("sample")
     return sampler.save_adapter
 

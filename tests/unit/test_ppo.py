@@ -386,3 +386,31 @@ def test_learns_a_hidden_preference_on_the_real_model(real_model_dir):
     assert runs[0]["kl"] == 0.0  # fresh adapter: the policy is the reference
     assert p_policy >= p_ref + LEARN_MIN_GAIN, (p_ref, p_policy)
     assert all(r["kl"] < LEARN_MAX_KL for r in runs)
+
+
+def test_leave_one_out_scores_each_answer_against_its_siblings():
+    scores = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 13.0])  # two prompts, three answers each
+    torch.testing.assert_close(ppo.leave_one_out(scores, 3), torch.tensor([-1.5, 0.0, 1.5, -1.5, -1.5, 3.0]))
+    torch.testing.assert_close(
+        ppo.leave_one_out(scores + torch.tensor([5.0] * 3 + [-7.0] * 3), 3), ppo.leave_one_out(scores, 3)
+    )
+    assert ppo.leave_one_out(scores, 1) is scores
+
+
+def test_answers_per_prompt_cancel_what_the_prompt_alone_earns(tiny_cfg):
+    # A reward that depends on the prompt only: one answer per prompt learns from it; two per prompt see no difference.
+    def by_prompt(prompts, answers):
+        seen.append(len(answers))
+        return torch.tensor([float(len(p[-1]["content"])) for p in prompts])
+
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    prompts = [[system, {"role": "user", "content": q}] for q in ("Hi", "How is the weather?")]
+    moved = {}
+    for k in (1, 2):
+        seen = []
+        trainer = _tiny_trainer(tiny_cfg, by_prompt, ppo_samples_per_prompt=k)
+        before = _state(trainer)
+        metrics = trainer.step(prompts)
+        moved[k] = any(not torch.equal(a, b) for a, b in zip(before, _state(trainer)))
+        assert seen == [2 * k] and metrics["prompts"] == 2 * k
+    assert moved == {1: True, 2: False}

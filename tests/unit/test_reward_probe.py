@@ -137,3 +137,19 @@ def test_pick_pair_asks_about_the_best_answer_once_the_model_is_sure(probe):
     # Before any fit there is no posterior: no opinion (Compare then picks two at random).
     fresh = ProbeRewardModel(probe.model, probe.tokenizer, probe.cfg)
     assert fresh.pick_pair(user("fruit?"), answers, random.Random(1)) is None
+
+
+def test_member_scores_are_the_score_first_and_spread_most_where_no_vote_judged(probe):
+    pairs = marker_pairs(40)
+    assert probe.member_scores([pairs[0]["prompt"]], [pairs[0]["chosen"]]) is None  # no fit, no ensemble
+    probe.fit(pairs, eval_fraction=0)
+    prompts, answers = [p["prompt"] for p in pairs], [p["chosen"] for p in pairs]
+    members = probe.member_scores(prompts, answers)  # (40, K)
+    assert members.shape == (40, probe.cfg.reward_ensemble)
+    torch.testing.assert_close(members[:, 0], probe.score(prompts, answers, normalise=True))
+    # The fit's unit: the members' mean spread on (up to reward_norm_samples of) the voted answers.
+    assert probe.norm_spread == pytest.approx(float(members.std(1).mean()), rel=0.05)
+    # Text no vote resembled: the random priors are not cancelled there, so the members disagree more.
+    odd = ["1.1 1.1 1.2 2.1 " * 6, "!!! " * 20, "zebra quantum " * 10]
+    unseen = probe.member_scores(prompts[:3], odd).std(1).mean()
+    assert unseen > 2 * probe.norm_spread

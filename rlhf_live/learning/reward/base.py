@@ -25,6 +25,8 @@ class Scorer:
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.norm_mean: float | None = None
         self.norm_std: float | None = None
+        self.norm_spread: float | None = None
+        """Mean std of the ensemble members' normalised scores on the voted answers; None: no ensemble."""
         self.encoder = Encoder(tokenizer, cfg.reward_max_tokens)
 
     # --- encoding ----------------------------------------------------------------------------------------
@@ -79,6 +81,10 @@ class Scorer:
                 raise RuntimeError("No normalisation statistics: call fit() or set_normalisation() first.")
             r = (r - self.norm_mean) / self.norm_std
         return r
+
+    def member_scores(self, prompts: list[list[dict]], answers: list[str]) -> torch.Tensor | None:
+        """Each ensemble member's normalised reward (B, K), the fit on all votes first; None: no ensemble."""
+        return None
 
     def prob_better(self, prompts: list[list[dict]], a: list[str], b: list[str]) -> torch.Tensor:
         """P(a beats b) (N,) by Bradley-Terry on the scores (a point estimate: no uncertainty)."""

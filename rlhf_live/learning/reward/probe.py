@@ -148,6 +148,14 @@ class ProbeRewardModel(Scorer):
         with torch.no_grad():
             return self.head(self._standardised(self.features(prompts, answers, batch_size)))[:, 0]
 
+    def member_scores(self, prompts: list[list[dict]], answers: list[str]) -> torch.Tensor | None:
+        """Each ensemble member's normalised reward (B, K), the fit on all votes first; None before a fit."""
+        post = self.posterior
+        if post is None or self.norm_mean is None or not answers:
+            return None
+        raw = post.design(self.features(prompts, answers)) @ post.members.T  # (B, K); column 0 = _raw_scores
+        return (raw - self.norm_mean) / self.norm_std
+
     def prob_better(self, prompts: list[list[dict]], a: list[str], b: list[str]) -> torch.Tensor:
         """P(a beats b) (N,) averaged over the ensemble (what the votes leave open pulls it towards 1/2)."""
         post = self.posterior
@@ -332,8 +340,11 @@ class ProbeRewardModel(Scorer):
         random.Random(self.cfg.seed).shuffle(sample)
         sample = sample[: self.cfg.reward_norm_samples]
         norm = self.set_normalisation([p for p, _ in sample], [a for _, a in sample])
+        members = self.member_scores([p for p, _ in sample], [a for _, a in sample])  # (N, K)
+        self.norm_spread = float(members.std(1).mean()) if members.shape[1] > 1 else None
         return {
             "kind": "probe",
+            "spread": self.norm_spread,
             "train_loss": train_loss,
             "eval_loss": eval_loss,
             "accuracy": accuracy,
