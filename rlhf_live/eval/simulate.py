@@ -151,6 +151,7 @@ def _entry(n: int, votes: int, counts: dict, result: dict, metrics: dict, second
         "ppo_score_first": metrics.get("ppo/score_first"),
         "ppo_score_last": metrics.get("ppo/score_last"),
         "ppo_kl": metrics.get("ppo/kl"),
+        "reward_spread": metrics.get("sample/reward_spread"),
         "train_loss_first": next((v for k, v in metrics.items() if k.endswith("/loss_first")), None),
         "train_loss_last": next((v for k, v in metrics.items() if k.endswith("/loss_last")), None),
         "error": metrics.get("error", ""),
