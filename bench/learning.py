@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RATERS = "concise,verbose,polite,structured,cheerful,keyword:example"
+RATERS = "concise,verbose,polite,structured,cheerful,keyword:example,clarifying,steps"
 
 
 def run_one(rater: str, learner: str | None, args: argparse.Namespace, extra: list[str]) -> dict:

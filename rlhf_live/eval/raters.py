@@ -74,6 +74,22 @@ def cheerful_score(prompt: list[dict], answer: str) -> float:
     return min(answer.count("!") + len(UPBEAT.findall(answer)), 4)
 
 
+QUESTION = re.compile(r"[^.!?\n]*\byou(?:r)?\b[^.!?\n]*\?", re.I)
+
+
+def clarifying_score(prompt: list[dict], answer: str) -> float:
+    """Asks the user something back (a question with 'you' or 'your' in it, e.g. 'Which city do you mean?')."""
+    return float(bool(QUESTION.search(answer)))
+
+
+def steps_score(prompt: list[dict], answer: str) -> float:
+    """A one-line answer first, then a short list of steps (2-6 items): 2; a list alone or a lead alone: 1 or 0."""
+    lines = [line for line in answer.strip().splitlines() if line.strip()]
+    items = len(LIST_ITEM.findall(answer))
+    lead = bool(lines) and not LIST_ITEM.match(lines[0]) and len(lines[0].split()) <= 25
+    return float(2 <= items <= 6) * (2 if lead else 1)
+
+
 def keyword_score(word: str) -> Score:
     """Whether the answer uses `word` (as a whole word, any case): sparse when the model rarely says it."""
     pattern = re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE)
@@ -90,6 +106,8 @@ BUILT_IN: dict[str, Score] = {
     "polite": polite_score,
     "structured": structured_score,
     "cheerful": cheerful_score,
+    "clarifying": clarifying_score,
+    "steps": steps_score,
 }
 """Built-in raters by name; `keyword:WORD` is built in too. Examples of kinds of preference, not a target."""
 

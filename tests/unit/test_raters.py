@@ -27,7 +27,15 @@ def test_built_in_rules():
     assert load_rater("cheerful")(P, "Apples are great fun!", "Apples are fruit.") == "A"
     assert load_rater("keyword:indeed")(P, "It is so.", "Indeed, it is.") == "B"
     assert load_rater("keyword:indeed")(P, "Indeedy.", "No.") == "tie"  # whole words only
-    assert set(BUILT_IN) >= {"concise", "verbose", "polite", "structured", "cheerful"}
+    asks = "Apples are fruit. Which kind do you have in mind?"
+    assert load_rater("clarifying")(P, "Apples are fruit. Why? They grow on trees.", asks) == "B"  # a question to you
+    assert load_rater("clarifying")(P, "Do apples float? Yes.", "Apples are fruit.") == "tie"  # not asked of the user
+    steps = "Make apple juice in three steps.\n1. Wash the apples.\n2. Press them.\n3. Strain the juice."
+    bare = "1. Wash the apples.\n2. Press them."
+    assert load_rater("steps")(P, bare, steps) == "B"  # the one-line answer first wins over the list alone
+    assert load_rater("steps")(P, "Press and strain them.", bare) == "B"  # a list beats prose
+    assert load_rater("steps")(P, "Press them.\n1. Press.", "Strain.") == "tie"  # one item is not a list of steps
+    assert set(BUILT_IN) >= {"concise", "verbose", "polite", "structured", "cheerful", "clarifying", "steps"}
 
 
 def test_module_and_file_specs(tmp_path):
