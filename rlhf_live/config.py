@@ -272,9 +272,6 @@ class Config:
     min_answered_rate: float = 0.8
     """Gate: a round where fewer of the sampled answers say something (not blank, not the question or system prompt
     parroted back) is not made live."""
-    max_reward_spread: float = 0.0
-    """Gate: a round whose sampled answers the reward ensemble disagrees on more than this many times as much as on the
-    voted answers is not made live (the policy found answers the votes never judged: a hack); 0 = off."""
     keep_versions: int = 10
     """Adapter folders kept on disk: the live version, its parent and the newest N (older ones are deleted)."""
     gate_prompts: int = 16

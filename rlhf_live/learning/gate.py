@@ -6,7 +6,6 @@ tensors, the store or how the answers were sampled.
 
 from __future__ import annotations
 
-import math
 import re
 
 from rlhf_live.config import Config
@@ -74,14 +73,6 @@ def gate(cfg: Config, metrics: dict) -> None:
             cfg.min_answered_rate,
             "only {v:.0%} of sampled answers say something (the rest are blank or repeat the question or "
             "system prompt; gate: {g:.0%})",
-        ),
-        # What the reward ensemble says of the sampled answers against the voted ones (0 turns the check off).
-        (
-            "sample/reward_spread",
-            +1,
-            cfg.max_reward_spread or math.inf,
-            "the reward ensemble disagrees {v:.1f} times as much on the sampled answers as on the voted ones (gate: "
-            "{g}): the version found answers no vote judged",
         ),
     ]
     for metric, side, limit, why in checks:

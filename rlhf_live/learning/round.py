@@ -249,7 +249,7 @@ def _ppo(r: _Round, reward_model: Scorer) -> Callable[[Path], None]:
     policy_model = r.copies.policy_copy(r.live_path)
     last_answers: list[str] = []
     last_prompts: list[list[dict]] = []
-    spreads: list[float] = []  # the ensemble's spread on each answer of the last rollout (what the gate reads)
+    spreads: list[float] = []  # the ensemble's spread on each answer of the last rollout
 
     def reward_fn(prompts, texts):
         last_answers[:] = texts
@@ -285,8 +285,7 @@ def _ppo(r: _Round, reward_model: Scorer) -> Callable[[Path], None]:
 
 def _spread_metric(r: _Round, reward_model: Scorer, spreads: list[float]) -> None:
     """sample/reward_spread: the ensemble's mean spread on the sampled answers over its spread on the voted ones."""
-    # An answer unlike any voted one keeps the members' random priors apart: a version the ensemble disagrees on far
-    # more than on what people judged found answers nobody judged (the gate's max_reward_spread).
+    # Recorded, not gated: on the three known hacks it overlapped honest versions (bench/RESULTS.md, issue 23).
     if spreads and reward_model.norm_spread:
         r.metrics["sample/reward_spread"] = sum(spreads) / len(spreads) / reward_model.norm_spread
 
