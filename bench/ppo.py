@@ -83,7 +83,8 @@ def main() -> None:
     results = [bench(d, n, b, args.updates, overrides) for d in args.dtype for n in args.threads for b in args.base]
     print(
         f"\nPPO update, SmolLM2-135M-Instruct NF4 + LoRA r{cfg.lora_r} {cfg.lora_target}, {cfg.ppo_batch_size} prompts "
-        f"x {cfg.ppo_max_new_tokens} tokens, {cfg.ppo_epochs} epochs x {cfg.ppo_minibatches} minibatches, "
+        f"x {cfg.ppo_samples_per_prompt} answers x {cfg.ppo_max_new_tokens} tokens, "
+        f"{cfg.ppo_epochs} epochs x {cfg.ppo_minibatches} minibatches, "
         f"median of {args.updates}"
     )
     first = results[0]["median"]["seconds_total"]
@@ -104,7 +105,15 @@ def main() -> None:
         "torch": torch.__version__,
         "config": {
             k: getattr(cfg, k)
-            for k in ("ppo_batch_size", "ppo_max_new_tokens", "ppo_epochs", "ppo_minibatches", "lora_r", "lora_target")
+            for k in (
+                "ppo_batch_size",
+                "ppo_samples_per_prompt",
+                "ppo_max_new_tokens",
+                "ppo_epochs",
+                "ppo_minibatches",
+                "lora_r",
+                "lora_target",
+            )
         },
         "results": results,
     }

@@ -11,7 +11,15 @@ from rlhf_live.store import Store
 ENTRY_KEYS = {
     *("round", "votes", "informative_votes", "version", "status", "win_rate", "win_rate_ci", "ties", "kl"),
     *("answer_words", "answer_tokens", "eos_rate", "distinct2", "answered_rate", "fluent", "reward_accuracy_on_rater"),
-    *("reward_heldout_accuracy", "ppo_score_first", "ppo_score_last", "ppo_kl", "error", "round_seconds"),
+    *(
+        "reward_heldout_accuracy",
+        "ppo_score_first",
+        "ppo_score_last",
+        "ppo_kl",
+        "reward_spread",
+        "error",
+        "round_seconds",
+    ),
     *("train_loss_first", "train_loss_last", "seconds", "seconds_by_stage"),
 }
 

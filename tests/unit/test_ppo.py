@@ -152,7 +152,10 @@ def test_seed_prompts():
 
 # --- the trainer on the tiny model ---------------------------------------------------------------------------
 def _tiny_trainer(tiny_cfg, reward_fn=None, **overrides):
-    cfg = dataclasses.replace(tiny_cfg, ppo_batch_size=4, ppo_max_new_tokens=12, **overrides)
+    # One answer per prompt unless a test asks for more: the mechanics below are checked answer by answer.
+    cfg = dataclasses.replace(
+        tiny_cfg, ppo_batch_size=4, ppo_max_new_tokens=12, **{"ppo_samples_per_prompt": 1, **overrides}
+    )
     base, tok = models.load_base(cfg)
     model = attach_adapter(base, cfg, trainable=True)
     reward_fn = reward_fn or (lambda prompts, answers: torch.tensor([len(a) / 10 for a in answers]))
@@ -367,7 +370,8 @@ def test_learns_a_hidden_preference_on_the_real_model(real_model_dir):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = Config(model=str(real_model_dir), ppo_lr=1e-4, ppo_max_new_tokens=24, seed=0)
+        # One answer per prompt, as this test was calibrated (test_answers_per_prompt_... covers the default of 4).
+        cfg = Config(model=str(real_model_dir), ppo_lr=1e-4, ppo_max_new_tokens=24, ppo_samples_per_prompt=1, seed=0)
         base, tok = models.load_base(cfg)
         models.prepare_cpu_4bit(base, cfg)  # as the live trainer's copy
         torch.manual_seed(cfg.seed)  # the LoRA's random A: the same whatever tests ran before
