@@ -10,7 +10,9 @@ single-run times the 30-minute goal is about). Prints a table; writes bench/lear
 bench/learning/<rater>/{result.json,samples.json,curve.png}. Extra arguments after `--` go to every simulate run
 (e.g. `-- --ppo-lr 3e-4`). With `--learners`, every rater runs once per learner (same seed, prompts and votes
 schedule) into OUT/<learner>/<rater>/, and OUT/learners.png has one panel per rater with a curve per learner.
-`--resume` reuses the result of every run that finished before (same OUT) and runs only the rest.
+`--resume` reuses the result of every run that finished before (same OUT) and runs only the rest. `--seeds 0,1,2`
+runs every rater once per seed into OUT/.../<rater>/seed<k>/ and prints each rater's worst and mean seed (issue 23:
+the worst of three seeds is the reliability a person demoing it can count on).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ HERE = Path(__file__).resolve().parent
 RATERS = "concise,verbose,polite,structured,cheerful,keyword:example,clarifying,steps"
 
 
-def run_one(rater: str, learner: str | None, args: argparse.Namespace, extra: list[str]) -> dict:
+def run_one(rater: str, learner: str | None, seed: int, args: argparse.Namespace, extra: list[str]) -> dict:
     """One simulate run in a fresh data dir; its summary (or the error)."""
     name = rater.replace(":", "_") if learner is None else f"{learner}/{rater.replace(':', '_')}"
+    name += f"/seed{seed}" if args.seeds else ""
     out = Path(args.out) / name
     data = Path(args.work) / name
     if args.resume and (out / "result.json").exists():
@@ -38,7 +41,7 @@ def run_one(rater: str, learner: str | None, args: argparse.Namespace, extra: li
     subprocess.run(["rm", "-rf", str(data)], check=True)
     cmd = [sys.executable, "-m", "rlhf_live", "simulate", "--rater", rater, "--votes", str(args.votes)]
     cmd += ["--round-every", str(args.round_every), "--eval-prompts", str(args.eval_prompts)]
-    cmd += ["--seed", str(args.seed), "--data-dir", str(data), "--out", str(out), *extra]
+    cmd += ["--seed", str(seed), "--data-dir", str(data), "--out", str(out), *extra]
     cmd += ["--learner", learner] if learner else []
     env = dict(os.environ)
     if args.jobs > 1:
@@ -49,8 +52,8 @@ def run_one(rater: str, learner: str | None, args: argparse.Namespace, extra: li
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     if proc.returncode != 0:
         error = f"exit {proc.returncode}; see {out / 'log.txt'}"
-        return {"rater": rater, "learner": learner or "ppo", "error": error, "seconds": time.time() - t0}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"rater": rater, "learner": learner or "ppo", "seed": seed, "error": error, "seconds": time.time() - t0}
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "seed": seed}
 
 
 def gain_per_nat(r: dict) -> float:
@@ -63,18 +66,18 @@ def gain_per_nat(r: dict) -> float:
 
 def table(results: list[dict]) -> str:
     head = (
-        "| rater | learner | informative votes | win-rate vs base [95%] | KL | gain per nat | words (base) "
+        "| rater | learner | seed | informative votes | win-rate vs base [95%] | KL | gain per nat | words (base) "
         "| EOS rate (base) | distinct-2 (base) | fluent | minutes |\n"
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|"
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|"
     )
     rows = [head]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['rater']} | {r['learner']} | error: {r['error']} ||||||||")
+            rows.append(f"| {r['rater']} | {r['learner']} | {r.get('seed', '')} | error: {r['error']} ||||||||")
             continue
         b, (lo, hi) = r["base"], r["win_rate_ci"]
         rows.append(
-            f"| {r['rater']} | {r.get('learner', 'ppo')} | {r['informative_votes']}/{r['votes']} "
+            f"| {r['rater']} | {r.get('learner', 'ppo')} | {r.get('seed', '')} | {r['informative_votes']}/{r['votes']} "
             f"| {r['win_rate']:.2f} [{lo:.2f}, {hi:.2f}] "
             f"| {r['kl']:.1f} | {gain_per_nat(r):+.3f} "
             f"| {r['answer_words']:.0f} ({b['answer_words']:.0f}) | {r['eos_rate']:.2f} "
@@ -82,6 +85,19 @@ def table(results: list[dict]) -> str:
             f"| {r['seconds'] / 60:.1f} |"
         )
     return "\n".join(rows)
+
+
+def by_seed(results: list[dict]) -> str:
+    """Per rater and learner over its seeds: the worst win-rate, the mean and every seed's."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        if "error" not in r:
+            groups.setdefault((r["rater"], r.get("learner", "ppo")), []).append(r["win_rate"])
+    return "\n".join(
+        f"{rater} ({learner}): worst seed {min(w):.2f}, mean {sum(w) / len(w):.2f}, "
+        f"seeds {', '.join(f'{x:.2f}' for x in w)}"
+        for (rater, learner), w in groups.items()
+    )
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -112,6 +128,7 @@ def main() -> None:
     parser.add_argument("--round-every", type=int, default=40)
     parser.add_argument("--eval-prompts", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="", help="e.g. 0,1,2: every run once per seed (instead of --seed)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with one thread when > 1)")
     parser.add_argument("--learners", default="", help="e.g. ppo,dpo,kto: every rater once per learner")
     parser.add_argument("--out", default=str(HERE / "learning"))
@@ -121,10 +138,13 @@ def main() -> None:
     extra = [a for a in extra if a != "--"]
     raters = [r for r in args.raters.split(",") if r]
     learners = [x for x in args.learners.split(",") if x] or [None]
-    runs = [(r, x) for r in raters for x in learners]
+    seeds = [int(x) for x in args.seeds.split(",") if x] or [args.seed]
+    runs = [(r, x, seed) for r in raters for x in learners for seed in seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda run: run_one(*run, args, extra), runs))
     print(table(results))
+    if len(seeds) > 1:
+        print("\n" + by_seed(results))
     summary = {"args": vars(args), "extra": extra, "results": results}
     name = "learners" if args.learners else "learning"
     (HERE / f"{name}.json").write_text(json.dumps(summary, indent=2, default=str))
