@@ -66,7 +66,9 @@ def _prompt_pool(store: Store, cfg: Config, rng: random.Random, exclude: frozens
     # A seed prompt is asked as a new conversation would be: under the serving system prompt.
     seeds = [with_system(p, cfg.system_prompt) for p in load_seed_prompts() if p[-1]["content"] not in exclude]
     rng.shuffle(seeds)
-    need = cfg.ppo_batch_size * cfg.ppo_updates_per_round
+    # As many prompts as the round samples answers: with k answers per prompt the round draws fewer prompts, and a
+    # pool cut to those alone would be a handful of seed prompts on a fresh app.
+    need = cfg.ppo_batch_size * max(1, cfg.ppo_samples_per_prompt) * cfg.ppo_updates_per_round
     if cfg.public:  # enough seed prompts beside the largest asker's that it holds at most its share
         largest = max(Counter(a for a, _ in asked if a).values(), default=0)
         need = max(need, math.ceil(largest / cfg.max_source_share))

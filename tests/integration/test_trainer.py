@@ -192,7 +192,8 @@ def test_ppo_prompt_pool_never_holds_excluded_prompts(loop_cfg):
     store = Store.from_config(loop_cfg)
     seeds = load_seed_prompts()
     excluded = frozenset(p[-1]["content"] for p in seeds[:50])
-    loop_cfg.ppo_batch_size, loop_cfg.ppo_updates_per_round = 64, 4  # asks for more than the store has
+    # 16 prompts x 4 answers x 4 updates: asks for more than the store has, so the pool is topped up to 256.
+    loop_cfg.ppo_batch_size, loop_cfg.ppo_samples_per_prompt, loop_cfg.ppo_updates_per_round = 16, 4, 4
     pool = _prompt_pool(store, loop_cfg, random.Random(0), excluded)
     assert len(pool) == 256 and not {p[-1]["content"] for p in pool} & excluded
 
