@@ -19,7 +19,9 @@ What it knows:
 - Rewards: `reward_fn(prompts, answers) -> (B,)` is called once per answer (the caller normalises, e.g. a reward
   model's `score(..., normalise=True)`); answers with no EOS get `missing_eos_penalty` added (the EOS trick; off
   by default: it rewards short answers whether or not voters want them).
-  Per-token reward = -beta * (logp - logp_ref) (k1 estimator), plus the score on the answer's last token.
+  Per-token reward = -beta * (logp - logp_ref) (k1 estimator), plus the score on the answer's last token; with
+  `ppo_samples_per_prompt` k > 1 that score is taken relative to the mean of the other k-1 answers to the same
+  prompt first (RLOO's leave-one-out baseline, https://arxiv.org/abs/2402.14740).
 - Advantages: GAE with gamma = lambda = 1 by default, i.e. every token of an answer is credited with the whole
   answer's score minus the value baseline. The reward is one number per answer, and the zero-initialised value
   head knows nothing at first, so lambda < 1 would give the early tokens (where an answer's style is decided)
