@@ -3,12 +3,12 @@
     python bench/reward_spread.py RUN_DIR [RUN_DIR ...] --prompts 16 --samples 2
 
 For each finished `rlhf-live simulate` data dir: the probe reward model is fitted on all its votes, as a round would,
-and the ensemble's spread (std of its members' normalised scores, over its spread on the voted answers: the gate's
-`sample/reward_spread`) is measured on answers to held-out prompts (the simulation's own held-out split, never
-trained on) from the base, from every version the run made, and from three hacks the learners found in earlier runs,
-made from the base's answers: the question parroted back (concise), a looping sentence (cheerful) and a numbered
-list of the same two words (structured). A gate on the spread earns its place if every hack is above a limit no
-honest version reaches. Prints a table; writes bench/reward_spread.json.
+and the ensemble's spread (std of its members' normalised scores, over its spread on the voted answers: what each
+round records as `sample/reward_spread`) is measured on answers to held-out prompts (the simulation's own held-out
+split, never trained on) from the base, from every version the run made, and from three hacks the learners found in
+earlier runs, made from the base's answers: the question parroted back (concise), a looping sentence (cheerful) and
+a numbered list of the same two words (structured). A gate on the spread earns its place if every hack is above a
+limit no honest version reaches. Prints a table; writes bench/reward_spread.json.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def hacks(prompt: list[dict], answer: str) -> dict[str, str]:
 
 
 def spread_of(reward_model, prompts: list[list[dict]], answers: list[str]) -> float:
-    """Mean member std on these answers over the ensemble's on the voted answers (the gate's reward_spread)."""
+    """Mean member std on these answers over the ensemble's on the voted answers (a round's sample/reward_spread)."""
     members = reward_model.member_scores(prompts, answers)
     return float(members.std(1).mean()) / reward_model.norm_spread
 
@@ -57,37 +57,30 @@ def measure(data_dir: Path, n_prompts: int, samples: int, seed: int) -> list[dic
     reward_model.fit(store.preference_pairs(), ties=store.ties(), pointwise=store.pointwise_labels())
     held_out, _ = split_prompts(32, seed)  # simulate's default split with the run's seed: never trained on
     prompts = [with_system(p, cfg.system_prompt) for p in held_out[:n_prompts] for _ in range(samples)]
+
+    def row(what: str, status: str, kl: float | None, answers: list[str]) -> dict:
+        return {
+            "what": what,
+            "status": status,
+            "kl": kl,
+            "spread": spread_of(reward_model, prompts, answers),
+            "distinct2": mean_distinct2(answers),
+            "answered": answered_rate(prompts, answers),
+            "example": answers[0],
+        }
+
     rows, base_answers = [], None
     for version in [None, *store.adapters()]:
         policy = copies.policy_copy(version["path"] if version else None)
         answers = Rollouts(policy, copies.tokenizer, cfg).rollout(prompts)["answers"]
         base_answers = base_answers or answers
-        metrics = (version or {}).get("metrics") or {}
-        rows.append(
-            {
-                "what": version["version"] if version else "base",
-                "status": version["status"] if version else "",
-                "kl": metrics.get("sample/kl", 0.0),
-                "spread": spread_of(reward_model, prompts, answers),
-                "distinct2": mean_distinct2(answers),
-                "answered": answered_rate(prompts, answers),
-                "example": answers[0],
-            }
-        )
+        if version is None:
+            rows.append(row("base", "", 0.0, answers))
+        else:
+            kl = (version.get("metrics") or {}).get("sample/kl", 0.0)
+            rows.append(row(version["version"], version["status"], kl, answers))
     made = [hacks(p, a) for p, a in zip(prompts, base_answers)]
-    for name in made[0]:
-        answers = [m[name] for m in made]
-        rows.append(
-            {
-                "what": name,
-                "status": "hack",
-                "kl": None,
-                "spread": spread_of(reward_model, prompts, answers),
-                "distinct2": mean_distinct2(answers),
-                "answered": answered_rate(prompts, answers),
-                "example": answers[0],
-            }
-        )
+    rows += [row(name, "hack", None, [m[name] for m in made]) for name in made[0]]
     return rows
 
 
