@@ -5,8 +5,8 @@
     python bench/learning.py --learners ppo,dpo,kto --votes 100 --round-every 20 --out bench/learners
 
 Each rater runs `rlhf-live simulate` in its own process and data dir (the same seed, prompts and settings for all),
-so `--jobs 2` runs two at once (one thread each: on 2 cores that finishes sooner, but times are then not the
-single-run times the 30-minute goal is about). Prints a table; writes bench/learning.json and
+so `--jobs 2` runs two at once (one thread each for torch and the engine; times are then not the single-run
+times the 30-minute goal is about). Prints a table; writes bench/learning.json and
 bench/learning/<rater>/{result.json,samples.json,curve.png}. Extra arguments after `--` go to every simulate run
 (e.g. `-- --ppo-lr 3e-4`). With `--learners`, every rater runs once per learner (same seed, prompts and votes
 schedule) into OUT/<learner>/<rater>/, and OUT/learners.png has one panel per rater with a curve per learner.
@@ -45,7 +45,10 @@ def run_one(rater: str, learner: str | None, seed: int, args: argparse.Namespace
     cmd += ["--learner", learner] if learner else []
     env = dict(os.environ)
     if args.jobs > 1:
+        # One thread each for torch and the llama.cpp engine: with the engine on all cores, two runs at once spun
+        # against each other and 20 votes took 360-530 s instead of 26 s alone (RESULTS.md, 2026-12-08).
         env["OMP_NUM_THREADS"] = "1"
+        env["RLHF_LIVE_ENGINE_THREADS"] = "1"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(out / "log.txt", "w") as log:
