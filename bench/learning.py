@@ -67,22 +67,34 @@ def gain_per_nat(r: dict) -> float:
     return (r["win_rate"] - start) / r["kl"] if r["kl"] > 0 else float("nan")
 
 
+def base_ties(r: dict) -> str:
+    """How rare the rater's preference is in the base: the held-out base-vs-base pairs it could not tell apart."""
+    # A pair the rater ties teaches nothing; where the base almost never shows the preference, almost every vote ties.
+    ties, n = r["history"][0]["ties"], r.get("eval_prompts")  # runs before 2026-12-08 did not record n
+    return f"{ties}/{n}" if n else str(ties)
+
+
+def refused(r: dict) -> str:
+    """Rounds the gate refused (or that failed) of all rounds."""
+    return f"{sum(e['status'] != 'live' for e in r['history'][1:])}/{len(r['history']) - 1}"
+
+
 def table(results: list[dict]) -> str:
     head = (
-        "| rater | learner | seed | informative votes | win-rate vs base [95%] | KL | gain per nat | words (base) "
-        "| EOS rate (base) | distinct-2 (base) | fluent | minutes |\n"
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|"
+        "| rater | learner | seed | base ties | informative votes | win-rate vs base [95%] | KL | gain per nat "
+        "| refused | words (base) | EOS rate (base) | distinct-2 (base) | fluent | minutes |\n"
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"
     )
     rows = [head]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['rater']} | {r['learner']} | {r.get('seed', '')} | error: {r['error']} ||||||||")
+            rows.append(f"| {r['rater']} | {r['learner']} | {r.get('seed', '')} | error: {r['error']} ||||||||||")
             continue
         b, (lo, hi) = r["base"], r["win_rate_ci"]
         rows.append(
-            f"| {r['rater']} | {r.get('learner', 'ppo')} | {r.get('seed', '')} | {r['informative_votes']}/{r['votes']} "
-            f"| {r['win_rate']:.2f} [{lo:.2f}, {hi:.2f}] "
-            f"| {r['kl']:.1f} | {gain_per_nat(r):+.3f} "
+            f"| {r['rater']} | {r.get('learner', 'ppo')} | {r.get('seed', '')} | {base_ties(r)} "
+            f"| {r['informative_votes']}/{r['votes']} | {r['win_rate']:.2f} [{lo:.2f}, {hi:.2f}] "
+            f"| {r['kl']:.1f} | {gain_per_nat(r):+.3f} | {refused(r)} "
             f"| {r['answer_words']:.0f} ({b['answer_words']:.0f}) | {r['eos_rate']:.2f} "
             f"({b['eos_rate']:.2f}) | {r['distinct2']:.2f} ({b['distinct2']:.2f}) | {r['fluent']} "
             f"| {r['seconds'] / 60:.1f} |"

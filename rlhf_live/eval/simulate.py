@@ -111,6 +111,7 @@ def simulate(
         "learner": cfg.learner,
         "votes": votes,
         "round_every": round_every,
+        "eval_prompts": len(held_out),
         "rounds": len(history) - 1,
         "informative_votes": counts["A"] + counts["B"],
         "choices": counts,

@@ -40,6 +40,7 @@ def test_a_short_run_votes_trains_goes_live_and_reports(sim_cfg, tmp_path):
     stats = store.stats()
     assert sum(stats["choices"].values()) == 4 == result["votes"]
     assert sum(v for k, v in stats["votes"].items() if k in ("up", "down")) > 0  # --thumbs went through the Service
+    assert result["eval_prompts"] == 3  # bench/learning.py's "base ties" column divides by it
     assert result["rounds"] == 2 and store.live_adapter()["version"] == "v0002" == result["version"]
     assert {"rater", "votes", "rounds", "win_rate", "win_rate_ci", "kl", "seconds", "history"} <= result.keys()
     assert [e["round"] for e in result["history"]] == [0, 1, 2]
