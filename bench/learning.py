@@ -46,7 +46,7 @@ def run_one(rater: str, learner: str | None, seed: int, args: argparse.Namespace
     env = dict(os.environ)
     if args.jobs > 1:
         # One thread each for torch and the llama.cpp engine: with the engine on all cores, two runs at once spun
-        # against each other and 20 votes took 360-530 s instead of 26 s alone (RESULTS.md, 2026-12-08).
+        # against each other and 20 votes took 357-528 s instead of ~27 s alone (RESULTS.md, 2026-12-08).
         env["OMP_NUM_THREADS"] = "1"
         env["RLHF_LIVE_ENGINE_THREADS"] = "1"
     out.mkdir(parents=True, exist_ok=True)
